@@ -1,0 +1,126 @@
+"""End-of-message decisions: which subaccount, which headers, which signatures.
+
+Pure apart from the key store (file reads) and the clock, both passed in; the protocol
+glue in milter/app.py turns the Outcome into milter responses.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable
+from email.utils import getaddresses
+from typing import Any
+
+import attrs
+
+from milter.headers import (
+    Header,
+    HeaderOp,
+    InsertHeader,
+    apply,
+    first_value,
+    for_signing,
+    set_header,
+)
+from milter.state import MessageState
+from relaylab.dkim import signer
+from relaylab.dkim.keys import KeyLoadError, KeyStore
+from relaylab.policy.model import (
+    MissingKeyAction,
+    Policy,
+    Subaccount,
+    UnauthenticatedAction,
+)
+
+
+class Verdict(enum.Enum):
+    CONTINUE = "continue"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+
+@attrs.frozen
+class Outcome:
+    verdict: Verdict
+    ops: tuple[HeaderOp, ...] = ()
+    reply: tuple[int, tuple[int, int, int], str] | None = None  # (smtp code, enhanced, text)
+    fields: dict[str, Any] = attrs.field(factory=dict)  # for the per-message log line
+
+
+def from_domain(headers: list[Header]) -> str | None:
+    raw = first_value(headers, "From")
+    if raw is None:
+        return None
+    addrs = [a for _, a in getaddresses([raw.decode("utf-8", "replace")]) if "@" in a]
+    if len(addrs) != 1:  # several authors: no single domain to sign for
+        return None
+    return addrs[0].rpartition("@")[2].strip().lower().rstrip(".") or None
+
+
+def tagging_ops(policy: Policy, sub: Subaccount, headers: list[Header], message_id: str
+                ) -> list[HeaderOp]:
+    ops = set_header(headers, "Precedence", sub.traffic.precedence)
+    ops += set_header(headers, policy.milter.message_id_header, message_id)
+    if policy.milter.subaccount_header:
+        ops += set_header(headers, policy.milter.subaccount_header, sub.name)
+    for name, value in sub.headers:
+        ops += set_header(headers, name, value)
+    return ops
+
+
+def decide(
+    policy: Policy,
+    msg: MessageState,
+    keys: KeyStore,
+    *,
+    now: Callable[[], float],
+    new_message_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+) -> Outcome:
+    fields: dict[str, Any] = {"login": msg.login or ""}
+    if not msg.login:
+        if policy.milter.unauthenticated is UnauthenticatedAction.REJECT:
+            return Outcome(Verdict.REJECT, reply=(550, (5, 7, 1), "Authentication required"),
+                           fields={**fields, "reason": "unauthenticated"})
+        return Outcome(Verdict.CONTINUE, fields={**fields, "actions": "pass_unauthenticated"})
+    sub = policy.subaccount_for_login(msg.login)
+    if sub is None:
+        if policy.milter.unauthenticated is UnauthenticatedAction.REJECT:
+            return Outcome(Verdict.REJECT,
+                           reply=(550, (5, 7, 1), "SASL login is not mapped to a subaccount"),
+                           fields={**fields, "reason": "unknown_login"})
+        return Outcome(Verdict.CONTINUE, fields={**fields, "actions": "pass_unknown_login"})
+    fields["subaccount"] = sub.name
+    message_id = new_message_id()
+    fields["message_id"] = message_id
+    ops = tagging_ops(policy, sub, msg.headers, message_id)
+    actions = [f"precedence:{sub.traffic.precedence}", "message_id"]
+    if sub.headers:
+        actions.append(f"headers:{len(sub.headers)}")
+
+    domain = from_domain(msg.headers)
+    fields["from_domain"] = domain or ""
+    sending = sub.domain(domain) if domain else None
+    if sending is None or not sending.keys:
+        if policy.milter.missing_key is MissingKeyAction.TEMPFAIL:
+            return Outcome(Verdict.TEMPFAIL,
+                           reply=(451, (4, 7, 1), f"no DKIM key for From domain {domain or '-'}"),
+                           fields={**fields, "reason": "no_key_for_domain"})
+        actions.append("unsigned:no_key_for_domain")
+        return Outcome(Verdict.CONTINUE, ops=tuple(ops), fields={**fields, "actions": ",".join(actions)})
+    try:
+        signing_keys = [keys.get(ref) for ref in sending.keys]
+    except KeyLoadError as e:
+        return Outcome(Verdict.TEMPFAIL,
+                       reply=(451, (4, 7, 5), "DKIM signing key unavailable, try again later"),
+                       fields={**fields, "reason": "key_unusable", "detail": str(e)})
+    final = for_signing(apply(msg.headers, ops))
+    values = signer.sign(final, msg.body, signing_keys, timestamp=int(now()), linesep=b"\n")
+    # Insert in reverse so the first configured key's signature ends up on top.
+    for value in reversed(values):
+        ops.append(InsertHeader(0, "DKIM-Signature", value.decode("ascii")))
+    actions.append("sign")
+    fields["dkim"] = ",".join(f"{k.ref.domain}/{k.ref.selector}/{k.ref.algorithm.value}"
+                              for k in signing_keys)
+    fields["actions"] = ",".join(actions)
+    return Outcome(Verdict.CONTINUE, ops=tuple(ops), fields=fields)

@@ -1,0 +1,425 @@
+"""Load conf/relaylab.yaml into a Policy, reporting every mistake with file, line and key.
+
+The YAML is composed into nodes (which carry line numbers) and walked by hand against the
+schema below, so that an unknown key or a wrong type is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+import yaml
+
+from relaylab.dkim.keys import KeyLoadError, load_private_key
+from relaylab.policy.model import (
+    DkimAlgorithm,
+    DkimKeyRef,
+    DnsSettings,
+    MilterSettings,
+    MissingKeyAction,
+    Plan,
+    Policy,
+    SendingDomain,
+    Subaccount,
+    Tracking,
+    TrafficType,
+    UnauthenticatedAction,
+    Utm,
+)
+
+DEFAULT_PATH = Path("conf/relaylab.yaml")
+
+# Cloud-SMTP defaults (shared/dedicated IP plans); a file may redefine or add plans.
+DEFAULT_PLANS = {
+    "shared": Plan("shared", hourly_limit=60_000, max_sessions=50, retention_days=7),
+    "dedicated": Plan("dedicated", hourly_limit=120_000, max_sessions=50, retention_days=15),
+}
+
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+_SELECTOR_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62})$")
+_HEADER_NAME_RE = re.compile(r"^[!-9;-~]+$")  # RFC 5322 ftext
+_RESERVED_HEADERS = {"precedence", "dkim-signature", "list-unsubscribe", "list-unsubscribe-post"}
+
+
+@attrs.frozen
+class Problem:
+    file: Path
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("RELAYLAB_CONFIG", str(DEFAULT_PATH)))
+
+
+T = TypeVar("T")
+
+
+class _Walker:
+    """Typed accessors over YAML nodes; every failure becomes a Problem, not an exception."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+
+    def fail(self, node: yaml.Node, key: str, message: str) -> None:
+        self.problems.append(Problem(self.file, node.start_mark.line + 1, key, message))
+
+    def mapping(
+        self, node: yaml.Node, key: str, allowed: set[str] | None
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """Mapping node -> {name: (key node, value node)}; flags unknown and duplicate keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, key, f"expected a mapping, got {_kind(node)}")
+            return {}
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                self.fail(knode, key, "mapping keys must be plain strings")
+                continue
+            name = str(knode.value)
+            path = f"{key}.{name}" if key else name
+            if name in out:
+                self.fail(knode, path, "duplicate key")
+                continue
+            if allowed is not None and name not in allowed:
+                self.fail(knode, path, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+                continue
+            out[name] = (knode, vnode)
+        return out
+
+    def scalar(self, node: yaml.Node, key: str, kind: type[T], conv: Callable[[str], T]) -> T | None:
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, key, f"expected {kind.__name__}, got {_kind(node)}")
+            return None
+        if kind is str and node.tag != "tag:yaml.org,2002:str":
+            # Unquoted yes/no/numbers would be silently coerced otherwise.
+            self.fail(node, key, f"expected a string, got {node.value!r} (quote it)")
+            return None
+        try:
+            return conv(node.value)
+        except (ValueError, TypeError):
+            self.fail(node, key, f"expected {kind.__name__}, got {node.value!r}")
+            return None
+
+    def string(self, node: yaml.Node, key: str) -> str | None:
+        return self.scalar(node, key, str, str)
+
+    def integer(self, node: yaml.Node, key: str, minimum: int = 0) -> int | None:
+        if isinstance(node, yaml.ScalarNode) and node.tag != "tag:yaml.org,2002:int":
+            self.fail(node, key, f"expected an integer, got {node.value!r}")
+            return None
+        value = self.scalar(node, key, int, lambda s: int(s.replace("_", "")))
+        if value is not None and value < minimum:
+            self.fail(node, key, f"must be >= {minimum}, got {value}")
+            return None
+        return value
+
+    def boolean(self, node: yaml.Node, key: str) -> bool | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:bool":
+            self.fail(node, key, f"expected true or false, got {_describe(node)}")
+            return None
+        return bool(yaml.SafeLoader(f"{node.value}").get_single_data())
+
+    def choice(self, node: yaml.Node, key: str, enum_type: type[T]) -> T | None:
+        value = self.string(node, key)
+        if value is None:
+            return None
+        try:
+            return enum_type(value)  # type: ignore[call-arg]
+        except ValueError:
+            options = ", ".join(m.value for m in enum_type)  # type: ignore[attr-defined]
+            self.fail(node, key, f"must be one of: {options}; got {value!r}")
+            return None
+
+    def string_list(self, node: yaml.Node, key: str) -> list[tuple[yaml.Node, str]]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, key, f"expected a list, got {_kind(node)}")
+            return []
+        out = []
+        for i, item in enumerate(node.value):
+            s = self.string(item, f"{key}[{i}]")
+            if s is not None:
+                out.append((item, s))
+        return out
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"{node.value!r}"
+
+
+def _describe(node: yaml.Node) -> str:
+    return _kind(node)
+
+
+def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> Policy:
+    """Read, validate and return the policy; raise ConfigError listing every problem."""
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([Problem(file, 0, "-", f"cannot read config: {e.strerror or e}")]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(file, 0, "-", f"not UTF-8: {e}")]) from e
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        line = (e.problem_mark.line + 1) if e.problem_mark else 0
+        raise ConfigError([Problem(file, line, "-", f"YAML syntax: {e.problem}")]) from e
+    if root is None:
+        raise ConfigError([Problem(file, 1, "-", "the file is empty")])
+    w = _Walker(file)
+    policy = _build(w, root, file, check_keys)
+    if w.problems or policy is None:
+        raise ConfigError(sorted(w.problems, key=lambda p: p.line))
+    return policy
+
+
+def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
+    top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns"})
+    base = file.parent
+
+    redis_url = "redis://127.0.0.1:6379/0"
+    if "redis" in top:
+        r = w.mapping(top["redis"][1], "redis", {"url"})
+        if "url" in r:
+            url = w.string(r["url"][1], "redis.url")
+            if url is not None and not re.match(r"^(redis|rediss|unix)://", url):
+                w.fail(r["url"][1], "redis.url", f"must start with redis://, rediss:// or unix://; got {url!r}")
+            elif url is not None:
+                redis_url = url
+
+    milter = _milter(w, top["milter"][1]) if "milter" in top else MilterSettings()
+    dns = DnsSettings()
+    if "dns" in top:
+        d = w.mapping(top["dns"][1], "dns", {"spf_include"})
+        if "spf_include" in d:
+            dns = DnsSettings(spf_include=w.string(d["spf_include"][1], "dns.spf_include"))
+
+    plans = dict(DEFAULT_PLANS)
+    if "plans" in top:
+        for name, (_, pnode) in w.mapping(top["plans"][1], "plans", None).items():
+            plan = _plan(w, name, pnode)
+            if plan is not None:
+                plans[name] = plan
+
+    subaccounts: list[Subaccount] = []
+    by_login: dict[str, Subaccount] = {}
+    login_seen: dict[str, str] = {}
+    domain_seen: dict[str, str] = {}
+    if "subaccounts" not in top:
+        w.fail(root, "subaccounts", "missing: at least one subaccount is required")
+    else:
+        for name, (knode, snode) in w.mapping(top["subaccounts"][1], "subaccounts", None).items():
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
+                w.fail(knode, f"subaccounts.{name}", "name must be 1-64 of A-Z a-z 0-9 . _ - ")
+                continue
+            sub = _subaccount(w, name, snode, plans, base, check_keys)
+            if sub is None:
+                continue
+            for login in sub.logins:
+                if login.lower() in login_seen:
+                    w.fail(snode, f"subaccounts.{name}.logins",
+                           f"SASL login {login!r} is already mapped to subaccount "
+                           f"{login_seen[login.lower()]!r}")
+                else:
+                    login_seen[login.lower()] = name
+                    by_login[login.lower()] = sub
+            for dom in sub.domains:
+                if dom.name in domain_seen:
+                    w.fail(snode, f"subaccounts.{name}.domains.{dom.name}",
+                           f"domain is already configured for subaccount {domain_seen[dom.name]!r}")
+                domain_seen.setdefault(dom.name, name)
+            subaccounts.append(sub)
+    if w.problems:
+        return None
+    return Policy(
+        source=file,
+        redis_url=redis_url,
+        plans=tuple(plans.values()),
+        subaccounts=tuple(subaccounts),
+        milter=milter,
+        dns=dns,
+        by_login=by_login,
+    )
+
+
+def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
+    m = w.mapping(node, "milter", {"listen", "unauthenticated", "missing_key",
+                                   "message_id_header", "subaccount_header"})
+    kw: dict[str, object] = {}
+    if "listen" in m:
+        listen = w.string(m["listen"][1], "milter.listen")
+        if listen is not None:
+            host, sep, port = listen.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+                w.fail(m["listen"][1], "milter.listen", f"expected HOST:PORT, got {listen!r}")
+            else:
+                kw["listen_host"], kw["listen_port"] = host.strip("[]"), int(port)
+    if "unauthenticated" in m:
+        kw["unauthenticated"] = w.choice(m["unauthenticated"][1], "milter.unauthenticated",
+                                         UnauthenticatedAction)
+    if "missing_key" in m:
+        kw["missing_key"] = w.choice(m["missing_key"][1], "milter.missing_key", MissingKeyAction)
+    for opt in ("message_id_header", "subaccount_header"):
+        if opt in m:
+            vnode = m[opt][1]
+            if opt == "subaccount_header" and isinstance(vnode, yaml.ScalarNode) \
+                    and vnode.tag == "tag:yaml.org,2002:null":
+                kw[opt] = None
+                continue
+            value = w.string(vnode, f"milter.{opt}")
+            if value is not None and not _HEADER_NAME_RE.match(value):
+                w.fail(vnode, f"milter.{opt}", f"not a valid header name: {value!r}")
+            elif value is not None:
+                kw[opt] = value
+    kw = {k: v for k, v in kw.items() if v is not None or k == "subaccount_header"}
+    return MilterSettings(**kw)  # type: ignore[arg-type]
+
+
+def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
+    key = f"plans.{name}"
+    p = w.mapping(node, key, {"hourly_limit", "max_sessions", "retention_days", "monthly_quota"})
+    if "hourly_limit" not in p:
+        w.fail(node, key, "missing hourly_limit")
+        return None
+    hourly = w.integer(p["hourly_limit"][1], f"{key}.hourly_limit", minimum=1)
+    sessions = w.integer(p["max_sessions"][1], f"{key}.max_sessions", 1) if "max_sessions" in p else 50
+    retention = (w.integer(p["retention_days"][1], f"{key}.retention_days", 1)
+                 if "retention_days" in p else 7)
+    quota = (w.integer(p["monthly_quota"][1], f"{key}.monthly_quota", 1)
+             if "monthly_quota" in p else None)
+    if hourly is None or sessions is None or retention is None:
+        return None
+    return Plan(name, hourly_limit=hourly, max_sessions=sessions, retention_days=retention,
+                monthly_quota=quota)
+
+
+def _subaccount(
+    w: _Walker, name: str, node: yaml.Node, plans: dict[str, Plan], base: Path, check_keys: bool
+) -> Subaccount | None:
+    key = f"subaccounts.{name}"
+    s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers"})
+    ok = True
+    for required in ("logins", "traffic", "domains"):
+        if required not in s:
+            w.fail(node, key, f"missing {required}")
+            ok = False
+    if not ok:
+        return None
+    logins = [login for _, login in w.string_list(s["logins"][1], f"{key}.logins")]
+    plan = plans["shared"]
+    if "plan" in s:
+        plan_name = w.string(s["plan"][1], f"{key}.plan")
+        if plan_name is not None and plan_name not in plans:
+            w.fail(s["plan"][1], f"{key}.plan",
+                   f"unknown plan {plan_name!r} (defined: {', '.join(sorted(plans))})")
+            ok = False
+        elif plan_name is not None:
+            plan = plans[plan_name]
+    traffic = w.choice(s["traffic"][1], f"{key}.traffic", TrafficType)
+    domains = []
+    for dname, (dknode, dnode) in w.mapping(s["domains"][1], f"{key}.domains", None).items():
+        dom = _domain(w, f"{key}.domains.{dname}", dname, dknode, dnode, base, check_keys)
+        if dom is not None:
+            domains.append(dom)
+    tracking = _tracking(w, f"{key}.tracking", s["tracking"][1]) if "tracking" in s else Tracking()
+    headers: list[tuple[str, str]] = []
+    if "headers" in s:
+        for hname, (hknode, hvnode) in w.mapping(s["headers"][1], f"{key}.headers", None).items():
+            value = w.string(hvnode, f"{key}.headers.{hname}")
+            if not _HEADER_NAME_RE.match(hname):
+                w.fail(hknode, f"{key}.headers.{hname}", "not a valid header name")
+            elif hname.lower() in _RESERVED_HEADERS:
+                w.fail(hknode, f"{key}.headers.{hname}", "this header is set by Relaylab itself")
+            elif value is not None:
+                if "\n" in value or "\r" in value:
+                    w.fail(hvnode, f"{key}.headers.{hname}", "header values must be one line")
+                else:
+                    headers.append((hname, value))
+    if not logins:
+        w.fail(s["logins"][1], f"{key}.logins", "at least one SASL login is required")
+        ok = False
+    if not ok or traffic is None:
+        return None
+    return Subaccount(name=name, logins=tuple(logins), plan=plan, traffic=traffic,
+                      domains=tuple(domains), tracking=tracking, headers=tuple(headers))
+
+
+def _domain(
+    w: _Walker, key: str, name: str, knode: yaml.Node, node: yaml.Node, base: Path,
+    check_keys: bool,
+) -> SendingDomain | None:
+    dname = name.lower().rstrip(".")
+    if not _DOMAIN_RE.match(dname):
+        w.fail(knode, key, f"not a valid domain name: {name!r}")
+        return None
+    d = w.mapping(node, key, {"dkim"})
+    if "dkim" not in d or (isinstance(d["dkim"][1], yaml.SequenceNode) and not d["dkim"][1].value):
+        w.fail(node if "dkim" not in d else d["dkim"][1], f"{key}.dkim",
+               "a sending domain needs at least one DKIM key")
+        return None
+    knodes = d["dkim"][1]
+    if not isinstance(knodes, yaml.SequenceNode):
+        w.fail(knodes, f"{key}.dkim", f"expected a list of keys, got {_kind(knodes)}")
+        return None
+    keys = []
+    seen_algs: set[DkimAlgorithm] = set()
+    for i, kn in enumerate(knodes.value):
+        kkey = f"{key}.dkim[{i}]"
+        k = w.mapping(kn, kkey, {"selector", "key", "algorithm"})
+        if "selector" not in k or "key" not in k:
+            w.fail(kn, kkey, "each key needs a selector and a key file")
+            continue
+        selector = w.string(k["selector"][1], f"{kkey}.selector")
+        if selector is not None and not _SELECTOR_RE.match(selector):
+            w.fail(k["selector"][1], f"{kkey}.selector", f"not a valid selector: {selector!r}")
+            selector = None
+        algorithm = (w.choice(k["algorithm"][1], f"{kkey}.algorithm", DkimAlgorithm)
+                     if "algorithm" in k else DkimAlgorithm.RSA_SHA256)
+        rel = w.string(k["key"][1], f"{kkey}.key")
+        if selector is None or algorithm is None or rel is None:
+            continue
+        if algorithm in seen_algs:
+            w.fail(kn, kkey, f"a second {algorithm.value} key for {dname}; one key per algorithm")
+            continue
+        seen_algs.add(algorithm)
+        path = Path(rel) if Path(rel).is_absolute() else (base / rel)
+        if check_keys:
+            try:
+                load_private_key(path, algorithm)
+            except KeyLoadError as e:
+                w.fail(k["key"][1], f"{kkey}.key", str(e))
+                continue
+        keys.append(DkimKeyRef(domain=dname, selector=selector, algorithm=algorithm, path=path))
+    return SendingDomain(name=dname, keys=tuple(keys))
+
+
+def _tracking(w: _Walker, key: str, node: yaml.Node) -> Tracking:
+    t = w.mapping(node, key, {"opens", "clicks", "utm"})
+    opens = w.boolean(t["opens"][1], f"{key}.opens") if "opens" in t else False
+    clicks = w.boolean(t["clicks"][1], f"{key}.clicks") if "clicks" in t else False
+    utm = Utm()
+    if "utm" in t:
+        u = w.mapping(t["utm"][1], f"{key}.utm", {"source", "medium", "campaign"})
+        utm = Utm(**{k: w.string(v, f"{key}.utm.{k}") for k, (_, v) in u.items()})
+    return Tracking(opens=bool(opens), clicks=bool(clicks), utm=utm)

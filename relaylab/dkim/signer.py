@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Sequence
 
 import dkim
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import CanonicalizationPolicy, correct_empty_body, strip_trailing_lines
 
 from relaylab.dkim.keys import SigningKey
 
@@ -48,8 +49,24 @@ def oversigned_header_list(
     return tuple(out)
 
 
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+# dkimpy rewrites every WSP run, so each single space of the body is "replaced" by itself;
+# matching only runs that change (tabs, 2+ blanks) gives the same bytes several times faster.
+_WSP_TO_COMPRESS = re.compile(rb"\t[\t ]*| [\t ]+")
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4 relaxed body canonicalisation, equal to dkimpy's (tested)."""
+    # Substring scans run at memchr speed; most bodies need neither regex.
+    if b" \r\n" in body or b"\t\r\n" in body:
+        body = _TRAILING_WSP.sub(b"\r\n", body)
+    if b"\t" in body or b"  " in body:
+        body = _WSP_TO_COMPRESS.sub(b" ", body)
+    return bytes(correct_empty_body(strip_trailing_lines(body)))
+
+
 def body_hash(body: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha256(RELAXED.canonicalize_body(body)).digest())
+    return base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
 
 
 def sign(

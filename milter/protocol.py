@@ -1,0 +1,124 @@
+"""Milter wire protocol for one Postfix connection, on purepythonmilter's protocol layer.
+
+We use the library for what it does well — packet framing (PacketDecoder), command
+decoding (its command classes) and response encoding — and drive it with this small
+loop instead of its server/session classes. Those add a task, a queue and several
+eagerly formatted debug lines per command (most of a no-op milter's CPU), and the
+session keeps the first message's header changes for every later message of the same
+connection (upstream issue #21). Here a command is decoded, handed to MilterSession,
+and its response written, in order; per-message state lives in MilterSession only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from purepythonmilter.api.models import MilterServerConnectionID, connection_id_context
+from purepythonmilter.protocol import commands, definitions, responses
+from purepythonmilter.protocol.exceptions import ProtocolViolation
+from purepythonmilter.protocol.packet import PacketDecoder, encode_payload
+
+from milter.headers import parse_header_field
+from milter.services import Services
+from milter.session import MACROS, PROTOCOL_FLAGS, MilterSession
+from relaylab.logfmt import log_event
+
+log = logging.getLogger("relaylab.milter")
+
+READ_SIZE = definitions.MAX_DATA_SIZE + definitions.BASE_LEN_BYTES
+
+# The negotiation answer never changes: encode it once, not once per SMTP session.
+OPTNEG_REPLY = encode_payload(
+    responses.OptionsNegotiateResponse(protocol_flags=PROTOCOL_FLAGS,
+                                       symbols_for_stage=MACROS).encode())
+
+
+class MilterConnection:
+    def __init__(self, services: Services, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._session = MilterSession(services)
+        self.connection_id = MilterServerConnectionID.generate()
+
+    async def run(self) -> None:
+        connection_id_context.set(self.connection_id)  # read by the library's loggers
+        decoder = PacketDecoder(connection_id=self.connection_id)
+        out: list[bytes] = []
+        try:
+            while True:
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    return
+                open_ = True
+                for payload in decoder.decode(data):
+                    if not self._dispatch(payload, out):
+                        open_ = False
+                        break
+                if out:  # one write (one syscall) for all replies to this read
+                    self._writer.write(b"".join(out))
+                    out.clear()
+                    await self._writer.drain()
+                if not open_:
+                    return
+        except ProtocolViolation as e:
+            # Postfix applies milter_default_action (tempfail) to the message in flight.
+            log_event(log, "protocol_error", logging.ERROR, detail=str(e))
+        except ConnectionError as e:
+            log_event(log, "connection_lost", logging.WARNING, detail=str(e))
+        finally:
+            self._session.reset()
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+
+    def _dispatch(self, payload: bytes, out: list[bytes]) -> bool:
+        """Handle one command, appending reply packets to `out`; False to close."""
+        char, data = payload[:1], payload[1:]
+        s = self._session
+        # The per-message hot path (Postfix sends a macro packet before every header and
+        # body event, even an empty one) is parsed here without building library objects.
+        if char == b"D":
+            if len(data) > 1:
+                s.on_macros(commands.DefineMacro(data_raw=data))
+            return True
+        if char == b"L":
+            try:
+                s.on_header(parse_header_field(data))
+            except ValueError as e:
+                raise ProtocolViolation(f"{e}: {data[:80]!r}") from None
+            return True
+        if char == b"B":
+            s.on_body_chunk(data)
+            return True
+        if char == b"R":
+            s.on_rcpt_to()
+            return True
+        if char == b"E":
+            reply = s.on_end_of_message()
+            out.extend(encode_payload(m.encode()) for m in reply.manipulations)
+            out.append(encode_payload(reply.encode()))
+            return True
+        if char == b"A":
+            s.reset()
+            return True
+        cls = commands.chars_to_command_registry.get(char)
+        if cls is None:
+            raise ProtocolViolation(f"unknown milter command {char!r}")
+        command = cls(data_raw=data) if data or issubclass(cls, commands.BaseCommandWithData) \
+            else cls()
+        match command:
+            case commands.MailFrom():
+                s.on_mail_from(command)
+            case commands.OptionsNegotiate():
+                out.append(OPTNEG_REPLY)
+            case commands.Quit():
+                return False
+            case commands.QuitNoClose():  # the MTA reuses this connection for a new session
+                s.reset()
+            case _:
+                # Not negotiated; a reply keeps the MTA moving if one arrives anyway.
+                out.append(encode_payload(responses.Continue().encode()))
+        return True

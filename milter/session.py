@@ -1,0 +1,145 @@
+"""Per-connection milter logic: one instance per Postfix milter connection (one SMTP
+session), one MessageState per transaction.
+
+Only MAIL, RCPT, header and body events are negotiated, all without replies, so Postfix
+streams them without waiting; macros are restricted to the two we read. Every message
+starts from a fresh MessageState at MAIL FROM and is forgotten at end of message, ABORT
+(RSET, or a transaction the client gave up) and QUIT: nothing of one message can leak
+into the next (compare purepythonmilter issue #21, see milter/protocol.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from purepythonmilter.api.models import RequestProtocolFlags
+from purepythonmilter.protocol import commands, definitions, responses
+
+from milter import headers as hdr
+from milter.decide import Outcome, Verdict, decide
+from milter.services import Services
+from milter.state import MessageState
+from relaylab.logfmt import log_event, queue_id_var
+
+log = logging.getLogger("relaylab.milter")
+
+_Stage = definitions.MacroStage
+
+PROTOCOL_FLAGS = RequestProtocolFlags(
+    call_mail_from=True,
+    call_rcpt_to=True,
+    call_headers=True,
+    call_body_chunk=True,
+    headers_with_leading_space=True,  # header values byte-exact, as DKIM needs them
+    can_add_headers=True,
+    can_change_headers=True,
+)
+# An empty set switches a stage's macros off; Postfix then sends nothing for it.
+MACROS: dict[definitions.MacroStage, set[str]] = {
+    **{stage: set() for stage in _Stage if stage.value <= 6},
+    _Stage.MAIL_FROM: {"{auth_authen}", "i"},
+    _Stage.END_OF_MESSAGE: {"i"},
+}
+
+
+class MilterSession:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._msg: MessageState | None = None
+        self._macros: dict[definitions.MacroStage, dict[str, str]] = {}
+
+    def on_macros(self, command: commands.DefineMacro) -> None:
+        self._macros[command.stage] = command.macros
+
+    def _take_macros(self, stage: definitions.MacroStage) -> dict[str, str]:
+        return self._macros.pop(stage, {})
+
+    def on_mail_from(self, command: commands.MailFrom) -> None:
+        macros = self._take_macros(_Stage.MAIL_FROM)
+        self._msg = MessageState(
+            login=macros.get("{auth_authen}") or None,
+            queue_id=macros.get("i") or None,
+            mail_from=command.address,
+        )
+
+    def on_rcpt_to(self) -> None:
+        if self._msg is not None:
+            self._msg.recipients += 1
+
+    def on_header(self, header: hdr.Header) -> None:
+        if self._msg is None:  # Postfix always sends MAIL first; be safe anyway
+            self._msg = MessageState()
+        self._msg.headers.append(header)
+
+    def on_body_chunk(self, chunk: bytes) -> None:
+        if self._msg is not None:
+            self._msg.add_body(chunk)
+
+    def on_end_of_message(self) -> responses.AbstractResponse:
+        started = time.monotonic()
+        msg = self._msg or MessageState()
+        msg.queue_id = self._take_macros(_Stage.END_OF_MESSAGE).get("i") or msg.queue_id
+        token = queue_id_var.set(msg.queue_id)
+        try:
+            svc = self._services
+            try:
+                outcome = decide(svc.policy(), msg, svc.keys, now=time.time)
+            except Exception as e:  # never lose mail to a bug: Postfix keeps it queued
+                log.exception("milter bug")
+                outcome = Outcome(Verdict.TEMPFAIL,
+                                  reply=(451, (4, 3, 0), "temporary milter failure"),
+                                  fields={"reason": "internal_error", "detail": repr(e)})
+            response = to_response(outcome)
+            self._log(msg, outcome, started)
+            return response
+        finally:
+            queue_id_var.reset(token)
+            self.reset()
+
+    def reset(self) -> None:
+        """ABORT, QUIT and end of message: forget the transaction."""
+        self._msg = None
+        self._macros.clear()
+
+    def _log(self, msg: MessageState, outcome: Outcome, started: float) -> None:
+        fields: dict[str, Any] = {
+            "verdict": outcome.verdict.value,
+            "from": msg.mail_from,
+            "rcpts": msg.recipients,
+            "size": msg.size,
+        }
+        fields.update(outcome.fields)
+        if outcome.reply:
+            code, enhanced, text = outcome.reply
+            fields["reply"] = f"{code} {'.'.join(map(str, enhanced))} {text}"
+        now = time.monotonic()
+        fields["duration_ms"] = round((now - started) * 1000, 2)
+        fields["txn_ms"] = round((now - msg.started) * 1000, 1)
+        level = logging.INFO if outcome.verdict is Verdict.CONTINUE else logging.WARNING
+        log_event(log, "message" if level == logging.INFO else "refused", level, **fields)
+
+
+def to_response(outcome: Outcome) -> responses.AbstractResponse:
+    if outcome.verdict is not Verdict.CONTINUE:
+        assert outcome.reply is not None
+        code, enhanced, text = outcome.reply
+        primary = (code // 100, code // 10 % 10, code % 10)
+        if outcome.verdict is Verdict.REJECT:
+            return responses.RejectWithCode(primary_code=primary, enhanced_code=enhanced,
+                                            text=text)
+        return responses.TempFailWithCode(primary_code=primary, enhanced_code=enhanced, text=text)
+    manipulations: list[responses.AbstractManipulation] = []
+    for op in outcome.ops:
+        # Values carry their own leading space (negotiated); "" deletes a header.
+        value = " " + op.value if op.value else ""
+        if isinstance(op, hdr.AppendHeader):
+            manipulations.append(responses.AppendHeader(headername=op.name, headertext=value))
+        elif isinstance(op, hdr.InsertHeader):
+            manipulations.append(responses.InsertHeader(headername=op.name, headertext=value,
+                                                        index=op.index))
+        else:
+            manipulations.append(responses.ChangeHeader(headername=op.name, headertext=value,
+                                                        nth_occurrence=op.nth))
+    return responses.Continue(manipulations=manipulations)

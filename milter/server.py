@@ -64,7 +64,10 @@ class MilterServer:
 async def serve(config: Path, host: str | None, port: int | None) -> None:
     holder = PolicyHolder.load(config)
     settings = holder.policy.milter
-    server = MilterServer(Services(holder), host or settings.listen_host,
+    services = Services(holder)
+    services.prime_keys()
+    holder.on_reload = services.prime_keys
+    server = MilterServer(services, host or settings.listen_host,
                           port if port is not None else settings.listen_port)
     bound = await server.start()
     holder.start()

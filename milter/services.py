@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from relaylab.dkim.keys import KeyStore
+from relaylab.dkim.keys import KeyLoadError, KeyStore
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
 
@@ -16,3 +16,11 @@ class Services:
 
     def policy(self) -> Policy:
         return self.holder.policy
+
+    def prime_keys(self) -> None:
+        """Parse every configured key now, so the first message does not pay for it."""
+        for ref in self.holder.policy.all_keys():
+            try:
+                self.keys.get(ref)
+            except KeyLoadError:
+                pass  # reported when a message needs it (tempfail), and by the loader

@@ -62,6 +62,67 @@ def cmd_milter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from relaylab.dkim.keygen import (
+        KeyWriteError,
+        generate_key,
+        record_name,
+        record_value,
+        txt_record,
+        write_private_key,
+    )
+    from relaylab.policy.model import DkimAlgorithm
+
+    algorithm = {"rsa": DkimAlgorithm.RSA_SHA256,
+                 "ed25519": DkimAlgorithm.ED25519_SHA256}[args.algorithm]
+    out: Path = args.out or Path("keys") / f"{args.domain}.{args.selector}.key"
+    try:
+        key = generate_key(algorithm, args.bits)
+        write_private_key(key, out, overwrite=args.force)
+    except (ValueError, KeyWriteError) as e:
+        print(f"relaylab: {e}", file=sys.stderr)
+        return 1
+    size = f", {args.bits} bits" if args.algorithm == "rsa" else ""
+    print(f"wrote {out} ({algorithm.value}{size}, mode 0600)\n")
+    print("Publish this DNS record (zone file syntax):")
+    print(txt_record(args.domain, args.selector, key))
+    print("\nor, in a DNS provider's web form:")
+    print(f"  Name:  {record_name(args.domain, args.selector)}\n  Type:  TXT")
+    print(f"  Value: {record_value(key)}")
+    print("\nThen add to the policy, under the domain's dkim: list:")
+    print(f"  - {{selector: {args.selector}, key: {out}, algorithm: {algorithm.value}}}")
+    return 0
+
+
+def cmd_dns_check(args: argparse.Namespace) -> int:
+    from relaylab.dnscheck import (
+        DnsCheckError,
+        check_domain,
+        configured_domains,
+        format_verdict,
+        make_resolver,
+    )
+
+    try:
+        # Keys are checked per selector below, so one bad key file is one "fail" line.
+        policy = load_policy(_config(args), check_keys=False)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    try:
+        resolver = make_resolver(args.nameserver, args.port, args.timeout)
+        failed = False
+        for domain in args.domains or configured_domains(policy):
+            for v in check_domain(policy, domain, resolver):
+                print(format_verdict(v))
+                failed |= v.status == "fail" or (args.strict and v.status == "warn")
+    except DnsCheckError as e:
+        print(f"relaylab: {e}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="relaylab", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -75,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="HOST:PORT, overrides milter.listen")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_milter)
+
+    dkim = sub.add_parser("dkim", help="DKIM key management").add_subparsers(
+        dest="dkim_command", required=True)
+    p = dkim.add_parser("keygen", help="create a signing key and print its DNS record")
+    _config_arg(p)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--selector", required=True)
+    p.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    p.add_argument("--out", type=Path, help="key file (default keys/DOMAIN.SELECTOR.key)")
+    p.add_argument("--force", action="store_true", help="replace an existing key file")
+    p.set_defaults(func=cmd_dkim_keygen)
+
+    dns = sub.add_parser("dns", help="DNS checks").add_subparsers(dest="dns_command",
+                                                                  required=True)
+    p = dns.add_parser("check", help="check SPF, DKIM and DMARC records of sending domains")
+    _config_arg(p)
+    p.add_argument("domains", nargs="*", metavar="DOMAIN",
+                   help="domains to check (default: every configured domain)")
+    p.add_argument("--nameserver", help="ask this resolver IP instead of the system's")
+    p.add_argument("--port", type=int, default=53)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--strict", action="store_true", help="warnings fail too")
+    p.set_defaults(func=cmd_dns_check)
     return ap
 
 

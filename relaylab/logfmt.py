@@ -17,6 +17,11 @@ from typing import Any
 queue_id_var: ContextVar[str | None] = ContextVar("queue_id", default=None)
 
 
+# Quotes, backslashes and every control character escaped: one event, one line.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {
+    ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
 def _quote(value: object) -> str:
     if value is None:
         return '""'
@@ -25,8 +30,7 @@ def _quote(value: object) -> str:
     s = str(value)
     if s and not any(c in s for c in ' ="\\\n\r\t') and s.isprintable():
         return s
-    s = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return f'"{s}"'
+    return '"' + s.translate(_ESCAPES) + '"'
 
 
 def format_fields(fields: dict[str, Any]) -> str:

@@ -185,6 +185,11 @@ def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> P
     except yaml.MarkedYAMLError as e:
         line = (e.problem_mark.line + 1) if e.problem_mark else 0
         raise ConfigError([Problem(file, line, "-", f"YAML syntax: {e.problem}")]) from e
+    except yaml.reader.ReaderError as e:  # e.g. a control character, even in a comment
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError([Problem(file, line, "-", f"YAML: {e.reason} {e.character!r}")]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([Problem(file, 0, "-", f"YAML: {e}")]) from e
     if root is None:
         raise ConfigError([Problem(file, 1, "-", "the file is empty")])
     w = _Walker(file)
@@ -204,7 +209,8 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         if "url" in r:
             url = w.string(r["url"][1], "redis.url")
             if url is not None and not re.match(r"^(redis|rediss|unix)://", url):
-                w.fail(r["url"][1], "redis.url", f"must start with redis://, rediss:// or unix://; got {url!r}")
+                w.fail(r["url"][1], "redis.url",
+                       f"must start with redis://, rediss:// or unix://; got {url!r}")
             elif url is not None:
                 redis_url = url
 
@@ -233,12 +239,13 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
                 w.fail(knode, f"subaccounts.{name}", "name must be 1-64 of A-Z a-z 0-9 . _ - ")
                 continue
-            sub = _subaccount(w, name, snode, plans, base, check_keys)
-            if sub is None:
+            built = _subaccount(w, name, snode, plans, base, check_keys, milter)
+            if built is None:
                 continue
+            sub, nodes = built
             for login in sub.logins:
                 if login.lower() in login_seen:
-                    w.fail(snode, f"subaccounts.{name}.logins",
+                    w.fail(nodes[f"login:{login}"], f"subaccounts.{name}.logins",
                            f"SASL login {login!r} is already mapped to subaccount "
                            f"{login_seen[login.lower()]!r}")
                 else:
@@ -246,7 +253,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
                     by_login[login.lower()] = sub
             for dom in sub.domains:
                 if dom.name in domain_seen:
-                    w.fail(snode, f"subaccounts.{name}.domains.{dom.name}",
+                    w.fail(nodes[f"domain:{dom.name}"], f"subaccounts.{name}.domains.{dom.name}",
                            f"domain is already configured for subaccount {domain_seen[dom.name]!r}")
                 domain_seen.setdefault(dom.name, name)
             subaccounts.append(sub)
@@ -315,8 +322,10 @@ def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
 
 
 def _subaccount(
-    w: _Walker, name: str, node: yaml.Node, plans: dict[str, Plan], base: Path, check_keys: bool
-) -> Subaccount | None:
+    w: _Walker, name: str, node: yaml.Node, plans: dict[str, Plan], base: Path, check_keys: bool,
+    milter: MilterSettings,
+) -> tuple[Subaccount, dict[str, yaml.Node]] | None:
+    """The subaccount, plus the YAML node of each login and domain for later errors."""
     key = f"subaccounts.{name}"
     s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers"})
     ok = True
@@ -326,7 +335,12 @@ def _subaccount(
             ok = False
     if not ok:
         return None
-    logins = [login for _, login in w.string_list(s["logins"][1], f"{key}.logins")]
+    nodes: dict[str, yaml.Node] = {}
+    logins = []
+    for lnode, login in w.string_list(s["logins"][1], f"{key}.logins"):
+        if f"login:{login}" not in nodes:
+            logins.append(login)
+            nodes[f"login:{login}"] = lnode
     plan = plans["shared"]
     if "plan" in s:
         plan_name = w.string(s["plan"][1], f"{key}.plan")
@@ -342,27 +356,34 @@ def _subaccount(
         dom = _domain(w, f"{key}.domains.{dname}", dname, dknode, dnode, base, check_keys)
         if dom is not None:
             domains.append(dom)
+            nodes[f"domain:{dom.name}"] = dknode
     tracking = _tracking(w, f"{key}.tracking", s["tracking"][1]) if "tracking" in s else Tracking()
     headers: list[tuple[str, str]] = []
+    # Headers the milter sets itself, and names already used (header names ignore case).
+    taken = set(_RESERVED_HEADERS) | {milter.message_id_header.lower()}
+    if milter.subaccount_header:
+        taken.add(milter.subaccount_header.lower())
     if "headers" in s:
         for hname, (hknode, hvnode) in w.mapping(s["headers"][1], f"{key}.headers", None).items():
             value = w.string(hvnode, f"{key}.headers.{hname}")
             if not _HEADER_NAME_RE.match(hname):
                 w.fail(hknode, f"{key}.headers.{hname}", "not a valid header name")
-            elif hname.lower() in _RESERVED_HEADERS:
-                w.fail(hknode, f"{key}.headers.{hname}", "this header is set by Relaylab itself")
+            elif hname.lower() in taken:
+                w.fail(hknode, f"{key}.headers.{hname}",
+                       "this header is set by Relaylab itself or listed twice (names ignore case)")
             elif value is not None:
                 if "\n" in value or "\r" in value:
                     w.fail(hvnode, f"{key}.headers.{hname}", "header values must be one line")
                 else:
                     headers.append((hname, value))
+                    taken.add(hname.lower())
     if not logins:
         w.fail(s["logins"][1], f"{key}.logins", "at least one SASL login is required")
         ok = False
     if not ok or traffic is None:
         return None
     return Subaccount(name=name, logins=tuple(logins), plan=plan, traffic=traffic,
-                      domains=tuple(domains), tracking=tracking, headers=tuple(headers))
+                      domains=tuple(domains), tracking=tracking, headers=tuple(headers)), nodes
 
 
 def _domain(

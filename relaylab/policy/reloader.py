@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from relaylab.logfmt import log_event
@@ -27,6 +28,7 @@ class PolicyHolder:
         self.policy = policy
         self._stamp = self._file_stamp()
         self._task: asyncio.Task[None] | None = None
+        self.on_reload: Callable[[], None] | None = None
 
     @classmethod
     def load(cls, path: Path) -> PolicyHolder:
@@ -50,7 +52,14 @@ class PolicyHolder:
             log_event(log, "reload_failed", logging.ERROR, reason=reason,
                       problems=len(e.problems), keeping="previous policy")
             return False
+        except Exception as e:  # a loader bug must not stop the watcher or the service
+            log.exception("policy loader failed")
+            log_event(log, "reload_failed", logging.ERROR, reason=reason, detail=repr(e),
+                      keeping="previous policy")
+            return False
         self.policy = policy
+        if self.on_reload is not None:
+            self.on_reload()
         log_event(log, "reloaded", reason=reason, file=str(self.path),
                   subaccounts=len(policy.subaccounts))
         return True

@@ -1,0 +1,5 @@
+import sys
+
+from relaylab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""End-to-end fixtures: a real Postfix (SASL AUTH, relaying to a sink), real Redis and the
+real milter process, all on 127.0.0.1, started once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from relaylab.devstack.stack import RelayStack
+from relaylab.devstack.workdir import make_workdir
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[RelayStack]:
+    workdir = make_workdir("relaylab-e2e-")
+    st = RelayStack(workdir)
+    st.start()
+    try:
+        yield st
+    finally:
+        st.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_sink(stack: RelayStack) -> RelayStack:
+    stack.sink.clear()
+    return stack

@@ -1,0 +1,91 @@
+"""A configured key that cannot be used: 4.7.5 tempfail, never an unsigned message.
+
+The sender here is a second Postfix (as a customer's app host would run) relaying with
+SMTP AUTH into the relay, so the tempfailed message can be seen waiting in that Postfix's
+queue, and delivered, signed, once the key is fixed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+
+import pytest
+from mailutil import header_values
+
+from relaylab.devstack.ports import free_port
+from relaylab.devstack.postfix import PostfixInstance
+from relaylab.devstack.smtp import SMTPSession
+from relaylab.devstack.stack import RelayStack
+from relaylab.policy.model import DkimAlgorithm
+
+
+@pytest.fixture
+def upstream(clean_sink: RelayStack) -> Iterator[PostfixInstance]:
+    a = clean_sink.accounts[0]
+    pf = PostfixInstance(
+        clean_sink.workdir / "upstream", submit_port=free_port(),
+        sink_port=clean_sink.postfix.submit_port, noauth_port=free_port(),
+        extra_main={
+            "smtp_sasl_auth_enable": "yes",
+            "smtp_sasl_password_maps": f"static:{a.login}:{a.password}",
+            "smtp_sasl_security_options": "noanonymous",
+        })
+    pf.start()
+    try:
+        yield pf
+    finally:
+        pf.stop()
+        shutil.rmtree(pf.dir, ignore_errors=True)
+
+
+def test_unusable_key_tempfails_and_mail_waits_in_senders_queue(
+        clean_sink: RelayStack, upstream: PostfixInstance) -> None:
+    st = clean_sink
+    a = st.accounts[0]
+    key = st.key_path(a, DkimAlgorithm.ED25519_SHA256)
+    good = key.read_bytes()
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    try:
+        assert upstream.noauth_port is not None
+        msg = (b"From: orders@shop.example.com\r\nTo: bob@example.net\r\n"
+               b"Subject: keep me queued\r\n\r\nimportant\r\n")
+        with SMTPSession(upstream.noauth_port) as s:
+            t = s.send("app@shop.example.com", ["bob@example.net"], msg)
+        assert t.accepted, t.steps
+        refused = st.milter.wait_for_log("reason=key_unusable", timeout=30)
+        assert "451 4.7.5" in refused and str(key) in refused
+        upstream.wait_for_log(r"status=deferred .*4\.7\.5", timeout=30)
+        queued = upstream.queue()
+        assert len(queued) == 1 and "4.7.5" in str(queued[0])
+        assert st.sink.messages() == []  # nothing went out unsigned
+    finally:
+        key.write_bytes(good)
+    upstream.flush()
+    (path,) = st.sink.wait_for(1, 60)
+    out = path.read_bytes()
+    assert header_values(out, "Subject") == [b"keep me queued"]
+    assert st.verify_dkim(out) == [True, True]
+    deadline = time.monotonic() + 10
+    while upstream.queue() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert upstream.queue() == []
+
+
+def test_missing_key_file_tempfails_the_smtp_client(clean_sink: RelayStack) -> None:
+    st = clean_sink
+    a = st.accounts[0]
+    key = st.key_path(a, DkimAlgorithm.RSA_SHA256)
+    moved = key.with_suffix(".away")
+    key.rename(moved)
+    try:
+        with SMTPSession(st.postfix.submit_port) as s:
+            assert s.auth_plain(a.login, a.password).code == 235
+            t = s.send("app@shop.example.com", ["bob@example.net"],
+                       b"From: orders@shop.example.com\r\nSubject: x\r\n\r\nx\r\n")
+        assert not t.accepted
+        assert t.last.code == 451 and "4.7.5" in t.last.text
+    finally:
+        moved.rename(key)
+    assert st.sink.messages() == []

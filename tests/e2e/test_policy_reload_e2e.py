@@ -1,0 +1,82 @@
+"""Policy edits reach the running milter without dropping connections or mail."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+from mailutil import header_values
+
+from relaylab.devstack.smtp import SMTPSession
+from relaylab.devstack.stack import RelayStack
+
+
+def log_size(st: RelayStack) -> int:
+    return len(st.milter.log_text())
+
+
+@pytest.fixture
+def restore_policy(clean_sink: RelayStack) -> Iterator[RelayStack]:
+    yield clean_sink
+    mark = log_size(clean_sink)
+    clean_sink.write_policy()
+    clean_sink.milter.wait_for_log("event=reloaded", after=mark)
+
+
+def message(n: int) -> bytes:
+    return (f"From: orders@shop.example.com\r\nTo: bob@example.net\r\nSubject: r{n}\r\n\r\n"
+            f"reload {n}\r\n").encode()
+
+
+def test_edit_applies_to_next_message_of_an_open_session(restore_policy: RelayStack) -> None:
+    st = restore_policy
+    a = st.accounts[0]
+    with SMTPSession(st.postfix.submit_port) as s:
+        assert s.auth_plain(a.login, a.password).code == 235
+        assert s.send("app@shop.example.com", ["bob@example.net"], message(1)).accepted
+        policy = st.policy_dict()
+        policy["subaccounts"][a.name]["traffic"] = "marketing"
+        mark = log_size(st)
+        st.write_policy(policy)  # picked up by the file watcher, no signal
+        st.milter.wait_for_log("event=reloaded reason=file_changed", after=mark)
+        assert s.send("app@shop.example.com", ["bob@example.net"], message(2)).accepted
+    outs = sorted((p.read_bytes() for p in st.sink.wait_for(2, 20)),
+                  key=lambda m: header_values(m, "Subject")[0])
+    assert [header_values(m, "Precedence") for m in outs] == [[b"list"], [b"bulk"]]
+    assert all(st.verify_dkim(m) == [True, True] for m in outs)
+
+
+def test_broken_edit_keeps_running_policy_and_names_the_line(restore_policy: RelayStack
+                                                             ) -> None:
+    st = restore_policy
+    good = st.config.read_text()
+    lines = good.splitlines()
+    idx = next(i for i, line in enumerate(lines) if "traffic:" in line)
+    lines[idx] = lines[idx].replace("transactional", "newsletter")
+    mark = log_size(st)
+    st.config.write_text("\n".join(lines) + "\n")
+    st.milter.reload()  # SIGHUP
+    rejected = st.milter.wait_for_log("event=reload_rejected", after=mark)
+    assert f"line={idx + 1}" in rejected and "traffic" in rejected and "newsletter" in rejected
+    a = st.accounts[0]
+    with SMTPSession(st.postfix.submit_port) as s:
+        assert s.auth_plain(a.login, a.password).code == 235
+        assert s.send("app@shop.example.com", ["bob@example.net"], message(3)).accepted
+    (out,) = (p.read_bytes() for p in st.sink.wait_for(1, 20))
+    assert header_values(out, "Precedence") == [b"list"]
+    assert st.verify_dkim(out) == [True, True]
+
+
+def test_unauthenticated_reject_refuses_with_550(restore_policy: RelayStack) -> None:
+    st = restore_policy
+    mark = log_size(st)
+    st.write_policy(copy.deepcopy(st.policy_dict(unauthenticated="reject")))
+    st.milter.wait_for_log("event=reloaded", after=mark)
+    assert st.postfix.noauth_port is not None
+    with SMTPSession(st.postfix.noauth_port) as s:
+        t = s.send("local@shop.example.com", ["bob@example.net"], message(4))
+    assert not t.accepted
+    assert t.last.code == 550 and "5.7.1" in t.last.text
+    assert "reason=unauthenticated" in st.milter.wait_for_log("event=refused", after=mark)
+    assert st.sink.messages() == []

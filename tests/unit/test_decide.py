@@ -1,0 +1,358 @@
+"""milter.decide: end-of-message decisions on a Policy loaded from YAML and a hand-made
+MessageState; signatures are checked by applying the ops as Postfix would and verifying
+the resulting message with dkimpy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from milter.decide import Outcome, Verdict, decide, from_domain
+from milter.headers import ChangeHeader, Header, InsertHeader, apply, for_signing
+from milter.state import MessageState
+from relaylab.dkim.keys import KeyStore, PrivateKey, dns_record_value
+from relaylab.policy.loader import ConfigError, load_policy
+from relaylab.policy.model import Policy
+
+NOW = 1_700_000_000.0
+MSG_ID = "0123456789abcdef0123456789abcdef"
+
+
+@attrs.frozen
+class Keys:
+    rsa: rsa.RSAPrivateKey
+    ed: ed25519.Ed25519PrivateKey
+
+
+@pytest.fixture(scope="module")
+def keys() -> Keys:
+    return Keys(rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                ed25519.Ed25519PrivateKey.generate())
+
+
+def pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+POLICY = """\
+milter:
+  unauthenticated: {unauthenticated}
+  missing_key: {missing_key}
+subaccounts:
+  shop:
+    logins: [Shop@Relay.Example.NET]
+    traffic: transactional
+    domains:
+      shop.example.com:
+        dkim:
+          - {{selector: r1, key: keys/shop-rsa.pem}}
+          - {{selector: e1, key: keys/shop-ed.pem, algorithm: ed25519-sha256}}
+    headers:
+      X-Shop-Stream: orders
+      X-Mailer: Relaylab
+  news:
+    logins: [news@relay.example.net]
+    traffic: marketing
+    domains:
+      news.example.com:
+        dkim:
+          - {{selector: e2, key: keys/news-ed.pem, algorithm: ed25519-sha256}}
+"""
+
+
+@attrs.define
+class Env:
+    dir: Path
+    keys: Keys
+    news_key: ed25519.Ed25519PrivateKey
+    store: KeyStore = attrs.field(factory=KeyStore)
+
+    def policy(self, unauthenticated: str = "pass", missing_key: str = "pass") -> Policy:
+        path = self.dir / "relaylab.yaml"
+        path.write_text(POLICY.format(unauthenticated=unauthenticated, missing_key=missing_key))
+        return load_policy(path)
+
+    def decide(self, policy: Policy, msg: MessageState) -> Outcome:
+        return decide(policy, msg, self.store, now=lambda: NOW, new_message_id=lambda: MSG_ID)
+
+    def dnsfunc(self, name: bytes, timeout: int = 5) -> bytes | None:
+        records: dict[bytes, PrivateKey] = {
+            b"r1._domainkey.shop.example.com.": self.keys.rsa,
+            b"e1._domainkey.shop.example.com.": self.keys.ed,
+            b"e2._domainkey.news.example.com.": self.news_key,
+        }
+        key = records.get(name)
+        return dns_record_value(key).encode() if key is not None else None
+
+
+@pytest.fixture
+def env(tmp_path: Path, keys: Keys) -> Env:
+    (tmp_path / "keys").mkdir()
+    news_key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "keys" / "shop-rsa.pem").write_bytes(pem(keys.rsa))
+    (tmp_path / "keys" / "shop-ed.pem").write_bytes(pem(keys.ed))
+    (tmp_path / "keys" / "news-ed.pem").write_bytes(pem(news_key))
+    return Env(tmp_path, keys, news_key)
+
+
+def message(login: str | None, from_: bytes = b" Shop <orders@shop.example.com>",
+            extra: list[Header] | None = None) -> MessageState:
+    # As Postfix hands them to the milter: leading space kept, folds with bare LF.
+    msg = MessageState(login=login, queue_id="4XyZ1", mail_from="bounce@shop.example.com")
+    msg.headers = [
+        (b"Received", b" from app (app [192.0.2.1])\n\tby relay with ESMTPSA"),
+        (b"From", from_),
+        (b"To", b" customer@example.org"),
+        (b"Subject", b" Your order\n\thas shipped"),
+        (b"Date", b" Tue, 14 Nov 2023 22:13:20 +0000"),
+        (b"Message-ID", b" <1@shop.example.com>"),
+        *(extra or []),
+    ]
+    msg.add_body(b"Hello,\r\n\r\nyour  order\thas shipped.  \r\n")
+    msg.add_body(b"\r\n-- \r\nShop\r\n\r\n")
+    return msg
+
+
+def final_headers(msg: MessageState, outcome: Outcome) -> list[Header]:
+    return apply(msg.headers, outcome.ops)
+
+
+def final_message(msg: MessageState, outcome: Outcome) -> bytes:
+    """The message as Postfix sends it on: "Name:value" lines with CRLF, then the body."""
+    headers = for_signing(final_headers(msg, outcome))
+    return b"".join(n + b":" + v for n, v in headers) + b"\r\n" + msg.body
+
+
+def values(headers: list[Header], name: str) -> list[bytes]:
+    return [v for n, v in headers if n.lower() == name.lower().encode()]
+
+
+def verify(env: Env, data: bytes, idx: int) -> bool:
+    try:
+        return bool(dkim.DKIM(data).verify(idx=idx, dnsfunc=env.dnsfunc))
+    except dkim.DKIMException:
+        return False
+
+
+# ---------------------------------------------------------------- tagging
+
+
+def test_transactional_gets_precedence_list_and_tags(env: Env) -> None:
+    msg = message("shop@relay.example.net", extra=[
+        (b"X-Mailer", b" PHPMailer 6"),
+        # An app cannot forge the correlation headers: they are replaced, not added to.
+        (b"X-Relaylab-Subaccount", b" someone-else"),
+        (b"x-relaylab-message-id", b" forged"),
+    ])
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.CONTINUE and out.reply is None
+    final = final_headers(msg, out)
+    assert values(final, "Precedence") == [b" list"]
+    assert values(final, "X-Relaylab-Message-ID") == [f" {MSG_ID}".encode()]
+    assert values(final, "X-Relaylab-Subaccount") == [b" shop"]
+    # Per-subaccount headers: added, or replacing the app's own.
+    assert values(final, "X-Shop-Stream") == [b" orders"]
+    assert values(final, "X-Mailer") == [b" Relaylab"]
+    assert out.fields["subaccount"] == "shop"
+    assert out.fields["message_id"] == MSG_ID
+    assert out.fields["from_domain"] == "shop.example.com"
+    assert "precedence:list" in out.fields["actions"]
+    assert "headers:2" in out.fields["actions"]
+
+
+def test_marketing_gets_precedence_bulk_replacing_existing_junk_never_duplicated(env: Env) -> None:
+    msg = message("news@relay.example.net", from_=b" News <hello@news.example.com>",
+                  extra=[(b"Precedence", b" junk"), (b"X-Other", b" 1"), (b"precedence", b" junk")])
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.CONTINUE
+    assert [op for op in out.ops if isinstance(op, ChangeHeader) and op.name == "Precedence"] == [
+        ChangeHeader("Precedence", 2, ""), ChangeHeader("Precedence", 1, "bulk")]
+    final = final_headers(msg, out)
+    assert values(final, "Precedence") == [b" bulk"]
+    # The kept Precedence stays where the first one was.
+    names = [n for n, _ in final]
+    assert names.index(b"Precedence") < names.index(b"X-Other")
+    assert values(final, "X-Relaylab-Subaccount") == [b" news"]
+    assert values(final, "X-Shop-Stream") == []  # another subaccount's headers
+    assert verify(env, final_message(msg, out), 0)
+
+
+def test_subaccount_header_null_is_not_added(env: Env) -> None:
+    path = env.dir / "relaylab.yaml"
+    path.write_text(POLICY.format(unauthenticated="pass", missing_key="pass").replace(
+        "milter:\n", "milter:\n  subaccount_header: null\n  message_id_header: X-Track-ID\n"))
+    msg = message("shop@relay.example.net")
+    out = env.decide(load_policy(path), msg)
+    final = final_headers(msg, out)
+    assert values(final, "X-Relaylab-Subaccount") == []
+    assert values(final, "X-Track-ID") == [f" {MSG_ID}".encode()]
+
+
+def test_configured_headers_never_produce_duplicates(env: Env) -> None:
+    path = env.dir / "relaylab.yaml"
+    path.write_text(POLICY.format(unauthenticated="pass", missing_key="pass").replace(
+        "      X-Mailer: Relaylab\n",
+        "      X-Mailer: Relaylab\n      X-Relaylab-Subaccount: spoof\n      x-mailer: other\n"))
+    try:
+        policy = load_policy(path)
+    except ConfigError:
+        return  # refusing such a policy is a fine fix too
+    msg = message("shop@relay.example.net")
+    final = final_headers(msg, env.decide(policy, msg))
+    assert len(values(final, "X-Relaylab-Subaccount")) == 1
+    assert len(values(final, "X-Mailer")) == 1
+
+
+# ---------------------------------------------------------------- who may send
+
+
+def test_unauthenticated_with_pass_continues_untouched(env: Env) -> None:
+    out = env.decide(env.policy(unauthenticated="pass"), message(None))
+    assert out.verdict is Verdict.CONTINUE
+    assert out.ops == () and out.reply is None
+    assert out.fields["actions"] == "pass_unauthenticated"
+
+
+def test_unauthenticated_with_reject_is_550_5_7_1(env: Env) -> None:
+    out = env.decide(env.policy(unauthenticated="reject"), message(None))
+    assert out.verdict is Verdict.REJECT and out.ops == ()
+    assert out.reply is not None and out.reply[:2] == (550, (5, 7, 1))
+
+
+def test_unmapped_login_follows_unauthenticated_setting(env: Env) -> None:
+    out = env.decide(env.policy(unauthenticated="pass"), message("stranger@relay.example.net"))
+    assert (out.verdict, out.ops) == (Verdict.CONTINUE, ())
+    assert out.fields["actions"] == "pass_unknown_login"
+    out = env.decide(env.policy(unauthenticated="reject"), message("stranger@relay.example.net"))
+    assert out.verdict is Verdict.REJECT and out.ops == ()
+    assert out.reply is not None and out.reply[:2] == (550, (5, 7, 1))
+    assert out.fields["reason"] == "unknown_login"
+
+
+def test_login_lookup_is_case_insensitive(env: Env) -> None:
+    out = env.decide(env.policy(unauthenticated="reject"), message("SHOP@relay.example.NET"))
+    assert out.verdict is Verdict.CONTINUE and out.fields["subaccount"] == "shop"
+
+
+# ---------------------------------------------------------------- missing and broken keys
+
+
+def has_signature(out: Outcome) -> bool:
+    return any(isinstance(op, InsertHeader) and op.name == "DKIM-Signature" for op in out.ops)
+
+
+@pytest.mark.parametrize("from_", [b" someone@elsewhere.example",
+                                   b" News <hello@news.example.com>"])  # another subaccount's
+def test_from_domain_without_key_passes_unsigned(env: Env, from_: bytes) -> None:
+    msg = message("shop@relay.example.net", from_=from_)
+    out = env.decide(env.policy(missing_key="pass"), msg)
+    assert out.verdict is Verdict.CONTINUE
+    assert not has_signature(out)
+    assert "unsigned" in out.fields["actions"]
+    assert values(final_headers(msg, out), "Precedence") == [b" list"]  # still tagged
+
+
+def test_from_domain_without_key_tempfails_when_configured(env: Env) -> None:
+    out = env.decide(env.policy(missing_key="tempfail"),
+                     message("shop@relay.example.net", from_=b" a@elsewhere.example"))
+    assert out.verdict is Verdict.TEMPFAIL and out.ops == ()
+    assert out.reply is not None and out.reply[:2] == (451, (4, 7, 1))
+    assert "elsewhere.example" in out.reply[2]
+
+
+def test_key_deleted_after_load_tempfails_never_unsigned(env: Env) -> None:
+    policy = env.policy(missing_key="pass")
+    assert has_signature(env.decide(policy, message("shop@relay.example.net")))  # cached now
+    (env.dir / "keys" / "shop-ed.pem").unlink()
+    out = env.decide(policy, message("shop@relay.example.net"))
+    assert out.verdict is Verdict.TEMPFAIL and out.ops == ()
+    assert out.reply is not None and out.reply[:2] == (451, (4, 7, 5))
+    assert out.fields["reason"] == "key_unusable"
+    assert "shop-ed.pem" in out.fields["detail"]
+
+
+def test_key_corrupted_after_load_tempfails(env: Env) -> None:
+    policy = env.policy()
+    assert has_signature(env.decide(policy, message("shop@relay.example.net")))
+    (env.dir / "keys" / "shop-rsa.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\ntruncated")
+    out = env.decide(policy, message("shop@relay.example.net"))
+    assert out.verdict is Verdict.TEMPFAIL
+    assert out.reply is not None and out.reply[:2] == (451, (4, 7, 5))
+
+
+def test_replaced_key_file_is_used_for_the_next_message(env: Env) -> None:
+    policy = env.policy()
+    news = message("news@relay.example.net", from_=b" hello@news.example.com")
+    assert verify(env, final_message(news, env.decide(policy, news)), 0)
+
+    old_key = env.news_key
+    new_key = ed25519.Ed25519PrivateKey.generate()
+    staged = env.dir / "keys" / "news-ed.pem.new"
+    staged.write_bytes(pem(new_key))
+    os.replace(staged, env.dir / "keys" / "news-ed.pem")  # how key rotation is done
+
+    news = message("news@relay.example.net", from_=b" hello@news.example.com")
+    data = final_message(news, env.decide(policy, news))
+    assert not verify(env, data, 0)  # DNS still serves the old key
+    env.news_key = new_key
+    assert verify(env, data, 0)
+    env.news_key = old_key
+    assert not verify(env, data, 0)
+
+
+# ---------------------------------------------------------------- signing
+
+
+def test_two_keys_give_two_signatures_rsa_on_top_and_both_verify(env: Env) -> None:
+    msg = message("shop@relay.example.net", extra=[(b"Precedence", b" junk")])
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.CONTINUE
+    inserts = [op for op in out.ops if isinstance(op, InsertHeader)]
+    assert len(inserts) == 2
+    assert all(op.index == 0 and op.name == "DKIM-Signature" for op in inserts)
+    assert out.ops[-2:] == tuple(inserts)  # after the tagging, which they cover
+    for op in inserts:
+        assert "\r" not in op.value  # folded with bare LF, as Postfix expects from milters
+        assert not op.value.startswith(" ")
+    final = final_headers(msg, out)
+    sigs = values(final, "DKIM-Signature")
+    assert [n for n, _ in final[:2]] == [b"DKIM-Signature", b"DKIM-Signature"]
+    assert b"a=rsa-sha256" in sigs[0] and b"s=r1" in sigs[0]
+    assert b"a=ed25519-sha256" in sigs[1] and b"s=e1" in sigs[1]
+    assert all(f"t={int(NOW)};".encode() in s for s in sigs)
+    assert out.fields["dkim"] == "shop.example.com/r1/rsa-sha256,shop.example.com/e1/ed25519-sha256"
+    assert "sign" in out.fields["actions"].split(",")
+
+    data = final_message(msg, out)
+    assert verify(env, data, 0)
+    assert verify(env, data, 1)
+    # The signatures cover the tags: changing one breaks both.
+    tampered = data.replace(b"Precedence: list", b"Precedence: bulk")
+    assert tampered != data
+    assert not verify(env, tampered, 0) and not verify(env, tampered, 1)
+
+
+def test_from_with_display_name_and_several_addresses_has_no_single_domain(env: Env) -> None:
+    several = b' "Doe, John" <john@shop.example.com>, jane@shop.example.com'
+    assert from_domain([(b"From", several)]) is None
+    assert from_domain([(b"From", b' "Doe, John" <John@Shop.Example.COM.>')]) == "shop.example.com"
+    assert from_domain([(b"To", b" x@shop.example.com")]) is None
+    assert from_domain([(b"From", b" undisclosed-recipients:;")]) is None
+
+    msg = message("shop@relay.example.net", from_=several)
+    out = env.decide(env.policy(missing_key="pass"), msg)
+    assert out.verdict is Verdict.CONTINUE and not has_signature(out)
+    assert out.fields["from_domain"] == ""
+    assert "unsigned" in out.fields["actions"]
+
+
+def test_folded_from_header_still_gives_its_domain() -> None:
+    assert from_domain([(b"From", b' "Shop\n\tOrders" <orders@shop.example.com>')]) == "shop.example.com"
+

@@ -123,6 +123,12 @@ def cmd_dns_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relaylab.devstack.demo import run_demo
+
+    return run_demo(args.workdir.resolve(), keep_running=not args.once)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="relaylab", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -160,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--strict", action="store_true", help="warnings fail too")
     p.set_defaults(func=cmd_dns_check)
+
+    p = sub.add_parser("demo", help="run the whole relay on loopback and send a demo message")
+    p.add_argument("--workdir", type=Path, default=Path("run/demo"))
+    p.add_argument("--once", action="store_true", help="exit after the demo message")
+    p.set_defaults(func=cmd_demo)
     return ap
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 from mailutil import body_of, header_values, wait_one
 
+from relaylab.devstack.opendkim import opendkim_verify
 from relaylab.devstack.smtp import SMTPSession
 from relaylab.devstack.stack import RelayStack
 
@@ -48,6 +49,9 @@ def test_transactional_mail_is_dual_signed_and_tagged_precedence_list(clean_sink
     assert len(sigs) == 2
     assert b"a=rsa-sha256" in sigs[0] and b"a=ed25519-sha256" in sigs[1]
     assert st.verify_dkim(out) == [True, True]
+    ok, detail = opendkim_verify(out, st.dns_records())
+    assert ok, detail
+    assert "rl1r" in detail and "rl1e" in detail  # OpenDKIM checked both signatures
     (msgid,) = header_values(out, "X-Relaylab-Message-ID")
     line = milter_line(st, qid)
     assert f"message_id={msgid.decode()}" in line and "subaccount=shop-transactional" in line

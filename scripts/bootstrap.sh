@@ -14,11 +14,15 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]}"
-    # Postfix asks debconf questions on install; our instances bring their own config.
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    # Postfix asks debconf questions; non-interactive takes the defaults (our instances
+    # bring their own config and never touch /etc/postfix).
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    for attempt in 1 2 3 4 5; do  # another apt/dpkg may hold the lock for a while
+        apt-get install -y -qq "${missing[@]}" >/dev/null && break
+        [ "$attempt" = 5 ] && exit 1
+        echo "bootstrap: apt-get failed, retrying in 15 s" >&2; sleep 15
+    done
 fi
 
 if [ ! -x .venv/bin/python ]; then

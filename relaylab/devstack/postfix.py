@@ -339,9 +339,9 @@ class PostfixInstance:
             try:
                 wait_listening(port, timeout=max(0.1, deadline - time.monotonic()))
             except TimeoutError:
-                raise RuntimeError(
-                    f"postfix in {self.dir} is not listening on {port}:\n{self.log_tail()}"
-                ) from None
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"postfix in {self.dir} is not listening on {port}:\n{tail}") from None
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

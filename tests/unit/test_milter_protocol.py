@@ -1,0 +1,152 @@
+"""The milter's wire protocol against a scripted MTA (no Postfix): negotiation, message
+boundaries and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from purepythonmilter.protocol import definitions
+
+from milter.protocol import OPTNEG_REPLY, MilterConnection
+from milter.services import Services
+from relaylab.policy.reloader import PolicyHolder
+
+P = definitions.ProtocolFlagsDisableCallback
+
+
+def packet(char: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("!I", len(char) + len(data)) + char + data
+
+
+def macros(stage: bytes, **kv: str) -> bytes:
+    return packet(b"D", stage + b"".join(k.encode() + b"\0" + v.encode() + b"\0"
+                                         for k, v in kv.items()))
+
+
+def optneg_flags() -> tuple[int, int, bytes]:
+    payload = OPTNEG_REPLY[4:]
+    assert payload[:1] == b"O"
+    _version, actions, protocol = struct.unpack("!III", payload[1:13])
+    return actions, protocol, payload[13:]
+
+
+def test_negotiates_only_the_events_and_macros_it_uses() -> None:
+    actions, protocol, symbols = optneg_flags()
+    for off in ("CONNECT", "HELO", "DATA", "END_OF_HEADERS", "UNKNOWN"):
+        assert protocol & P[off].value, f"{off} should be switched off"
+    for on in ("MAIL_FROM", "RCPT_TO", "HEADERS", "BODY"):
+        assert not protocol & P[on].value, f"{on} should be on"
+    # No replies expected for any per-message event: Postfix never waits before EOM.
+    for flag in ("REPLY_MAIL_FROM", "REPLY_RCPT_TO", "REPLY_HEADERS", "REPLY_BODY_CHUNK"):
+        assert protocol & P[flag].value, flag
+    assert protocol & definitions.ProtocolFlagsOther.HEADER_VALUE_LEADING_SPACE.value
+    assert actions == (definitions.ActionFlags.ADD_HEADERS.value
+                       | definitions.ActionFlags.CHANGE_HEADERS.value
+                       | definitions.ActionFlags.SET_MACROS_LIST.value)
+    wanted: dict[int, bytes] = {}
+    while symbols:  # 4-byte stage number, then the names up to a NUL
+        (stage,) = struct.unpack("!I", symbols[:4])
+        names, _, symbols = symbols[4:].partition(b"\0")
+        wanted[stage] = names
+    assert wanted[definitions.MacroStage.MAIL_FROM.value] == b"i {auth_authen}"
+    assert wanted[definitions.MacroStage.END_OF_MESSAGE.value] == b"i"
+    assert wanted[definitions.MacroStage.CONNECT.value] == b""
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Services:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"subaccounts": {"shop": {
+        "logins": ["shop"], "traffic": "transactional",
+        "domains": {"shop.example.com": {"dkim": [{"selector": "s", "key": "k.pem"}]}}}}}))
+    return Services(PolicyHolder.load(tmp_path / "p.yaml"))
+
+
+async def converse(services: Services, script: bytes) -> bytes:
+    """Serve one connection, send `script`, return everything the milter answered."""
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await MilterConnection(services, r, w).run()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(script)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)  # until the milter closes
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    return data
+
+
+def replies(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        (n,) = struct.unpack("!I", data[:4])
+        out.append(data[4:4 + n])
+        data = data[4 + n:]
+    return out
+
+
+def message(i: int, precedence: bool) -> bytes:
+    hdrs = [(b"From", b" <a@shop.example.com>"), (b"Subject", f" m{i}".encode())]
+    if precedence:
+        hdrs.append((b"Precedence", b" junk"))
+    return (macros(b"M", i=f"Q{i}", **{"{auth_authen}": "shop"})
+            + packet(b"M", b"<a@shop.example.com>\0")
+            + packet(b"R", b"<b@example.net>\0")
+            + b"".join(packet(b"L", n + b"\0" + v + b"\0") for n, v in hdrs)
+            + packet(b"B", f"body {i}\r\n".encode())
+            + macros(b"E", i=f"Q{i}") + packet(b"E") + packet(b"A"))
+
+
+def test_each_message_of_a_connection_gets_only_its_own_edits(services: Services) -> None:
+    script = (packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+              + message(1, precedence=True) + message(2, precedence=False)
+              + macros(b"M", i="Q3") + packet(b"M", b"<a@shop.example.com>\0")
+              + packet(b"A")  # RSET before DATA: nothing is answered for it
+              + message(4, precedence=True) + packet(b"Q"))
+    out = replies(asyncio.run(converse(services, script)))
+    assert out[0] == OPTNEG_REPLY[4:]
+    # Split the answers per message at each final Continue ('c').
+    per_message: list[list[bytes]] = [[]]
+    for r in out[1:]:
+        per_message[-1].append(r)
+        if r == b"c":
+            per_message.append([])
+    assert per_message[-1] == []
+    m1, m2, m4 = per_message[:-1]
+    # m1/m4 rewrite their Precedence in place; m2 has none, so it gets one appended.
+    assert b"m\x00\x00\x00\x01Precedence\x00 list\x00" in m1
+    assert not any(r.startswith(b"m") and b"Precedence" in r for r in m2)
+    assert b"hPrecedence\x00 list\x00" in m2
+    sigs = [[r for r in m if b"DKIM-Signature" in r] for m in (m1, m2, m4)]
+    assert [len(s) for s in sigs] == [1, 1, 1]
+    assert len({s[0] for s in sigs}) == 3  # each signed its own content
+    assert all(len(m) == 5 for m in (m1, m2, m4))  # precedence, 2 ids, signature, continue
+
+
+def test_garbage_closes_only_that_connection_and_is_logged(
+        services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, "relaylab.milter")
+    bad = struct.pack("!I", 10_000_000) + b"x" * 16  # over the protocol's packet limit
+    assert asyncio.run(converse(services, bad)) == b""
+    assert any(getattr(r, "kv", None) is not None and r.msg == "protocol_error"
+               for r in caplog.records)
+    # Unknown command letter, and a header packet without NULs.
+    assert asyncio.run(converse(services, packet(b"Z", b"??"))) == b""
+    assert asyncio.run(converse(services, message(1, False).replace(
+        packet(b"L", b"From\0 <a@shop.example.com>\0"), packet(b"L", b"From")))) == b""
+    # The same services still serve a good conversation afterwards.
+    good = replies(asyncio.run(converse(services, message(5, False) + packet(b"Q"))))
+    assert good[-1] == b"c" and any(b"DKIM-Signature" in r for r in good)

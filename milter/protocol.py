@@ -54,7 +54,10 @@ class MilterConnection:
                     return
                 open_ = True
                 for payload in decoder.decode(data):
-                    if not self._dispatch(payload, out):
+                    if payload[:1] == b"R":  # the one event answered after an await
+                        reply = await self._session.on_rcpt_to(payload[1:])
+                        out.append(encode_payload(reply.encode()))
+                    elif not self._dispatch(payload, out):
                         open_ = False
                         break
                 if out:  # one write (one syscall) for all replies to this read
@@ -92,9 +95,6 @@ class MilterConnection:
             return True
         if char == b"B":
             s.on_body_chunk(data)
-            return True
-        if char == b"R":
-            s.on_rcpt_to()
             return True
         if char == b"E":
             reply = s.on_end_of_message()

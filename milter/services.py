@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 
+from milter.suppression import SuppressionChecker
 from relaylab.dkim.keys import KeyLoadError, KeyStore
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
@@ -13,6 +14,7 @@ from relaylab.policy.reloader import PolicyHolder
 class Services:
     holder: PolicyHolder
     keys: KeyStore = attrs.field(factory=KeyStore)
+    suppression: SuppressionChecker = attrs.field(factory=SuppressionChecker)
 
     def policy(self) -> Policy:
         return self.holder.policy

@@ -1,8 +1,9 @@
 """Per-connection milter logic: one instance per Postfix milter connection (one SMTP
 session), one MessageState per transaction.
 
-Only MAIL, RCPT, header and body events are negotiated, all without replies, so Postfix
-streams them without waiting; macros are restricted to the two we read. Every message
+Only MAIL, RCPT, header and body events are negotiated; only RCPT is answered (the
+suppression check), so Postfix streams the rest without waiting. Macros are restricted
+to the two we read. Every message
 starts from a fresh MessageState at MAIL FROM and is forgotten at end of message, ABORT
 (RSET, or a transaction the client gave up) and QUIT: nothing of one message can leak
 into the next (compare purepythonmilter issue #21, see milter/protocol.py).
@@ -30,6 +31,7 @@ _Stage = definitions.MacroStage
 PROTOCOL_FLAGS = RequestProtocolFlags(
     call_mail_from=True,
     call_rcpt_to=True,
+    reply_rcpt_to=True,  # the suppression check may refuse a recipient
     call_headers=True,
     call_body_chunk=True,
     headers_with_leading_space=True,  # header values byte-exact, as DKIM needs them
@@ -64,9 +66,26 @@ class MilterSession:
             mail_from=command.address,
         )
 
-    def on_rcpt_to(self) -> None:
-        if self._msg is not None:
-            self._msg.recipients += 1
+    async def on_rcpt_to(self, data: bytes) -> responses.AbstractResponse:
+        msg = self._msg
+        if msg is None or not msg.login:
+            return responses.Continue()
+        policy = self._services.policy()
+        sub = policy.subaccount_for_login(msg.login)
+        if sub is None:
+            return responses.Continue()
+        recipient = rcpt_address(data)
+        token = queue_id_var.set(msg.queue_id)
+        try:
+            outcome = await self._services.suppression.check(policy, sub, recipient, msg.queue_id)
+        finally:
+            queue_id_var.reset(token)
+        if outcome.verdict is Verdict.CONTINUE:
+            msg.recipients += 1
+        else:
+            log_event(log, "recipient_refused", logging.WARNING, queue_id=msg.queue_id or "",
+                      verdict=outcome.verdict.value, reply=format_reply(outcome), **outcome.fields)
+        return to_response(outcome)
 
     def on_header(self, header: hdr.Header) -> None:
         if self._msg is None:  # Postfix always sends MAIL first; be safe anyway
@@ -112,13 +131,25 @@ class MilterSession:
         }
         fields.update(outcome.fields)
         if outcome.reply:
-            code, enhanced, text = outcome.reply
-            fields["reply"] = f"{code} {'.'.join(map(str, enhanced))} {text}"
+            fields["reply"] = format_reply(outcome)
         now = time.monotonic()
         fields["duration_ms"] = round((now - started) * 1000, 2)
         fields["txn_ms"] = round((now - msg.started) * 1000, 1)
         level = logging.INFO if outcome.verdict is Verdict.CONTINUE else logging.WARNING
         log_event(log, "message" if level == logging.INFO else "refused", level, **fields)
+
+
+def format_reply(outcome: Outcome) -> str:
+    if outcome.reply is None:
+        return ""
+    code, enhanced, text = outcome.reply
+    return f"{code} {'.'.join(map(str, enhanced))} {text}"
+
+
+def rcpt_address(data: bytes) -> str:
+    """The address of a SMFIC_RCPT payload (`<addr>` NUL [ESMTP args NUL ...])."""
+    raw = data.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+    return raw[1:-1] if raw.startswith("<") and raw.endswith(">") else raw
 
 
 def to_response(outcome: Outcome) -> responses.AbstractResponse:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from relaylab.policy.loader import ConfigError, default_config_path, load_policy
 from relaylab.policy.model import Policy
+from relaylab.suppression.cli import register as register_suppression
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--strict", action="store_true", help="warnings fail too")
     p.set_defaults(func=cmd_dns_check)
+
+    register_suppression(sub)
 
     p = sub.add_parser("demo", help="run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"))

@@ -17,6 +17,7 @@ import yaml
 
 from relaylab.dkim.keys import KeyLoadError, load_private_key
 from relaylab.policy.model import (
+    CountMode,
     DkimAlgorithm,
     DkimKeyRef,
     DnsSettings,
@@ -24,6 +25,8 @@ from relaylab.policy.model import (
     MissingKeyAction,
     Plan,
     Policy,
+    PolicydSettings,
+    RedisErrorAction,
     SendingDomain,
     Subaccount,
     Tracking,
@@ -200,7 +203,7 @@ def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> P
 
 
 def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
-    top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns"})
+    top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -215,6 +218,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
                 redis_url = url
 
     milter = _milter(w, top["milter"][1]) if "milter" in top else MilterSettings()
+    policyd = _policyd(w, top["policyd"][1]) if "policyd" in top else PolicydSettings()
     dns = DnsSettings()
     if "dns" in top:
         d = w.mapping(top["dns"][1], "dns", {"spf_include"})
@@ -266,13 +270,14 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         subaccounts=tuple(subaccounts),
         milter=milter,
         dns=dns,
+        policyd=policyd,
         by_login=by_login,
     )
 
 
 def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
     m = w.mapping(node, "milter", {"listen", "unauthenticated", "missing_key",
-                                   "message_id_header", "subaccount_header"})
+                                   "message_id_header", "subaccount_header", "on_redis_error"})
     kw: dict[str, object] = {}
     if "listen" in m:
         listen = w.string(m["listen"][1], "milter.listen")
@@ -287,6 +292,13 @@ def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
                                          UnauthenticatedAction)
     if "missing_key" in m:
         kw["missing_key"] = w.choice(m["missing_key"][1], "milter.missing_key", MissingKeyAction)
+    if "on_redis_error" in m:
+        action = w.string(m["on_redis_error"][1], "milter.on_redis_error")
+        if action is not None and action not in ("tempfail", "pass"):
+            w.fail(m["on_redis_error"][1], "milter.on_redis_error",
+                   f"must be one of: tempfail, pass; got {action!r}")
+        elif action is not None:
+            kw["redis_error_action"] = action
     for opt in ("message_id_header", "subaccount_header"):
         if opt in m:
             vnode = m[opt][1]
@@ -301,6 +313,31 @@ def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
                 kw[opt] = value
     kw = {k: v for k, v in kw.items() if v is not None or k == "subaccount_header"}
     return MilterSettings(**kw)  # type: ignore[arg-type]
+
+
+def _policyd(w: _Walker, node: yaml.Node) -> PolicydSettings:
+    m = w.mapping(node, "policyd", {"listen", "on_redis_error", "count_mode", "usage_header",
+                                    "session_ttl"})
+    kw: dict[str, object] = {}
+    if "listen" in m:
+        listen = w.string(m["listen"][1], "policyd.listen")
+        if listen is not None:
+            host, sep, port = listen.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+                w.fail(m["listen"][1], "policyd.listen", f"expected HOST:PORT, got {listen!r}")
+            else:
+                kw["listen_host"], kw["listen_port"] = host.strip("[]"), int(port)
+    if "on_redis_error" in m:
+        kw["on_redis_error"] = w.choice(m["on_redis_error"][1], "policyd.on_redis_error",
+                                        RedisErrorAction)
+    if "count_mode" in m:
+        kw["count_mode"] = w.choice(m["count_mode"][1], "policyd.count_mode", CountMode)
+    if "usage_header" in m:
+        kw["usage_header"] = w.boolean(m["usage_header"][1], "policyd.usage_header")
+    if "session_ttl" in m:
+        # Postfix's own smtpd_timeout is 300s; a slot should outlive a quiet command.
+        kw["session_ttl"] = w.integer(m["session_ttl"][1], "policyd.session_ttl", minimum=10)
+    return PolicydSettings(**{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
 
 
 def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
@@ -327,7 +364,8 @@ def _subaccount(
 ) -> tuple[Subaccount, dict[str, yaml.Node]] | None:
     """The subaccount, plus the YAML node of each login and domain for later errors."""
     key = f"subaccounts.{name}"
-    s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers"})
+    s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers",
+                              "suppression"})
     ok = True
     for required in ("logins", "traffic", "domains"):
         if required not in s:
@@ -377,13 +415,19 @@ def _subaccount(
                 else:
                     headers.append((hname, value))
                     taken.add(hname.lower())
+    shadow = False
+    if "suppression" in s:
+        sup = w.mapping(s["suppression"][1], f"{key}.suppression", {"shadow"})
+        if "shadow" in sup:
+            shadow = bool(w.boolean(sup["shadow"][1], f"{key}.suppression.shadow"))
     if not logins:
         w.fail(s["logins"][1], f"{key}.logins", "at least one SASL login is required")
         ok = False
     if not ok or traffic is None:
         return None
     return Subaccount(name=name, logins=tuple(logins), plan=plan, traffic=traffic,
-                      domains=tuple(domains), tracking=tracking, headers=tuple(headers)), nodes
+                      domains=tuple(domains), tracking=tracking, headers=tuple(headers),
+                      suppression_shadow=shadow), nodes
 
 
 def _domain(

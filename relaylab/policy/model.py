@@ -82,6 +82,8 @@ class Subaccount:
     domains: tuple[SendingDomain, ...]
     tracking: Tracking = Tracking()
     headers: tuple[tuple[str, str], ...] = ()
+    # Suppression in shadow mode: log and count what would be refused, refuse nothing.
+    suppression_shadow: bool = False
 
     def domain(self, name: str) -> SendingDomain | None:
         name = name.lower()
@@ -99,6 +101,29 @@ class MilterSettings:
     missing_key: MissingKeyAction = MissingKeyAction.PASS
     message_id_header: str = "X-Relaylab-Message-ID"
     subaccount_header: str | None = "X-Relaylab-Subaccount"
+    # Redis unreachable during the RCPT suppression check: "tempfail" (451 4.3.0, the
+    # sender retries) or "pass" (deliver unchecked). Logged once per outage either way.
+    redis_error_action: str = "tempfail"
+
+
+class RedisErrorAction(enum.Enum):
+    DEFER = "defer"  # DEFER_IF_PERMIT 4.3.0: senders retry, nothing passes uncounted
+    DUNNO = "dunno"  # let mail through unlimited while Redis is away
+
+
+class CountMode(enum.Enum):
+    MESSAGE = "message"  # count recipient_count at END-OF-MESSAGE (accepted mail only)
+    RECIPIENT = "recipient"  # count each recipient at RCPT (aborted transactions count too)
+
+
+@attrs.frozen
+class PolicydSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8892
+    on_redis_error: RedisErrorAction = RedisErrorAction.DEFER
+    count_mode: CountMode = CountMode.MESSAGE
+    usage_header: bool = False  # PREPEND X-Relaylab-Usage at the DATA stage
+    session_ttl: int = 600  # seconds a session slot outlives its last policy request
 
 
 @attrs.frozen
@@ -114,6 +139,7 @@ class Policy:
     subaccounts: tuple[Subaccount, ...]
     milter: MilterSettings = MilterSettings()
     dns: DnsSettings = DnsSettings()
+    policyd: PolicydSettings = PolicydSettings()
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

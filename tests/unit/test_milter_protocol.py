@@ -14,8 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from purepythonmilter.protocol import definitions
 
+from milter.decide import Outcome, Verdict
 from milter.protocol import OPTNEG_REPLY, MilterConnection
 from milter.services import Services
+from milter.suppression import SuppressionChecker
+from relaylab.policy.model import Policy, Subaccount
 from relaylab.policy.reloader import PolicyHolder
 
 P = definitions.ProtocolFlagsDisableCallback
@@ -43,9 +46,10 @@ def test_negotiates_only_the_events_and_macros_it_uses() -> None:
         assert protocol & P[off].value, f"{off} should be switched off"
     for on in ("MAIL_FROM", "RCPT_TO", "HEADERS", "BODY"):
         assert not protocol & P[on].value, f"{on} should be on"
-    # No replies expected for any per-message event: Postfix never waits before EOM.
-    for flag in ("REPLY_MAIL_FROM", "REPLY_RCPT_TO", "REPLY_HEADERS", "REPLY_BODY_CHUNK"):
+    # Only RCPT (the suppression check) is answered; Postfix streams the rest.
+    for flag in ("REPLY_MAIL_FROM", "REPLY_HEADERS", "REPLY_BODY_CHUNK"):
         assert protocol & P[flag].value, flag
+    assert not protocol & P.REPLY_RCPT_TO.value
     assert protocol & definitions.ProtocolFlagsOther.HEADER_VALUE_LEADING_SPACE.value
     assert actions == (definitions.ActionFlags.ADD_HEADERS.value
                        | definitions.ActionFlags.CHANGE_HEADERS.value
@@ -69,7 +73,15 @@ def services(tmp_path: Path) -> Services:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"subaccounts": {"shop": {
         "logins": ["shop"], "traffic": "transactional",
         "domains": {"shop.example.com": {"dkim": [{"selector": "s", "key": "k.pem"}]}}}}}))
-    return Services(PolicyHolder.load(tmp_path / "p.yaml"))
+    return Services(PolicyHolder.load(tmp_path / "p.yaml"), suppression=NoSuppression())
+
+
+class NoSuppression(SuppressionChecker):
+    """Every recipient passes: these tests are about the protocol, not Redis."""
+
+    async def check(self, policy: Policy, sub: Subaccount, recipient: str,
+                    queue_id: str | None) -> Outcome:
+        return Outcome(Verdict.CONTINUE)
 
 
 async def converse(services: Services, script: bytes) -> bytes:
@@ -118,14 +130,20 @@ def test_each_message_of_a_connection_gets_only_its_own_edits(services: Services
               + message(4, precedence=True) + packet(b"Q"))
     out = replies(asyncio.run(converse(services, script)))
     assert out[0] == OPTNEG_REPLY[4:]
-    # Split the answers per message at each final Continue ('c').
-    per_message: list[list[bytes]] = [[]]
+    # Each message: the RCPT answer ('c'), then the end-of-message edits and final 'c'.
+    blocks: list[list[bytes]] = []
+    current: list[bytes] | None = None
     for r in out[1:]:
-        per_message[-1].append(r)
-        if r == b"c":
-            per_message.append([])
-    assert per_message[-1] == []
-    m1, m2, m4 = per_message[:-1]
+        if current is None:
+            assert r == b"c", r
+            current = []
+        else:
+            current.append(r)
+            if r == b"c":
+                blocks.append(current)
+                current = None
+    assert current is None
+    m1, m2, m4 = blocks
     # m1/m4 rewrite their Precedence in place; m2 has none, so it gets one appended.
     assert b"m\x00\x00\x00\x01Precedence\x00 list\x00" in m1
     assert not any(r.startswith(b"m") and b"Precedence" in r for r in m2)

@@ -1,0 +1,113 @@
+"""Suppression lists enforced at RCPT TO, through a real Postfix and Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from relaylab.cli import main as relaylab
+from relaylab.devstack.smtp import SMTPSession
+from relaylab.devstack.stack import RelayStack
+
+SUB = "shop-transactional"
+BLOCKED = "blocked@example.net"
+VIP = "vip@blocked-domain.example"
+CLEAN = "clean@example.net"
+MESSAGE = (b"From: orders@shop.example.com\r\nTo: undisclosed-recipients:;\r\n"
+           b"Subject: suppression\r\n\r\nhello\r\n")
+
+
+def cli(stack: RelayStack, *args: str) -> None:
+    assert relaylab([*args, "--config", str(stack.config)]) == 0
+
+
+@pytest.fixture
+def lists(clean_sink: RelayStack) -> Iterator[RelayStack]:
+    st = clean_sink
+    r = redis.Redis.from_url(st.redis.url)
+    r.flushdb()
+    cli(st, "blacklist", "add", BLOCKED, "--reason", "hardbounce", "--subaccount", SUB)
+    cli(st, "blacklist", "add", "blocked-domain.example", "--reason", "manual",
+        "--subaccount", SUB)
+    cli(st, "whitelist", "add", VIP, "--reason", "key customer", "--subaccount", SUB)
+    yield st
+    r.flushdb()
+    r.close()
+
+
+def send_three(st: RelayStack) -> tuple[list[tuple[str, int, str]], int, str | None]:
+    a = st.accounts[0]
+    with SMTPSession(st.postfix.submit_port) as s:
+        assert s.auth_plain(a.login, a.password).code == 235
+        assert s.mail("app@shop.example.com").code == 250
+        rcpts = []
+        for rcpt in (BLOCKED, VIP, CLEAN):
+            rep = s.rcpt(rcpt)
+            rcpts.append((rcpt, rep.code, rep.text))
+        _, final = s.data(MESSAGE)
+        assert final is not None
+        return rcpts, final.code, final.text
+
+
+def test_blacklisted_recipient_refused_others_delivered(lists: RelayStack) -> None:
+    st = lists
+    rcpts, code, _ = send_three(st)
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    assert rcpts[0][1] == 550
+    assert rcpts[0][2] == f"5.7.1 recipient suppressed: hardbounce since {today}"
+    assert [c for _, c, _ in rcpts[1:]] == [250, 250]
+    assert code == 250
+    (path,) = st.sink.wait_for(1, 20)
+    assert sorted(st.sink.envelope(path)["rcpt_tos"]) == sorted([VIP, CLEAN])
+    assert st.verify_dkim(path.read_bytes()) == [True, True]
+    # The refusal is an event in the subaccount's activity log.
+    r = redis.Redis.from_url(st.redis.url, decode_responses=True)
+    events = [f for _, f in r.xrange(f"rl:{{sub:{SUB}}}:events")]
+    assert [(e["type"], e["recipient"], e["reason"]) for e in events] == [
+        ("dropped", BLOCKED, "hardbounce")]
+    st.milter.wait_for_log("event=recipient_refused queue_id=")
+
+
+def test_shadow_mode_delivers_all_and_logs_the_one(lists: RelayStack) -> None:
+    st = lists
+    policy = st.policy_dict()
+    policy["subaccounts"][SUB]["suppression"] = {"shadow": True}
+    mark = len(st.milter.log_text())
+    st.write_policy(policy)
+    st.milter.wait_for_log("event=reloaded", after=mark)
+    try:
+        rcpts, code, _ = send_three(st)
+        assert [c for _, c, _ in rcpts] == [250, 250, 250] and code == 250
+        (path,) = st.sink.wait_for(1, 20)
+        assert sorted(st.sink.envelope(path)["rcpt_tos"]) == sorted([BLOCKED, VIP, CLEAN])
+        log = st.milter.log_text()[mark:]
+        assert log.count("event=would_refuse_recipient") == 1
+        assert f"recipient={BLOCKED}" in st.milter.wait_for_log("event=would_refuse_recipient",
+                                                                after=mark)
+    finally:
+        mark = len(st.milter.log_text())
+        st.write_policy()
+        st.milter.wait_for_log("event=reloaded", after=mark)
+
+
+def test_redis_down_tempfails_recipients_and_recovers(lists: RelayStack) -> None:
+    st = lists
+    mark = len(st.milter.log_text())
+    st.redis.stop()
+    try:
+        a = st.accounts[0]
+        with SMTPSession(st.postfix.submit_port) as s:
+            assert s.auth_plain(a.login, a.password).code == 235
+            assert s.mail("app@shop.example.com").code == 250
+            rep = s.rcpt(CLEAN)
+        assert rep.code == 451 and "4.3.0" in rep.text
+        st.milter.wait_for_log("event=redis_unavailable", after=mark)
+    finally:
+        st.redis.start()
+    rcpts, code, _ = send_three(st)
+    assert code == 250 and rcpts[0][1] == 250  # lists were in the stopped (unsaved) Redis
+    st.milter.wait_for_log("event=redis_recovered", after=mark)
+    assert len(st.sink.wait_for(1, 20)) == 1

@@ -1,12 +1,14 @@
 """Milter wire protocol for one Postfix connection, on purepythonmilter's protocol layer.
 
-We use the library for what it does well — packet framing (PacketDecoder), command
-decoding (its command classes) and response encoding — and drive it with this small
-loop instead of its server/session classes. Those add a task, a queue and several
-eagerly formatted debug lines per command (most of a no-op milter's CPU), and the
-session keeps the first message's header changes for every later message of the same
-connection (upstream issue #21). Here a command is decoded, handed to MilterSession,
-and its response written, in order; per-message state lives in MilterSession only.
+We use the library's protocol definitions, option negotiation, command classes and
+response encoding, and drive them with this small loop instead of its server/session
+classes. Those add a task, a queue and several eagerly formatted debug lines per command
+(most of a no-op milter's CPU), and the session keeps the first message's header changes
+for every later message of the same connection (upstream issue #21). Here a command is
+decoded, handed to MilterSession, and its response written, in order; per-message state
+lives in MilterSession only. Framing and the per-header/per-chunk commands are parsed
+here directly: they are most of the packets, and the library's versions format debug
+lines for each.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
+from collections.abc import Iterator
 
 from purepythonmilter.api.models import MilterServerConnectionID, connection_id_context
 from purepythonmilter.protocol import commands, definitions, responses
 from purepythonmilter.protocol.exceptions import ProtocolViolation
-from purepythonmilter.protocol.packet import PacketDecoder, encode_payload
+from purepythonmilter.protocol.packet import encode_payload
 
 from milter.headers import parse_header_field
 from milter.services import Services
@@ -28,6 +32,9 @@ from relaylab.logfmt import log_event
 log = logging.getLogger("relaylab.milter")
 
 READ_SIZE = definitions.MAX_DATA_SIZE + definitions.BASE_LEN_BYTES
+
+_CONTINUE = encode_payload(responses.Continue().encode())
+_LENGTH = struct.Struct("!I")
 
 # The negotiation answer never changes: encode it once, not once per SMTP session.
 OPTNEG_REPLY = encode_payload(
@@ -45,7 +52,7 @@ class MilterConnection:
 
     async def run(self) -> None:
         connection_id_context.set(self.connection_id)  # read by the library's loggers
-        decoder = PacketDecoder(connection_id=self.connection_id)
+        decoder = Framer()
         out: list[bytes] = []
         try:
             while True:
@@ -53,10 +60,11 @@ class MilterConnection:
                 if not data:
                     return
                 open_ = True
-                for payload in decoder.decode(data):
+                for payload in decoder.feed(data):
                     if payload[:1] == b"R":  # the one event answered after an await
                         reply = await self._session.on_rcpt_to(payload[1:])
-                        out.append(encode_payload(reply.encode()))
+                        out.append(_CONTINUE if isinstance(reply, responses.Continue)
+                                   else encode_payload(reply.encode()))
                     elif not self._dispatch(payload, out):
                         open_ = False
                         break
@@ -72,7 +80,7 @@ class MilterConnection:
         except ConnectionError as e:
             log_event(log, "connection_lost", logging.WARNING, detail=str(e))
         finally:
-            self._session.reset()
+            self._session.close()
             self._writer.close()
             with contextlib.suppress(ConnectionError):
                 await self._writer.wait_closed()
@@ -84,8 +92,10 @@ class MilterConnection:
         # The per-message hot path (Postfix sends a macro packet before every header and
         # body event, even an empty one) is parsed here without building library objects.
         if char == b"D":
-            if len(data) > 1:
-                s.on_macros(commands.DefineMacro(data_raw=data))
+            # Only MAIL and end-of-message macros are read; Postfix also sends a macro
+            # packet before every header and body chunk, which we skip unparsed.
+            if data[:1] in b"ME" and len(data) > 1:
+                s.on_macros(data[:1], parse_macros(data[1:]))
             return True
         if char == b"L":
             try:
@@ -117,8 +127,40 @@ class MilterConnection:
             case commands.Quit():
                 return False
             case commands.QuitNoClose():  # the MTA reuses this connection for a new session
-                s.reset()
+                s.close()
             case _:
                 # Not negotiated; a reply keeps the MTA moving if one arrives anyway.
-                out.append(encode_payload(responses.Continue().encode()))
+                out.append(_CONTINUE)
         return True
+
+
+class Framer:
+    """Milter packets (4-byte big-endian length, then the command) out of a byte stream."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        buf = self._buf
+        buf += data
+        pos = 0
+        try:
+            while len(buf) - pos >= 4:
+                (length,) = _LENGTH.unpack_from(buf, pos)
+                if not 0 < length <= definitions.MAX_DATA_SIZE:
+                    raise ProtocolViolation(f"invalid milter packet length {length}")
+                if len(buf) - pos - 4 < length:
+                    break
+                yield bytes(buf[pos + 4:pos + 4 + length])
+                pos += 4 + length
+        finally:
+            del buf[:pos]
+
+
+def parse_macros(data: bytes) -> dict[str, str]:
+    """SMFIC_MACRO symbols: NUL-terminated name/value pairs."""
+    items = data.split(b"\0")
+    if items[-1] != b"" or len(items) % 2 != 1:
+        raise ProtocolViolation(f"malformed macro packet {data[:80]!r}")
+    return {items[i].decode("utf-8", "replace"): items[i + 1].decode("utf-8", "replace")
+            for i in range(0, len(items) - 1, 2)}

@@ -1,9 +1,10 @@
-"""Long-lived things every milter connection shares (policy, keys)."""
+"""Long-lived things every milter connection shares (policy, keys, Redis)."""
 
 from __future__ import annotations
 
 import attrs
 
+from milter.shared_state import SharedState
 from milter.suppression import SuppressionChecker
 from relaylab.dkim.keys import KeyLoadError, KeyStore
 from relaylab.policy.model import Policy
@@ -14,7 +15,9 @@ from relaylab.policy.reloader import PolicyHolder
 class Services:
     holder: PolicyHolder
     keys: KeyStore = attrs.field(factory=KeyStore)
-    suppression: SuppressionChecker = attrs.field(factory=SuppressionChecker)
+    shared: SharedState = attrs.field(factory=SharedState)
+    suppression: SuppressionChecker = attrs.field(
+        default=attrs.Factory(lambda self: SuppressionChecker(self.shared), takes_self=True))
 
     def policy(self) -> Policy:
         return self.holder.policy

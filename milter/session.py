@@ -22,7 +22,9 @@ from milter import headers as hdr
 from milter.decide import Outcome, Verdict, decide
 from milter.services import Services
 from milter.state import MessageState
+from relaylab.limits.sessions import MILTER_MACROS, release_session, session_id
 from relaylab.logfmt import log_event, queue_id_var
+from relaylab.resp import RedisReplyError, RedisUnavailable, RespClient
 
 log = logging.getLogger("relaylab.milter")
 
@@ -41,7 +43,8 @@ PROTOCOL_FLAGS = RequestProtocolFlags(
 # An empty set switches a stage's macros off; Postfix then sends nothing for it.
 MACROS: dict[definitions.MacroStage, set[str]] = {
     **{stage: set() for stage in _Stage if stage.value <= 6},
-    _Stage.MAIL_FROM: {"{auth_authen}", "i"},
+    # The connection macros name the SMTP session for policyd's session slots.
+    _Stage.MAIL_FROM: {"{auth_authen}", "i", *MILTER_MACROS},
     _Stage.END_OF_MESSAGE: {"i"},
 }
 
@@ -51,9 +54,14 @@ class MilterSession:
         self._services = services
         self._msg: MessageState | None = None
         self._macros: dict[definitions.MacroStage, dict[str, str]] = {}
+        # (subaccount, session id) once an authenticated MAIL FROM named them: policyd
+        # holds a concurrent-session slot under that name until we release it at close.
+        self._slot: tuple[str, str] | None = None
 
-    def on_macros(self, command: commands.DefineMacro) -> None:
-        self._macros[command.stage] = command.macros
+    def on_macros(self, stage_char: bytes, macros: dict[str, str]) -> None:
+        stage = commands.DefineMacro.command_char_to_stage.get(stage_char)
+        if stage is not None:
+            self._macros[stage] = macros
 
     def _take_macros(self, stage: definitions.MacroStage) -> dict[str, str]:
         return self._macros.pop(stage, {})
@@ -65,6 +73,12 @@ class MilterSession:
             queue_id=macros.get("i") or None,
             mail_from=command.address,
         )
+        if self._slot is None and self._msg.login and "{client_port}" in macros:
+            sub = self._services.policy().subaccount_for_login(self._msg.login)
+            if sub is not None:
+                self._slot = (sub.name, session_id(
+                    macros.get("{client_addr}", ""), macros.get("{client_port}", ""),
+                    macros.get("{daemon_addr}", ""), macros.get("{daemon_port}", "")))
 
     async def on_rcpt_to(self, data: bytes) -> responses.AbstractResponse:
         msg = self._msg
@@ -122,6 +136,26 @@ class MilterSession:
         self._msg = None
         self._macros.clear()
 
+    def close(self) -> None:
+        """The SMTP session is over (QUIT, disconnect, timeout): free its session slot."""
+        self.reset()
+        if self._slot is None:
+            return
+        subaccount, session = self._slot
+        self._slot = None
+        shared, policy = self._services.shared, self._services.policy()
+
+        async def release() -> None:
+            try:
+                await release_session(_Zrem(shared.fast(policy)), subaccount, session)
+            except (RedisUnavailable, RedisReplyError, OSError) as e:
+                # the slot expires by itself (policyd.session_ttl)
+                shared.health.failed(e)
+            else:
+                shared.health.ok()
+
+        shared.background(release())
+
     def _log(self, msg: MessageState, outcome: Outcome, started: float) -> None:
         fields: dict[str, Any] = {
             "verdict": outcome.verdict.value,
@@ -137,6 +171,16 @@ class MilterSession:
         fields["txn_ms"] = round((now - msg.started) * 1000, 1)
         level = logging.INFO if outcome.verdict is Verdict.CONTINUE else logging.WARNING
         log_event(log, "message" if level == logging.INFO else "refused", level, **fields)
+
+
+class _Zrem:
+    """release_session's view of the lean client."""
+
+    def __init__(self, client: RespClient) -> None:
+        self._client = client
+
+    async def zrem(self, name: str, *values: Any) -> Any:
+        return await self._client.execute("ZREM", name, *map(str, values))
 
 
 def format_reply(outcome: Outcome) -> str:

@@ -6,64 +6,38 @@ written in the background so the SMTP reply never waits for it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from typing import Any
 
-import attrs
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from milter.decide import Outcome, Verdict
+from milter.shared_state import SharedState
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy, Subaccount
+from relaylab.resp import RedisReplyError, RedisUnavailable
 from relaylab.suppression.decide import REFUSE_CODE, REFUSE_STATUS
-from relaylab.suppression.store import SuppressionStore
+from relaylab.suppression.store import SuppressionStore, lookup_pipelined
 
 log = logging.getLogger("relaylab.milter")
 
-REDIS_TIMEOUT = 2.0  # seconds; well inside Postfix's milter_command_timeout (30 s default)
-
-
-@attrs.define
-class RedisHealth:
-    """Logs an outage once when it starts and once, with its duration, when it ends."""
-
-    down_since: float | None = None
-
-    def failed(self, error: Exception) -> None:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            log_event(log, "redis_unavailable", logging.ERROR, detail=str(error))
-
-    def ok(self) -> None:
-        if self.down_since is not None:
-            log_event(log, "redis_recovered", logging.WARNING,
-                      outage_s=round(time.monotonic() - self.down_since, 1))
-            self.down_since = None
-
-
 class SuppressionChecker:
-    def __init__(self) -> None:
-        self._url: str | None = None
+    def __init__(self, shared: SharedState) -> None:
+        self.shared = shared
+        self.health = shared.health
         self._store: SuppressionStore | None = None
-        self.health = RedisHealth()
-        self._background: set[asyncio.Task[None]] = set()
 
     def store(self, policy: Policy) -> SuppressionStore:
-        if self._store is None or policy.redis_url != self._url:
-            client = aioredis.Redis.from_url(
-                policy.redis_url, socket_timeout=REDIS_TIMEOUT,
-                socket_connect_timeout=REDIS_TIMEOUT)
-            self._store, self._url = SuppressionStore(client), policy.redis_url
+        client = self.shared.client(policy)
+        if self._store is None or self._store.redis is not client:
+            self._store = SuppressionStore(client)
         return self._store
 
     async def check(self, policy: Policy, sub: Subaccount, recipient: str,
                     queue_id: str | None) -> Outcome:
         try:
-            verdict = await self.store(policy).lookup(sub.name, recipient)
-        except (RedisError, OSError) as e:
+            verdict = await lookup_pipelined(self.shared.fast(policy), sub.name, recipient)
+        except (RedisUnavailable, RedisReplyError, OSError) as e:
             self.health.failed(e)
             if policy.milter.redis_error_action == "pass":
                 return Outcome(Verdict.CONTINUE, fields={"detail": "suppression unchecked"})
@@ -99,6 +73,4 @@ class SuppressionChecker:
             except (RedisError, OSError) as e:
                 log_event(log, "event_lost", logging.WARNING, type=kind, detail=str(e), **fields)
 
-        task = asyncio.get_running_loop().create_task(write())
-        self._background.add(task)  # keep a reference until done
-        task.add_done_callback(self._background.discard)
+        self.shared.background(write())

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dns_check)
 
     register_suppression(sub)
+    from policyd.cli import register as register_policyd  # the policyd and limits commands
+
+    register_policyd(sub)
 
     p = sub.add_parser("demo", help="run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"))

@@ -1,4 +1,4 @@
-"""The Relaylab milter as a child process (`python -m relaylab milter`)."""
+"""Relaylab services as child processes (`python -m relaylab milter|policyd`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from types import TracebackType
 from .ports import LOCALHOST, free_port, wait_listening
 
 
-class MilterProcess:
+class ServiceProcess:
+    """`relaylab SERVICE --config CONFIG --listen 127.0.0.1:PORT`, logging to `log_path`."""
+
+    service = "milter"
+
     def __init__(self, config: Path, log_path: Path, port: int | None = None,
                  *, start_timeout: float = 15.0) -> None:
         self.config = Path(config)
@@ -30,10 +34,10 @@ class MilterProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> MilterProcess:
+    def start(self) -> ServiceProcess:
         log = open(self.log_path, "ab")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "relaylab", "milter", "--config", str(self.config),
+            [sys.executable, "-m", "relaylab", self.service, "--config", str(self.config),
              "--listen", f"{LOCALHOST}:{self.port}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -42,7 +46,8 @@ class MilterProcess:
             wait_listening(self.port, self.start_timeout)
         except TimeoutError:
             self.stop()
-            raise RuntimeError(f"milter did not start; log:\n{self.log_text()[-3000:]}") from None
+            raise RuntimeError(f"{self.service} did not start; log:\n"
+                               f"{self.log_text()[-3000:]}") from None
         return self
 
     def reload(self) -> None:
@@ -76,12 +81,20 @@ class MilterProcess:
                 if needle in line:
                     return line
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{needle!r} not in milter log:\n{text[-3000:]}")
+                raise TimeoutError(f"{needle!r} not in {self.service} log:\n{text[-3000:]}")
             time.sleep(0.05)
 
-    def __enter__(self) -> MilterProcess:
+    def __enter__(self) -> ServiceProcess:
         return self.start()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class MilterProcess(ServiceProcess):
+    service = "milter"
+
+
+class PolicydProcess(ServiceProcess):
+    service = "policyd"

@@ -19,7 +19,7 @@ from relaylab.dkim.keygen import generate_key, write_private_key
 from relaylab.dkim.keys import dns_record_value, load_private_key
 from relaylab.policy.model import DkimAlgorithm
 
-from .milter import MilterProcess
+from .milter import MilterProcess, PolicydProcess
 from .ports import free_port
 from .postfix import PostfixInstance
 from .redis import RedisServer
@@ -66,11 +66,12 @@ class RelayStack:
         self.redis = RedisServer(self.workdir / "redis")
         self.sink = SinkProcess(self.workdir / "sink")
         self.milter = MilterProcess(self.config, self.workdir / "milter.log")
+        self.policyd = PolicydProcess(self.config, self.workdir / "policyd.log")
         users = {a.login: a.password for a in self.accounts}
         users.update(extra_sasl_users or {})
         self.postfix = PostfixInstance(
             self.workdir / "postfix", submit_port=free_port(), sink_port=self.sink.port,
-            milter_port=self.milter.port, sasl_users=users,
+            milter_port=self.milter.port, policy_port=self.policyd.port, sasl_users=users,
             noauth_port=free_port() if with_noauth_port else None,
             extra_main=postfix_main)
 
@@ -103,6 +104,7 @@ class RelayStack:
         milter = {"listen": f"127.0.0.1:{self.milter.port}", **self.milter_settings,
                   **milter_overrides}
         return {"redis": {"url": self.redis.url}, "milter": milter,
+                "policyd": {"listen": f"127.0.0.1:{self.policyd.port}"},
                 "subaccounts": subaccounts}
 
     def write_policy(self, policy: dict[str, Any] | None = None, **milter_overrides: Any) -> None:
@@ -145,6 +147,7 @@ class RelayStack:
             self.redis.start()
             self.sink.start()
             self.milter.start()
+            self.policyd.start()
             self.postfix.start()
         except BaseException:
             self.stop()
@@ -152,7 +155,7 @@ class RelayStack:
         return self
 
     def stop(self) -> None:
-        for part in (self.postfix, self.milter, self.sink, self.redis):
+        for part in (self.postfix, self.policyd, self.milter, self.sink, self.redis):
             try:
                 part.stop()
             except Exception:  # keep stopping the rest

@@ -17,6 +17,7 @@ from purepythonmilter.protocol import definitions
 from milter.decide import Outcome, Verdict
 from milter.protocol import OPTNEG_REPLY, MilterConnection
 from milter.services import Services
+from milter.shared_state import SharedState
 from milter.suppression import SuppressionChecker
 from relaylab.policy.model import Policy, Subaccount
 from relaylab.policy.reloader import PolicyHolder
@@ -59,7 +60,8 @@ def test_negotiates_only_the_events_and_macros_it_uses() -> None:
         (stage,) = struct.unpack("!I", symbols[:4])
         names, _, symbols = symbols[4:].partition(b"\0")
         wanted[stage] = names
-    assert wanted[definitions.MacroStage.MAIL_FROM.value] == b"i {auth_authen}"
+    assert wanted[definitions.MacroStage.MAIL_FROM.value] == (
+        b"i {auth_authen} {client_addr} {client_port} {daemon_addr} {daemon_port}")
     assert wanted[definitions.MacroStage.END_OF_MESSAGE.value] == b"i"
     assert wanted[definitions.MacroStage.CONNECT.value] == b""
 
@@ -73,7 +75,7 @@ def services(tmp_path: Path) -> Services:
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"subaccounts": {"shop": {
         "logins": ["shop"], "traffic": "transactional",
         "domains": {"shop.example.com": {"dkim": [{"selector": "s", "key": "k.pem"}]}}}}}))
-    return Services(PolicyHolder.load(tmp_path / "p.yaml"), suppression=NoSuppression())
+    return Services(PolicyHolder.load(tmp_path / "p.yaml"), suppression=NoSuppression(SharedState()))
 
 
 class NoSuppression(SuppressionChecker):

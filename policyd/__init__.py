@@ -1,0 +1,1 @@
+"""Postfix SMTP access policy delegation server enforcing each subaccount's limits."""

@@ -1,0 +1,111 @@
+"""`relaylab policyd` and `relaylab limits show` (wired into relaylab/cli.py by register)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from relaylab.policy.loader import ConfigError, default_config_path, load_policy
+from relaylab.policy.model import Policy
+
+
+def register(subparsers: Any) -> None:
+    """Add the policyd and limits commands to the `relaylab` parser's subparsers."""
+    p = subparsers.add_parser("policyd", help="run the limits policy server "
+                                              "(Postfix check_policy_service)")
+    _config_arg(p)
+    p.add_argument("--listen", help="HOST:PORT, overrides policyd.listen")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_policyd)
+
+    limits = subparsers.add_parser("limits", help="sending limits").add_subparsers(
+        dest="limits_command", required=True)
+    p = limits.add_parser("show", help="current usage, limits and free session slots")
+    _config_arg(p)
+    p.add_argument("subaccount", nargs="?", help="only this subaccount (default: all)")
+    p.set_defaults(func=cmd_limits_show)
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="policy file (default: $RELAYLAB_CONFIG or conf/relaylab.yaml)")
+
+
+def _config(args: argparse.Namespace) -> Path:
+    path: Path = args.config if args.config is not None else default_config_path()
+    return path
+
+
+def _load_or_exit(args: argparse.Namespace, check_keys: bool = True) -> Policy:
+    try:
+        return load_policy(_config(args), check_keys=check_keys)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"error: {p}", file=sys.stderr)
+        print(f"{len(e.problems)} problem(s) in {_config(args)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"relaylab: --listen expects HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def cmd_policyd(args: argparse.Namespace) -> int:
+    from policyd.server import serve
+    from relaylab.logfmt import setup_logging
+
+    setup_logging(args.log_level)
+    _load_or_exit(args)  # fail fast with the same report as `relaylab check`
+    host, port = parse_listen(args.listen) if args.listen else (None, None)
+    asyncio.run(serve(_config(args), host, port))
+    return 0
+
+
+def cmd_limits_show(args: argparse.Namespace) -> int:
+    import redis
+
+    from relaylab.limits.report import read_usage
+
+    policy = _load_or_exit(args, check_keys=False)
+    subs = list(policy.subaccounts)
+    if args.subaccount:
+        sub = policy.subaccount(args.subaccount)
+        if sub is None:
+            print(f"relaylab: no subaccount {args.subaccount!r} in {policy.source}", file=sys.stderr)
+            return 2
+        subs = [sub]
+    client = redis.Redis.from_url(policy.redis_url, socket_timeout=5, decode_responses=True)
+    now = time.time()
+    try:
+        reports = [read_usage(client, s, now) for s in subs]
+    except redis.RedisError as e:
+        print(f"relaylab: Redis at {policy.redis_url}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    header = ("SUBACCOUNT", "PLAN", "LAST 60 MIN", "FREE", "MONTH", "TODAY", "THIS HOUR",
+              "SESSIONS", "FREE SLOTS")
+    rows = [header]
+    for r in reports:
+        plan = r.subaccount.plan
+        quota = plan.monthly_quota
+        rows.append((
+            r.subaccount.name, plan.name, f"{r.hour_window}/{plan.hourly_limit}",
+            str(r.hourly_free), f"{r.this_month}/{quota}" if quota else str(r.this_month),
+            str(r.today), str(r.this_hour), f"{r.sessions}/{plan.max_sessions}",
+            str(r.session_slots_free)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for r in reports:
+        if r.hourly_free == 0 and r.frees_at is not None:
+            at = time.strftime("%H:%M", time.gmtime(r.frees_at))
+            print(f"{r.subaccount.name}: hourly limit reached; capacity frees from {at} UTC")
+    return 0

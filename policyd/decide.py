@@ -1,0 +1,150 @@
+"""Decisions, as pure functions: which limits a request is checked against (`plan`) and
+what to answer once Redis has counted (`verdict`). No I/O, no clock of their own.
+
+Where the counting happens (count_mode ``message``, the default):
+
+=================  =======================  ===========================================
+protocol state     session slot             hourly limit / monthly quota
+=================  =======================  ===========================================
+MAIL, RCPT         take one (4xx if full)   check that 1 more fits; count nothing
+DATA               keep                     check that recipient_count fits; PREPEND
+                                            the usage header if configured
+END-OF-MESSAGE     keep                     count recipient_count if it fits, else 4xx
+=================  =======================  ===========================================
+
+With count_mode ``recipient`` each RCPT counts 1 when it fits, and DATA/END-OF-MESSAGE
+count nothing. "keep" refreshes a session's slot, or takes it back even beyond the
+maximum: a session admitted at RCPT is never refused later for its slot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import attrs
+
+from policyd.request import PolicyRequest, ProtocolState
+from policyd.verdict import DUNNO, DeferIfPermit, Prepend, Reject, Verdict
+from relaylab.limits import lua, window
+from relaylab.limits.sessions import session_id
+from relaylab.policy.model import (
+    CountMode,
+    Policy,
+    PolicydSettings,
+    RedisErrorAction,
+    Subaccount,
+    UnauthenticatedAction,
+)
+
+USAGE_HEADER = "X-Relaylab-Usage"
+
+_ST = ProtocolState
+
+
+@attrs.define(slots=True)  # one per request: a frozen __init__ costs more
+class Check:
+    """What to check and count in Redis for one request."""
+
+    subaccount: Subaccount
+    need: int  # must fit under the limits
+    add: int  # counted now if it fits
+    session_id: str  # "" = session not tracked (no client_port: Postfix < 3.5)
+    session_mode: str  # lua.SESSION_*
+    usage_header: bool
+
+    def call(self, now: float, session_ttl: int) -> lua.AdmitCall:
+        plan = self.subaccount.plan
+        return lua.AdmitCall(
+            subaccount=self.subaccount.name, now=now, hourly_limit=plan.hourly_limit,
+            monthly_quota=plan.monthly_quota, need=self.need, add=self.add,
+            session_id=self.session_id, session_mode=self.session_mode,
+            max_sessions=plan.max_sessions, session_ttl=session_ttl)
+
+
+def plan(request: PolicyRequest, policy: Policy) -> Verdict | Check:
+    st = request.state
+    if st not in (_ST.MAIL, _ST.RCPT, _ST.DATA, _ST.END_OF_MESSAGE):
+        return DUNNO
+    reject = policy.milter.unauthenticated is UnauthenticatedAction.REJECT
+    if not request.sasl_username:
+        return Reject("Authentication required") if reject else DUNNO
+    sub = policy.subaccount_for_login(request.sasl_username)
+    if sub is None:
+        return Reject("SASL login is not mapped to a subaccount") if reject else DUNNO
+    sid = ""
+    if request.client_address and request.client_port:
+        sid = session_id(request.client_address, request.client_port,
+                         request.server_address, request.server_port)
+    settings = policy.policyd
+    per_rcpt = settings.count_mode is CountMode.RECIPIENT
+    if st in (_ST.MAIL, _ST.RCPT):
+        add = 1 if per_rcpt and st is _ST.RCPT else 0
+        return Check(sub, need=1, add=add, session_id=sid, session_mode=lua.SESSION_ENFORCE,
+                     usage_header=False)
+    n = 0 if per_rcpt else max(request.recipient_count, 1)
+    if st is _ST.DATA:
+        return Check(sub, need=n, add=0, session_id=sid, session_mode=lua.SESSION_KEEP,
+                     usage_header=settings.usage_header)
+    return Check(sub, need=n, add=n, session_id=sid, session_mode=lua.SESSION_KEEP,
+                 usage_header=False)
+
+
+def verdict(check: Check, result: lua.AdmitResult, now: float) -> Verdict:
+    sub = check.subaccount
+    plan_ = sub.plan
+    if result.status == lua.OVER_SESSIONS:
+        return DeferIfPermit(
+            f"Too many simultaneous SMTP sessions for subaccount {sub.name}: "
+            f"{result.sessions} of {plan_.max_sessions} in use; retry when one ends")
+    if result.status == lua.OVER_HOUR:
+        limit = plan_.hourly_limit
+        frees = window.frees_at(result.buckets, result.minute, limit, check.need)
+        if frees is None:
+            return Reject(f"{check.need} recipients exceed the hourly limit of {limit} messages "
+                          f"of subaccount {sub.name}; split the message", status=(5, 5, 3))
+        return DeferIfPermit(
+            f"Hourly limit of {limit} messages reached for subaccount {sub.name}: "
+            f"{result.hour_total} sent in the last 60 minutes; capacity frees at "
+            f"{_hhmm(frees)} UTC (in {_minutes(frees - now)} min)")
+    if result.status == lua.OVER_MONTH:
+        quota = plan_.monthly_quota or 0
+        if check.need > quota:
+            return Reject(f"{check.need} recipients exceed the monthly quota of {quota} messages "
+                          f"of subaccount {sub.name}; split the message", status=(5, 5, 3))
+        return DeferIfPermit(
+            f"Monthly quota of {quota} messages reached for subaccount {sub.name}: "
+            f"{result.month_total} sent this month; it renews on "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(window.next_month_start(now)))} UTC")
+    if check.usage_header:
+        return Prepend(USAGE_HEADER, usage_value(sub, result, check.need))
+    return DUNNO
+
+
+def usage_value(sub: Subaccount, result: lua.AdmitResult, pending: int) -> str:
+    """``1234/60000 hour`` (plus ``, 5000/24000 month`` with a quota), counting `pending`."""
+    text = f"{result.hour_total + pending}/{sub.plan.hourly_limit} hour"
+    if sub.plan.monthly_quota:
+        text += f", {result.month_total + pending}/{sub.plan.monthly_quota} month"
+    return text
+
+
+def unavailable(settings: PolicydSettings) -> Verdict:
+    """The answer while Redis cannot be reached."""
+    if settings.on_redis_error is RedisErrorAction.DUNNO:
+        return DUNNO
+    return DeferIfPermit("Sending limits cannot be checked right now; try again later",
+                         status=(4, 3, 0))
+
+
+def malformed() -> Verdict:
+    """The answer to a complete request that cannot be decided (the framing is intact)."""
+    return DeferIfPermit("Malformed policy request", status=(4, 3, 0))
+
+
+def _hhmm(t: float) -> str:
+    return time.strftime("%H:%M", time.gmtime(t))
+
+
+def _minutes(seconds: float) -> int:
+    return max(1, math.ceil(seconds / 60))

@@ -1,0 +1,190 @@
+"""The limits service: plan a request, count it in Redis (one Lua call), answer.
+
+Every decision that involves a subaccount goes to Redis; there is no local cache of
+counts, so any number of policyd processes on any number of mail hosts share the limits
+exactly. The hot path is callback-based (`answer` returns the verdict, or a `Pending`
+whose Redis reply is on its way) because a coroutine per request costs as much CPU as the
+decision itself; `decide` is the awaitable form of the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from policyd import decide
+from policyd.decide import Check
+from policyd.request import PolicyRequest
+from policyd.verdict import DUNNO, Dunno, Prepend, Verdict
+from relaylab.limits import lua
+from relaylab.logfmt import log_event, queue_id_var
+from relaylab.policy.model import Plan
+from relaylab.policy.reloader import PolicyHolder
+from relaylab.resp import OnReply, RedisReplyError, RedisUnavailable, RespClient, ScriptPrefix
+
+log = logging.getLogger("relaylab.policyd")
+
+
+class LimitStore:
+    """ADMIT calls over one pipelined connection, with outage tracking: the first failure
+    of an outage is logged once, and its end with its duration."""
+
+    def __init__(self, client: RespClient, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self._clock = clock
+        self._down_since: float | None = None
+        self._failed = 0
+        # Encoded EVALSHA + keys + hourly-constant arguments, per subaccount:
+        # name -> (UTC hour, plan, session ttl, prefix).
+        self._prefixes: dict[str, tuple[int, Plan, int, ScriptPrefix]] = {}
+
+    def submit(self, check: Check, now: float, session_ttl: int, on_reply: OnReply) -> None:
+        """Send the ADMIT call for `check`; `on_reply` gets Redis's raw reply (or error)."""
+        sub = check.subaccount
+        hour = int(now // 3600)
+        cached = self._prefixes.get(sub.name)
+        # Keys and the leading arguments change with the UTC hour, the plan or the TTL.
+        if cached is None or cached[0] != hour or cached[1] is not sub.plan or cached[2] != session_ttl:
+            call = check.call(now, session_ttl)
+            prefix = self.client.script_prefix(lua.ADMIT, call.keys(), call.static_args())
+            self._prefixes[sub.name] = (hour, sub.plan, session_ttl, prefix)
+        else:
+            prefix = cached[3]
+        self.client.evalsha_encoded(prefix, 5, _dynamic_args(now, check), on_reply)
+
+    @property
+    def up(self) -> bool:
+        """False during an outage (until a reply goes through `result` again)."""
+        return self._down_since is None
+
+    def result(self, reply: Any) -> lua.AdmitResult | None:
+        """The ADMIT result of a reply (or error) `submit` delivered; None if Redis failed."""
+        try:
+            if isinstance(reply, BaseException):
+                raise reply
+            result = lua.AdmitResult.from_reply(reply)
+        except (RedisUnavailable, RedisReplyError, ValueError) as e:
+            self._down(e)
+            return None
+        if self._down_since is not None:
+            self._up()
+        return result
+
+    def _down(self, error: Exception) -> None:
+        self._failed += 1
+        if self._down_since is None:
+            self._down_since = self._clock()
+            log_event(log, "redis_unavailable", logging.ERROR, redis=str(self.client.address),
+                      error=f"{type(error).__name__}: {error}")
+
+    def _up(self) -> None:
+        assert self._down_since is not None
+        log_event(log, "redis_recovered", logging.WARNING, redis=str(self.client.address),
+                  outage_seconds=round(self._clock() - self._down_since, 1),
+                  failed_decisions=self._failed)
+        self._down_since = None
+        self._failed = 0
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _dynamic_args(now: float, check: Check) -> bytes:
+    """ARGV 10-14 of ADMIT, RESP-encoded in one step (this runs for every decision)."""
+    now_ms = b"%d" % int(now * 1000)
+    sid = check.session_id.encode()
+    mode = check.session_mode.encode()
+    need = b"%d" % check.need
+    add = b"%d" % check.add
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(now_ms), now_ms, len(need), need, len(add), add, len(sid), sid, len(mode), mode)
+
+
+class Pending:
+    """A decision waiting for its Redis reply. Once `done`, `verdict()` gives the answer;
+    `notify` (set by whoever waits) is called when the reply arrives."""
+
+    __slots__ = ("check", "done", "notify", "now", "reply", "request", "service")
+
+    def __init__(self, service: LimitService, request: PolicyRequest, check: Check,
+                 now: float) -> None:
+        self.service = service
+        self.request = request
+        self.check = check
+        self.now = now
+        self.done = False
+        self.reply: Any = None
+        self.notify: Callable[[], None] | None = None
+
+    def resolve(self, reply: Any) -> None:
+        self.reply = reply
+        self.done = True
+        if self.notify is not None:
+            self.notify()
+
+    def verdict(self) -> Verdict:
+        return self.service.finish(self)
+
+
+class LimitService:
+    def __init__(self, holder: PolicyHolder, store: LimitStore, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.holder = holder
+        self.store = store
+        self._clock = clock
+
+    def answer(self, request: PolicyRequest) -> Verdict | Pending:
+        policy = self.holder.policy
+        step = decide.plan(request, policy)
+        if not isinstance(step, Check):
+            if not isinstance(step, Dunno):
+                self._log(request, step, None)
+            return step
+        now = self._clock()
+        pending = Pending(self, request, step, now)
+        self.store.submit(step, now, policy.policyd.session_ttl, pending.resolve)
+        return pending
+
+    def finish(self, pending: Pending) -> Verdict:
+        reply = pending.reply
+        if (reply.__class__ is bytes and reply.startswith(b"0 ") and not pending.check.usage_header
+                and self.store.up and not log.isEnabledFor(logging.DEBUG)):
+            return DUNNO  # admitted, nothing to add: the common case, without parsing
+        result = self.store.result(reply)
+        if result is None:
+            return decide.unavailable(self.holder.policy.policyd)
+        verdict = decide.verdict(pending.check, result, pending.now)
+        if verdict is DUNNO:
+            if log.isEnabledFor(logging.DEBUG):
+                self._log(pending.request, verdict, pending.check, logging.DEBUG)
+        elif not isinstance(verdict, Prepend):
+            self._log(pending.request, verdict, pending.check)
+        elif log.isEnabledFor(logging.DEBUG):
+            self._log(pending.request, verdict, pending.check, logging.DEBUG)
+        return verdict
+
+    async def decide(self, request: PolicyRequest) -> Verdict:
+        """`answer`, awaited (tests, tools)."""
+        answer = self.answer(request)
+        if isinstance(answer, Pending):
+            if not answer.done:
+                arrived = asyncio.Event()
+                answer.notify = arrived.set
+                await arrived.wait()
+            return answer.verdict()
+        return answer
+
+    def _log(self, request: PolicyRequest, verdict: Verdict, check: Check | None,
+             level: int = logging.INFO) -> None:
+        token = queue_id_var.set(request.queue_id or None)
+        try:
+            log_event(log, "decision", level, state=request.state.value,
+                      login=request.sasl_username,
+                      subaccount=check.subaccount.name if check else "",
+                      client=f"{request.client_address}:{request.client_port}",
+                      action=verdict.action())
+        finally:
+            queue_id_var.reset(token)

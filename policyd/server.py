@@ -1,0 +1,309 @@
+"""policyd's TCP server and lifecycle (start, reload via PolicyHolder, drain, stop).
+
+Each Postfix connection is an asyncio Protocol: the bytes a read returns are framed into
+requests, each request is answered at once (DUNNO for traffic without limits) or becomes
+a `Pending` Redis call, and answers are written strictly in request order as they
+complete. No task or coroutine per request: Redis calls made during one loop iteration,
+from any number of connections, leave in one write (relaylab/resp.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import socket
+from pathlib import Path
+
+from policyd import decide
+from policyd.limits import LimitService, LimitStore, Pending
+from policyd.protocol import Broken, Frame, RequestParser, encode_action
+from policyd.request import BadRequest, PolicyRequest
+from policyd.verdict import DUNNO, Verdict
+from relaylab.limits.lua import ADMIT
+from relaylab.logfmt import log_event
+from relaylab.policy.reloader import PolicyHolder
+from relaylab.resp import RespClient
+
+log = logging.getLogger("relaylab.policyd")
+
+# A request must arrive whole within this long (Postfix writes each request at once; a
+# client that stalls mid-request is broken or hostile).
+REQUEST_TIMEOUT = 10.0
+# Postfix closes an idle policy connection after smtpd_policy_service_max_idle (300s);
+# we wait longer, so that the close normally comes from Postfix.
+IDLE_TIMEOUT = 600.0
+# Requests a client may have outstanding before we stop reading from it (Postfix has
+# one; a pipelining client gets backpressure, not unbounded memory).
+MAX_IN_FLIGHT = 64
+_DUNNO_ANSWER = encode_action(DUNNO.action())
+
+
+class PolicyConnection(asyncio.Protocol):
+    def __init__(self, server: PolicyServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._parser = RequestParser()
+        self._queue: collections.deque[Verdict | Pending] = collections.deque()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._last = 0.0
+        self._paused = False
+        self._write_paused = False
+        self._closing = False
+        self.closed = False
+        self.client = "?"
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._last = self._loop.time()
+        self._arm(self._last + self._server.idle_timeout)
+        self._server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._last = now = self._loop.time()
+        queue = self._queue
+        for frame in self._parser.feed(data):
+            if isinstance(frame, Broken):
+                log_event(log, "protocol_error", logging.ERROR, client=self.client,
+                          detail=frame.reason, action="close")
+                self.shutdown()  # answer the requests that came before, then close
+                break
+            item = self._server.answer_frame(frame, self.client)
+            queue.append(item)
+            if isinstance(item, Pending) and not item.done:
+                item.notify = self._on_reply
+        if queue:
+            self._flush()
+        if self._parser.partial and self._timer_at > now + self._server.request_timeout:
+            self._arm(now + self._server.request_timeout)
+        if len(queue) >= MAX_IN_FLIGHT and not self._paused:
+            self._paused = True
+            self._transport_pause(True)
+
+    def eof_received(self) -> bool | None:
+        if self._parser.partial:
+            log_event(log, "protocol_error", logging.ERROR, client=self.client,
+                      detail="connection closed in the middle of a request")
+        self.shutdown()
+        return True  # keep our side open until the answers are written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._queue.clear()
+        self._server.connection_closed(self)
+
+    def pause_writing(self) -> None:  # the client does not read its answers
+        self._write_paused = True
+        self._transport_pause(True)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._paused:
+            self._transport_pause(False)
+
+    # -- answers, in order -----------------------------------------------------------------
+    def _on_reply(self) -> None:
+        if not self.closed:
+            self._flush()
+
+    def _flush(self) -> None:
+        queue = self._queue
+        out = []
+        while queue:
+            head = queue[0]
+            if isinstance(head, Pending):
+                if not head.done:
+                    break
+                verdict = self._server.finish(head, self.client)
+            else:
+                verdict = head
+            out.append(_DUNNO_ANSWER if verdict is DUNNO else encode_action(verdict.action()))
+            queue.popleft()
+        if out and self._transport is not None:
+            self._transport.write(b"".join(out))
+        if self._paused and len(queue) < MAX_IN_FLIGHT // 2:
+            self._paused = False
+            if not self._write_paused:
+                self._transport_pause(False)
+        if self._closing and not queue and self._transport is not None:
+            self._transport.close()
+
+    def shutdown(self) -> None:
+        """Read no more; close once every request read so far has its answer."""
+        self._closing = True
+        if self._transport is not None and not self.closed:
+            self._transport_pause(True)
+            if not self._queue:
+                self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _transport_pause(self, pause: bool) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if pause and t.is_reading():
+            t.pause_reading()
+        elif not pause and not t.is_reading():
+            t.resume_reading()
+
+    # -- timeouts: one timer per connection, re-armed lazily ----------------------------
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed or self._transport is None:
+            return
+        now = self._loop.time()
+        if self._parser.partial:
+            deadline = self._last + self._server.request_timeout
+            if now >= deadline:
+                log_event(log, "request_timeout", logging.ERROR, client=self.client,
+                          detail=f"request incomplete after {self._server.request_timeout:g}s",
+                          action="close")
+                self._transport.abort()
+                return
+        else:
+            deadline = self._last + self._server.idle_timeout
+            if now >= deadline and not self._queue:
+                log_event(log, "idle_timeout", logging.DEBUG, client=self.client)
+                self._transport.close()
+                return
+            deadline = max(deadline, now + 1.0)
+        self._arm(deadline)
+
+
+class PolicyServer:
+    def __init__(self, service: LimitService, host: str, port: int, *,
+                 request_timeout: float = REQUEST_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT
+                 ) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.connections: set[PolicyConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._all_closed: asyncio.Event | None = None
+
+    async def start(self, sock: socket.socket | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(lambda: PolicyConnection(self), sock=sock)
+        else:
+            self._server = await loop.create_server(lambda: PolicyConnection(self), self.host,
+                                                    self.port, reuse_address=True)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def connection_closed(self, conn: PolicyConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def answer_frame(self, frame: Frame, client: str) -> Verdict | Pending:
+        if frame.warning is not None:
+            log_event(log, "protocol_warning", logging.WARNING, client=client,
+                      detail=frame.warning, login=frame.attributes.get("sasl_username", ""))
+        if frame.error is not None:
+            verdict = decide.malformed()
+            log_event(log, "protocol_error", logging.ERROR, client=client, detail=frame.error,
+                      action=verdict.action())
+            return verdict
+        try:
+            request = PolicyRequest.from_attributes(frame.attributes)
+        except BadRequest as e:
+            verdict = decide.malformed()
+            log_event(log, "bad_request", logging.ERROR, client=client, detail=str(e),
+                      action=verdict.action())
+            return verdict
+        try:
+            return self.service.answer(request)
+        except Exception as e:  # a bug must not cost mail: the sender retries
+            return self._bug(e, client)
+
+    def finish(self, pending: Pending, client: str) -> Verdict:
+        try:
+            return pending.verdict()
+        except Exception as e:
+            return self._bug(e, client)
+
+    def _bug(self, e: Exception, client: str) -> Verdict:
+        log.exception("policyd bug")
+        verdict = decide.unavailable(self.service.holder.policy.policyd)
+        log_event(log, "internal_error", logging.ERROR, client=client, detail=repr(e),
+                  action=verdict.action())
+        return verdict
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting; every connection answers what it has read, then closes (Postfix
+        reconnects and retries). Connections still waiting after `grace` s are cut."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.connections:
+            try:
+                async with asyncio.timeout(grace):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                log_event(log, "shutdown_cut_connections", logging.WARNING,
+                          count=len(self.connections))
+                for conn in list(self.connections):
+                    conn.abort()
+        await self._server.wait_closed()
+
+
+async def serve(config: Path, host: str | None, port: int | None) -> None:
+    holder = PolicyHolder.load(config)
+    policy = holder.policy
+    settings = policy.policyd
+    store = LimitStore(RespClient(policy.redis_url, scripts=(ADMIT,)))
+    service = LimitService(holder, store)
+    started_with = (policy.redis_url, settings.listen_host, settings.listen_port)
+
+    def on_reload() -> None:
+        p = holder.policy
+        if (p.redis_url, p.policyd.listen_host, p.policyd.listen_port) != started_with:
+            log_event(log, "restart_needed", logging.WARNING,
+                      detail="redis.url and policyd.listen apply at the next start")
+
+    holder.on_reload = on_reload
+    server = PolicyServer(service, host or settings.listen_host,
+                          port if port is not None else settings.listen_port)
+    bound = await server.start()
+    holder.start()
+    log_event(log, "started", listen=f"{server.host}:{bound}", config=str(config),
+              redis=str(store.client.address), subaccounts=len(policy.subaccounts),
+              count_mode=settings.count_mode.value,
+              on_redis_error=settings.on_redis_error.value)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log_event(log, "stopping", open_connections=len(server.connections))
+    await holder.stop()
+    await server.stop()
+    await store.close()
+    log_event(log, "stopped")

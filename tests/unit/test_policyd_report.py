@@ -1,0 +1,92 @@
+"""`relaylab limits show`: usage, limits and free slots, read from Redis without writing."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from policyd.__main__ import main
+from relaylab.devstack.redis import RedisServer
+from relaylab.devstack.workdir import make_workdir
+from relaylab.limits import lua
+from relaylab.limits.report import read_usage
+from relaylab.policy.loader import load_policy
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    d = make_workdir("relaylab-policyd-report-")
+    with RedisServer(d) as r:
+        yield r
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def config(tmp_path: Path, server: RedisServer) -> Path:
+    redis.Redis.from_url(server.url).flushall()
+    p = tmp_path / "relaylab.yaml"
+    p.write_text(f"""\
+redis: {{url: "{server.url}"}}
+plans:
+  free: {{hourly_limit: 5, max_sessions: 3, retention_days: 7, monthly_quota: 24_000}}
+subaccounts:
+  shop:
+    logins: [shop@relay.test]
+    plan: free
+    traffic: transactional
+    domains: {{}}
+  idle:
+    logins: [idle@relay.test]
+    traffic: marketing
+    domains: {{}}
+""")
+    return p
+
+
+def fill(url: str, now: float) -> None:
+    r = redis.Redis.from_url(url)
+    for i, (need, sid) in enumerate([(2, "a"), (3, "b")]):
+        call = lua.AdmitCall("shop", now - 60 + i, 5, 24_000, need, need, sid,
+                             lua.SESSION_ENFORCE, 3, 600)
+        r.eval(lua.ADMIT.body, 5, *call.keys(), *call.static_args(), *call.dynamic_args())
+
+
+def test_read_usage(config: Path, server: RedisServer) -> None:
+    now = time.time()
+    fill(server.url, now)
+    policy = load_policy(config)
+    shop = policy.subaccount("shop")
+    assert shop is not None
+    u = read_usage(redis.Redis.from_url(server.url, decode_responses=True), shop, now)
+    assert (u.hour_window, u.this_month, u.sessions) == (5, 5, 2)
+    assert (u.hourly_free, u.monthly_free, u.session_slots_free) == (0, 23_995, 1)
+    assert u.frees_at is not None and 3500 < u.frees_at - now <= 3660
+    assert u.today >= 0 and u.this_hour >= 0  # the calendar hour may have just turned
+
+
+def test_limits_show_prints_every_subaccount(config: Path, server: RedisServer,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    fill(server.url, time.time())
+    assert main(["limits", "show", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["SUBACCOUNT", "PLAN", "LAST", "60", "MIN", "FREE", "MONTH", "TODAY",
+                              "THIS", "HOUR", "SESSIONS", "FREE", "SLOTS"]
+    shop = next(line for line in out if line.startswith("shop "))
+    assert shop.split()[:5] == ["shop", "free", "5/5", "0", "5/24000"]
+    assert shop.split()[-2:] == ["2/3", "1"]
+    idle = next(line for line in out if line.startswith("idle "))
+    assert idle.split()[:4] == ["idle", "shared", "0/60000", "60000"]
+    assert any(line.startswith("shop: hourly limit reached") for line in out)
+
+
+def test_limits_show_one_subaccount_and_unknown(config: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["limits", "show", "--config", str(config), "idle"]) == 0
+    assert "shop" not in capsys.readouterr().out
+    assert main(["limits", "show", "--config", str(config), "nope"]) == 2
+    assert "no subaccount 'nope'" in capsys.readouterr().err

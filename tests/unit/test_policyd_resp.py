@@ -1,0 +1,142 @@
+"""relaylab.resp: the pipelining Redis client (reply parser, NOSCRIPT, timeouts, outages)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from relaylab.devstack.ports import free_port
+from relaylab.devstack.redis import RedisServer
+from relaylab.devstack.workdir import make_workdir
+from relaylab.limits.lua import Script
+from relaylab.resp import (
+    RedisAddress,
+    RedisReplyError,
+    RedisUnavailable,
+    ReplyParser,
+    RespClient,
+    ScriptPrefix,
+    encode_command,
+)
+
+REPLIES = (b"+OK\r\n:42\r\n$5\r\nhello\r\n$-1\r\n*3\r\n:1\r\n*2\r\n$1\r\na\r\n:-2\r\n$0\r\n\r\n"
+           b"-ERR boom\r\n*-1\r\n")
+
+
+@pytest.mark.parametrize("size", [4096, 7, 1])
+def test_reply_parser_over_any_split(size: int) -> None:
+    p = ReplyParser()
+    out = []
+    for i in range(0, len(REPLIES), size):
+        out += p.feed(REPLIES[i:i + size])
+    assert out[:5] == ["OK", 42, b"hello", None, [1, [b"a", -2], b""]]
+    assert isinstance(out[5], RedisReplyError) and str(out[5]) == "ERR boom"
+    assert out[6] is None and len(out) == 7
+
+
+def test_encode_command() -> None:
+    assert encode_command(["SET", "k", b"v\r\n"]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("redis://127.0.0.1:6390/2", RedisAddress("127.0.0.1", 6390, db=2)),
+    ("redis://:s%40cret@h", RedisAddress("h", 6379, password="s@cret")),
+    ("redis://user:pw@h:1/0", RedisAddress("h", 1, username="user", password="pw")),
+    ("rediss://h", RedisAddress("h", 6379, tls=True)),
+    ("unix:///run/redis.sock?db=3", RedisAddress(path="/run/redis.sock", db=3)),
+])
+def test_url(url: str, expected: RedisAddress) -> None:
+    assert RedisAddress.parse(url) == expected
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    d = make_workdir("relaylab-policyd-resp-")
+    with RedisServer(d) as r:
+        yield r
+    shutil.rmtree(d, ignore_errors=True)
+
+
+SCRIPT = Script("echo", "return {tonumber(ARGV[1]) + 1, KEYS[1]}")
+
+
+def evalsha(client: RespClient, prefix: ScriptPrefix, args: list[str]) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def on_reply(reply: Any) -> None:
+        if isinstance(reply, BaseException):
+            fut.set_exception(reply)
+        else:
+            fut.set_result(reply)
+
+    client.evalsha(prefix, args, on_reply)
+    return fut
+
+
+def test_pipelined_calls_and_noscript_fallback(server: RedisServer) -> None:
+    async def go() -> list[object]:
+        c = RespClient(server.url, scripts=(SCRIPT,))
+        try:
+            prefix = c.script_prefix(SCRIPT, ["k"], [])
+            first = await asyncio.gather(*(evalsha(c, prefix, [str(i)]) for i in range(100)))
+            await c.execute("SCRIPT", "FLUSH")
+            again = await evalsha(c, prefix, ["7"])  # NOSCRIPT -> EVAL, transparently
+            return [first[0], first[99], again]
+        finally:
+            await c.close()
+
+    assert asyncio.run(go()) == [[1, b"k"], [100, b"k"], [8, b"k"]]
+
+
+def test_error_replies_raise(server: RedisServer) -> None:
+    async def go() -> None:
+        c = RespClient(server.url)
+        try:
+            await c.execute("NOSUCHCOMMAND")
+        finally:
+            await c.close()
+
+    with pytest.raises(RedisReplyError, match="unknown command"):
+        asyncio.run(go())
+
+
+def test_unreachable_fails_fast_and_reconnects_when_back(tmp_path: object) -> None:
+    port = free_port()
+
+    async def go() -> object:
+        c = RespClient(f"redis://127.0.0.1:{port}/0", retry_interval=0.05)
+        with pytest.raises(RedisUnavailable, match="ConnectionRefused"):
+            await c.execute("PING")
+        with pytest.raises(RedisUnavailable):  # within the retry interval: no new attempt
+            await c.execute("PING")
+        d = make_workdir("relaylab-policyd-resp2-")
+        try:
+            with RedisServer(d, port=port):
+                await asyncio.sleep(0.06)
+                pong = await c.execute("PING")
+                await c.close()
+                return pong
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    assert asyncio.run(go()) == "PONG"
+
+
+def test_a_silent_server_times_out_every_pending_command() -> None:
+    async def go() -> list[BaseException | object]:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        c = RespClient(f"redis://127.0.0.1:{port}/0", command_timeout=0.2)
+        try:
+            return await asyncio.gather(c.execute("PING"), c.execute("PING"),
+                                        return_exceptions=True)
+        finally:
+            await c.close()
+            server.close()
+
+    results = asyncio.run(go())
+    assert all(isinstance(r, RedisUnavailable) and "no reply within" in str(r) for r in results)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from relaylab import eventloop
 from relaylab.policy.loader import ConfigError, default_config_path, load_policy
 from relaylab.policy.model import Policy
 
@@ -64,7 +64,7 @@ def cmd_policyd(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     _load_or_exit(args)  # fail fast with the same report as `relaylab check`
     host, port = parse_listen(args.listen) if args.listen else (None, None)
-    asyncio.run(serve(_config(args), host, port))
+    eventloop.run(serve(_config(args), host, port))
     return 0
 
 

@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 from pathlib import Path
+from typing import cast
 
 from policyd import decide
 from policyd.limits import LimitService, LimitStore, Pending
@@ -58,8 +59,8 @@ class PolicyConnection(asyncio.Protocol):
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._last = self._loop.time()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from relaylab import eventloop
 from relaylab.policy.loader import ConfigError, default_config_path, load_policy
 from relaylab.policy.model import Policy
 from relaylab.suppression.cli import register as register_suppression
@@ -59,7 +59,7 @@ def cmd_milter(args: argparse.Namespace) -> int:
     if args.listen:
         h, _, p = args.listen.rpartition(":")
         host, port = h or "127.0.0.1", int(p)
-    asyncio.run(serve(_config(args), host, port))
+    eventloop.run(serve(_config(args), host, port))
     return 0
 
 

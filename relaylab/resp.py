@@ -21,7 +21,7 @@ import collections
 import ssl
 import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -163,8 +163,8 @@ class _Connection(asyncio.Protocol):
         self.error = "connection closed"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self._transport = cast(asyncio.Transport, transport)
 
     def send(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None) -> None:
         if self.closed:

@@ -18,6 +18,8 @@ import argparse
 import asyncio
 import signal
 
+from relaylab import eventloop
+
 ANSWER = b"action=DUNNO\n\n"
 
 
@@ -85,4 +87,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    eventloop.run(main())  # the same event loop policyd runs on

@@ -79,6 +79,8 @@ class MilterConnection:
             log_event(log, "protocol_error", logging.ERROR, detail=str(e))
         except ConnectionError as e:
             log_event(log, "connection_lost", logging.WARNING, detail=str(e))
+        except Exception:  # a bug: Postfix applies milter_default_action, others go on
+            log.exception("milter connection failed")
         finally:
             self._session.close()
             self._writer.close()

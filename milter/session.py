@@ -82,16 +82,21 @@ class MilterSession:
 
     async def on_rcpt_to(self, data: bytes) -> responses.AbstractResponse:
         msg = self._msg
-        if msg is None or not msg.login:
+        if msg is None:
             return responses.Continue()
         policy = self._services.policy()
-        sub = policy.subaccount_for_login(msg.login)
-        if sub is None:
+        sub = policy.subaccount_for_login(msg.login) if msg.login else None
+        if sub is None:  # suppression lists belong to subaccounts
+            msg.recipients += 1
             return responses.Continue()
         recipient = rcpt_address(data)
         token = queue_id_var.set(msg.queue_id)
         try:
             outcome = await self._services.suppression.check(policy, sub, recipient, msg.queue_id)
+        except Exception as e:  # a bug must not cost the recipient: the sender retries
+            log.exception("milter bug")
+            outcome = Outcome(Verdict.TEMPFAIL, reply=(451, (4, 3, 0), "temporary milter failure"),
+                              fields={"reason": "internal_error", "detail": repr(e)})
         finally:
             queue_id_var.reset(token)
         if outcome.verdict is Verdict.CONTINUE:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
 from .ports import LOCALHOST, free_port
+from .process import ChildProcess
 
 __all__ = ["RedisServer"]
 
 
-class RedisServer:
+class RedisServer(ChildProcess):
     """`redis-server` child process bound to 127.0.0.1, data dir `workdir`, no RDB/AOF.
 
     `port=None` picks a free port at construction time, so `url` is known before start().
@@ -24,7 +23,6 @@ class RedisServer:
         self.workdir = Path(workdir).resolve()
         self.port: int = free_port() if port is None else port
         self.start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"RedisServer(workdir={str(self.workdir)!r}, port={self.port})"
@@ -36,10 +34,6 @@ class RedisServer:
     @property
     def log_path(self) -> Path:
         return self.workdir / "redis.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> RedisServer:
         if self.running:
@@ -63,19 +57,16 @@ class RedisServer:
             "--daemonize",
             "no",
         ]
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
+        self._spawn(argv)
         deadline = time.monotonic() + self.start_timeout
         while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}:\n{self._log_tail()}")
+            if (status := self._exited()) is not None:
+                raise RuntimeError(f"redis-server exited with {status}:\n{self.log_tail()}")
             if self.ping():
                 return self
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"redis on port {self.port} did not answer PING:\n{self._log_tail()}")
+                raise TimeoutError(f"redis on port {self.port} did not answer PING:\n{self.log_tail()}")
             time.sleep(0.05)
 
     def ping(self) -> bool:
@@ -87,30 +78,4 @@ class RedisServer:
         except OSError:
             return False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

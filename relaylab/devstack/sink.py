@@ -20,14 +20,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from .ports import LOCALHOST, free_port, wait_listening
+from .process import ChildProcess
 
 __all__ = ["MaildirHandler", "SinkProcess", "main", "read_envelope"]
 
@@ -122,7 +121,7 @@ def read_envelope(message: Path) -> dict[str, Any]:
     return result
 
 
-class SinkProcess:
+class SinkProcess(ChildProcess):
     """Runs the sink as a child process (``sys.executable -m relaylab.devstack.sink``)."""
 
     def __init__(
@@ -137,7 +136,6 @@ class SinkProcess:
         self.port: int = free_port() if port is None else port
         self.trace_headers = trace_headers
         self.start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"SinkProcess(maildir={str(self.maildir)!r}, port={self.port})"
@@ -147,9 +145,6 @@ class SinkProcess:
         # Inside the Maildir root but outside new/cur/tmp, so Maildir readers ignore it.
         return self.maildir / "sink.log"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> SinkProcess:
         if self.running:
@@ -173,32 +168,19 @@ class SinkProcess:
         # Make the child import this very copy of relaylab even if it is not installed.
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-            )
+        self._spawn(argv, env)
         deadline = time.monotonic() + self.start_timeout
         while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"sink exited with {self._proc.returncode}:\n{self._log()}")
+            if (status := self._exited()) is not None:
+                raise RuntimeError(f"sink exited with {status}:\n{self.log_tail(30)}")
             try:
                 wait_listening(self.port, timeout=0.2)
                 return self
             except TimeoutError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise TimeoutError(f"sink did not listen on {self.port}:\n{self._log()}") from None
+                    raise TimeoutError(f"sink did not listen on {self.port}:\n{self.log_tail(30)}") from None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
     def messages(self) -> list[Path]:
         """Stored messages in ``new/``, oldest first (mtime, then name)."""
@@ -215,8 +197,8 @@ class SinkProcess:
             msgs = self.messages()
             if len(msgs) >= count:
                 return msgs
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"sink on port {self.port} died ({self._proc.returncode}):\n{self._log()}")
+            if (status := self._exited()) is not None:
+                raise RuntimeError(f"sink on port {self.port} died ({status}):\n{self.log_tail(30)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"sink {self.maildir}/new has {len(msgs)} message(s) after {timeout:.1f}s, "
@@ -235,22 +217,6 @@ class SinkProcess:
                 for p in d.iterdir():
                     p.unlink()
 
-    def _log(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self) -> SinkProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

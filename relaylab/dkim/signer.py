@@ -65,6 +65,20 @@ def relaxed_body(body: bytes) -> bytes:
     return bytes(correct_empty_body(strip_trailing_lines(body)))
 
 
+def select_signed(headers: Sequence[Header], include: Sequence[bytes]) -> list[Header]:
+    """dkimpy's select_headers — each name in `include` takes the next occurrence of that
+    header counting from the bottom — with a per-name stack instead of a scan per name."""
+    stacks: dict[bytes, list[Header]] = {}
+    for header in headers:
+        stacks.setdefault(header[0].lower(), []).append(header)
+    out = []
+    for name in include:
+        stack = stacks.get(name)
+        if stack:
+            out.append(stack.pop())
+    return out
+
+
 def body_hash(body: bytes) -> bytes:
     return base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
 
@@ -84,7 +98,9 @@ def sign(
     if b"from" not in include:
         raise ValueError("the From header must be signed")
     bh = body_hash(body)  # both rsa-sha256 and ed25519-sha256 hash the body with SHA-256
-    cheaders = RELAXED.canonicalize_headers([[n, v] for n, v in headers])
+    # Only the signed headers are canonicalised, once for all keys.
+    signed = RELAXED.canonicalize_headers([[n, v] for n, v in select_signed(headers, include)])
+    signed_bytes = b"".join(name + b":" + value for name, value in signed)
     values = []
     for sk in keys:
         ref = sk.ref
@@ -105,9 +121,9 @@ def sign(
         ]
         unsigned = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(SIG_NAME))
         unsigned = dkim.RE_BTAG.sub(b"\\1", unsigned)
-        h = hashlib.sha256()
-        dkim.hash_headers(h, RELAXED, cheaders, include, (SIG_NAME, b" " + unsigned), dict(fields))
-        digest = h.digest()
+        # The signature header itself is hashed last, b= empty and without its final CRLF.
+        ((sig_name, sig_value),) = RELAXED.canonicalize_headers([(SIG_NAME, b" " + unsigned)])
+        digest = hashlib.sha256(signed_bytes + sig_name + b":" + sig_value.rstrip()).digest()
         if isinstance(sk.key, ed25519.Ed25519PrivateKey):
             raw = sk.key.sign(digest)  # RFC 8463: Ed25519 over the SHA-256 of the headers
         else:

@@ -14,12 +14,12 @@ lines for each.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import struct
 from collections.abc import Iterator
+from typing import cast
 
-from purepythonmilter.api.models import MilterServerConnectionID, connection_id_context
 from purepythonmilter.protocol import commands, definitions, responses
 from purepythonmilter.protocol.exceptions import ProtocolViolation
 from purepythonmilter.protocol.packet import encode_payload
@@ -31,7 +31,6 @@ from relaylab.logfmt import log_event
 
 log = logging.getLogger("relaylab.milter")
 
-READ_SIZE = definitions.MAX_DATA_SIZE + definitions.BASE_LEN_BYTES
 
 _CONTINUE = encode_payload(responses.Continue().encode())
 _LENGTH = struct.Struct("!I")
@@ -42,50 +41,88 @@ OPTNEG_REPLY = encode_payload(
                                        symbols_for_stage=MACROS).encode())
 
 
-class MilterConnection:
-    def __init__(self, services: Services, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._session = MilterSession(services)
-        self.connection_id = MilterServerConnectionID.generate()
+class MilterProtocol(asyncio.Protocol):
+    """One Postfix milter connection. Callbacks, not a task per connection: Postfix opens
+    one per SMTP session, so connection setup and each read are on the hot path."""
 
-    async def run(self) -> None:
-        connection_id_context.set(self.connection_id)  # read by the library's loggers
-        decoder = Framer()
-        out: list[bytes] = []
+    def __init__(self, services: Services, registry: set[MilterProtocol]) -> None:
+        self._session = MilterSession(services)
+        self._registry = registry
+        self._framer = Framer()
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._waiting = False  # a RCPT check is in flight: later commands wait their turn
+        self._transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are asyncio.Transport-alike, not subclasses
+        self._transport = cast(asyncio.Transport, transport)
+        self._registry.add(self)
+
+    def data_received(self, data: bytes) -> None:
         try:
-            while True:
-                data = await self._reader.read(READ_SIZE)
-                if not data:
-                    return
-                open_ = True
-                for payload in decoder.feed(data):
-                    if payload[:1] == b"R":  # the one event answered after an await
-                        reply = await self._session.on_rcpt_to(payload[1:])
-                        out.append(_CONTINUE if isinstance(reply, responses.Continue)
-                                   else encode_payload(reply.encode()))
-                    elif not self._dispatch(payload, out):
-                        open_ = False
-                        break
-                if out:  # one write (one syscall) for all replies to this read
-                    self._writer.write(b"".join(out))
-                    out.clear()
-                    await self._writer.drain()
-                if not open_:
+            self._pending.extend(self._framer.feed(data))
+        except ProtocolViolation as e:
+            self._fail(e)
+            return
+        if not self._waiting:
+            self._process()
+
+    def _process(self) -> None:
+        out: list[bytes] = []
+        transport = self._transport
+        try:
+            while self._pending:
+                payload = self._pending.popleft()
+                if payload[:1] == b"R":  # the one command answered after an await
+                    self._waiting = True
+                    task = asyncio.ensure_future(self._session.on_rcpt_to(payload[1:]))
+                    task.add_done_callback(self._rcpt_done)
+                    break
+                if not self._dispatch(payload, out):
+                    if out and transport is not None:
+                        transport.write(b"".join(out))
+                    self.abort()
                     return
         except ProtocolViolation as e:
-            # Postfix applies milter_default_action (tempfail) to the message in flight.
-            log_event(log, "protocol_error", logging.ERROR, detail=str(e))
-        except ConnectionError as e:
-            log_event(log, "connection_lost", logging.WARNING, detail=str(e))
+            self._fail(e)
+            return
         except Exception:  # a bug: Postfix applies milter_default_action, others go on
             log.exception("milter connection failed")
-        finally:
-            self._session.close()
-            self._writer.close()
-            with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
+            self.abort()
+            return
+        if out and transport is not None:  # one write (one syscall) for all of them
+            transport.write(b"".join(out))
+
+    def _rcpt_done(self, task: asyncio.Future[responses.AbstractResponse]) -> None:
+        self._waiting = False
+        if self._transport is None or self._transport.is_closing():
+            return
+        if task.cancelled():
+            self.abort()
+            return
+        reply = task.result()  # on_rcpt_to turns its own failures into a 451
+        self._transport.write(_CONTINUE if isinstance(reply, responses.Continue)
+                              else encode_payload(reply.encode()))
+        self._process()
+
+    def _fail(self, error: BaseException) -> None:
+        # Postfix applies milter_default_action (tempfail) to the message in flight.
+        log_event(log, "protocol_error", logging.ERROR, detail=str(error))
+        self.abort()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log_event(log, "connection_lost", logging.WARNING, detail=str(exc))
+        self._pending.clear()
+        self._session.close()
+        self._registry.discard(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def _dispatch(self, payload: bytes, out: list[bytes]) -> bool:
         """Handle one command, appending reply packets to `out`; False to close."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 import purepythonmilter
 
-from milter.protocol import MilterConnection
+from milter.protocol import MilterProtocol
 from milter.services import Services
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
@@ -24,38 +24,35 @@ class MilterServer:
     services: Services
     host: str
     port: int
-    _tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
+    connections: set[MilterProtocol] = attrs.field(factory=set)
     _server: asyncio.Server | None = None
 
     async def start(self, sock: socket.socket | None = None) -> int:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> MilterProtocol:
+            return MilterProtocol(self.services, self.connections)
+
         if sock is not None:
-            self._server = await asyncio.start_server(self._on_connection, sock=sock)
+            self._server = await loop.create_server(factory, sock=sock)
         else:
-            self._server = await asyncio.start_server(
-                self._on_connection, self.host, self.port, reuse_address=True)
+            self._server = await loop.create_server(factory, self.host, self.port,
+                                                    reuse_address=True)
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def _on_connection(self, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await MilterConnection(self.services, reader, writer).run()
-        finally:
-            self._tasks.discard(task)
-
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting; give open sessions `grace` seconds to finish their message."""
+        """Stop accepting; give open sessions `grace` seconds to finish (Postfix closes
+        idle milter connections when their SMTP session ends), then close the rest."""
         if self._server is None:
             return
         self._server.close()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for t in pending:
-                t.cancel()
+        if self.connections:
+            waits = [c.closed for c in self.connections]
+            _, pending = await asyncio.wait(waits, timeout=grace)
             if pending:
+                for c in list(self.connections):
+                    c.abort()
                 await asyncio.wait(pending, timeout=1)
                 log_event(log, "shutdown_cut_connections", logging.WARNING, count=len(pending))
         await self._server.wait_closed()
@@ -78,7 +75,7 @@ async def serve(config: Path, host: str | None, port: int | None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log_event(log, "stopping", open_connections=len(server._tasks))
+    log_event(log, "stopping", open_connections=len(server.connections))
     await holder.stop()
     await server.stop()
     log_event(log, "stopped")

@@ -22,9 +22,9 @@ from milter import headers as hdr
 from milter.decide import Outcome, Verdict, decide
 from milter.services import Services
 from milter.state import MessageState
-from relaylab.limits.sessions import MILTER_MACROS, release_session, session_id
+from relaylab.limits.sessions import MILTER_MACROS, release_args, session_id
 from relaylab.logfmt import log_event, queue_id_var
-from relaylab.resp import RedisReplyError, RedisUnavailable, RespClient
+from relaylab.resp import encode_command
 
 log = logging.getLogger("relaylab.milter")
 
@@ -148,18 +148,16 @@ class MilterSession:
             return
         subaccount, session = self._slot
         self._slot = None
-        shared, policy = self._services.shared, self._services.policy()
+        shared = self._services.shared
 
-        async def release() -> None:
-            try:
-                await release_session(_Zrem(shared.fast(policy)), subaccount, session)
-            except (RedisUnavailable, RedisReplyError, OSError) as e:
-                # the slot expires by itself (policyd.session_ttl)
-                shared.health.failed(e)
+        def released(reply: Any) -> None:
+            if isinstance(reply, BaseException):  # the slot expires (policyd.session_ttl)
+                shared.health.failed(reply)
             else:
                 shared.health.ok()
 
-        shared.background(release())
+        client = shared.fast(self._services.policy())
+        client.submit(encode_command(release_args(subaccount, session)), released)
 
     def _log(self, msg: MessageState, outcome: Outcome, started: float) -> None:
         fields: dict[str, Any] = {
@@ -176,16 +174,6 @@ class MilterSession:
         fields["txn_ms"] = round((now - msg.started) * 1000, 1)
         level = logging.INFO if outcome.verdict is Verdict.CONTINUE else logging.WARNING
         log_event(log, "message" if level == logging.INFO else "refused", level, **fields)
-
-
-class _Zrem:
-    """release_session's view of the lean client."""
-
-    def __init__(self, client: RespClient) -> None:
-        self._client = client
-
-    async def zrem(self, name: str, *values: Any) -> Any:
-        return await self._client.execute("ZREM", name, *map(str, values))
 
 
 def format_reply(outcome: Outcome) -> str:

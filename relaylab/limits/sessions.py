@@ -70,5 +70,12 @@ async def release_session(redis: _AsyncRedis, subaccount: str, session: str) -> 
     `redis` is a ``redis.asyncio.Redis`` (anything with an async ``zrem``). A single ZREM:
     atomic, idempotent, and harmless if policyd never took the slot.
     """
-    removed = await redis.zrem(sessions_key(subaccount), session)
+    _, key, member = release_args(subaccount, session)
+    removed = await redis.zrem(key, member)
     return bool(removed)
+
+
+def release_args(subaccount: str, session: str) -> tuple[str, str, str]:
+    """The command `release_session` sends, for callers with their own Redis client (the
+    milter sends it once per SMTP session, as a callback rather than a task)."""
+    return ("ZREM", sessions_key(subaccount), session)

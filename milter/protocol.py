@@ -1,7 +1,7 @@
 """Milter wire protocol for one Postfix connection, on purepythonmilter's protocol layer.
 
 We use the library's protocol definitions, option negotiation, command classes and
-response encoding, and drive them with this small loop instead of its server/session
+response encoding, and drive them from an asyncio.Protocol instead of its server/session
 classes. Those add a task, a queue and several eagerly formatted debug lines per command
 (most of a no-op milter's CPU), and the session keeps the first message's header changes
 for every later message of the same connection (upstream issue #21). Here a command is

@@ -13,12 +13,8 @@ END-OF-DATA), real Redis, real policyd processes, a sink.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +26,8 @@ import redis
 import yaml
 from mailutil import header_values
 
-from relaylab.devstack.ports import free_port, wait_listening
+from relaylab.devstack import milter as devstack_milter
+from relaylab.devstack.ports import free_port
 from relaylab.devstack.postfix import PostfixInstance
 from relaylab.devstack.redis import RedisServer
 from relaylab.devstack.sink import SinkProcess
@@ -48,36 +45,9 @@ ACCOUNTS = {  # subaccount: (login, password, plan)
 LIMIT = 5
 
 
-class PolicydProcess:
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.port = free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> PolicydProcess:
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "policyd", "policyd", "--config", str(self.config),
-                 "--listen", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=Path(__file__).parents[2])
-        wait_listening(self.port, 15)
-        return self
-
-    def reload(self) -> None:
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGHUP)
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, pattern: str, after: int = 0, timeout: float = 15) -> re.Match[str]:
+class PolicydProcess(devstack_milter.PolicydProcess):
+    def match_log(self, pattern: str, after: int = 0, timeout: float = 15) -> re.Match[str]:
+        """Wait for a regex in the log past offset `after` (groups are read by the tests)."""
         deadline = time.monotonic() + timeout
         while True:
             m = re.compile(pattern).search(self.log_text(), after)
@@ -290,7 +260,7 @@ def test_redis_down_defers_and_no_mail_is_lost(st: Stack, upstream: PostfixInsta
             assert s.send("app@shop.example.com", ["bob@example.net"], msg("kept")).accepted
         upstream.wait_for_log(r"status=deferred .*said: 450 4\.3\.0 .*Sending limits cannot be checked",
                               timeout=30)
-        st.policyd.wait_for_log(r"level=error .*event=redis_unavailable", after=mark)
+        st.policyd.match_log(r"level=error .*event=redis_unavailable", after=mark)
         assert len(upstream.queue()) == 1
         assert st.sink.messages() == []
     finally:
@@ -298,7 +268,7 @@ def test_redis_down_defers_and_no_mail_is_lost(st: Stack, upstream: PostfixInsta
     upstream.flush()
     (path,) = st.sink.wait_for(1, 30)
     assert header_values(path.read_bytes(), "Subject") == [b"kept"]
-    m = st.policyd.wait_for_log(r"event=redis_recovered .*outage_seconds=([0-9.]+) "
+    m = st.policyd.match_log(r"event=redis_recovered .*outage_seconds=([0-9.]+) "
                                 r"failed_decisions=(\d+)", after=mark)
     assert float(m.group(1)) > 0 and int(m.group(2)) >= 1
     assert st.policyd.log_text().count("event=redis_unavailable", mark) == 1  # once per outage

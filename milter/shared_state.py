@@ -4,38 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Coroutine
 from typing import Any
 
-import attrs
 import redis.asyncio as aioredis
 
-from relaylab.logfmt import log_event
+from relaylab.health import RedisHealth
 from relaylab.policy.model import Policy
 from relaylab.resp import RespClient
 
 log = logging.getLogger("relaylab.milter")
 
 REDIS_TIMEOUT = 2.0  # seconds; well inside Postfix's milter_command_timeout (30 s default)
-
-
-@attrs.define
-class RedisHealth:
-    """Logs an outage once when it starts and once, with its duration, when it ends."""
-
-    down_since: float | None = None
-
-    def failed(self, error: BaseException) -> None:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            log_event(log, "redis_unavailable", logging.ERROR, detail=str(error))
-
-    def ok(self) -> None:
-        if self.down_since is not None:
-            log_event(log, "redis_recovered", logging.WARNING,
-                      outage_s=round(time.monotonic() - self.down_since, 1))
-            self.down_since = None
 
 
 class SharedState:
@@ -46,7 +26,7 @@ class SharedState:
         self._url: str | None = None
         self._client: aioredis.Redis | None = None
         self._fast: RespClient | None = None
-        self.health = RedisHealth()
+        self.health = RedisHealth(log)
         self._background: set[asyncio.Task[None]] = set()
 
     def _connect(self, policy: Policy) -> None:

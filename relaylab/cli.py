@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     from policyd.cli import register as register_policyd  # the policyd and limits commands
 
     register_policyd(sub)
+    from tracker.cli import register as register_tracker
+
+    register_tracker(sub)
 
     p = sub.add_parser("demo", help="run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"))

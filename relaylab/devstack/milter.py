@@ -1,4 +1,4 @@
-"""Relaylab services as child processes (`python -m relaylab milter|policyd`)."""
+"""Relaylab services as child processes (`python -m relaylab milter|policyd|tracker`)."""
 
 from __future__ import annotations
 
@@ -63,3 +63,11 @@ class MilterProcess(ServiceProcess):
 
 class PolicydProcess(ServiceProcess):
     service = "policyd"
+
+
+class TrackerProcess(ServiceProcess):
+    service = "tracker"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"

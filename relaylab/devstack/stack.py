@@ -7,6 +7,7 @@ to exercise reloads.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from relaylab.dkim.keygen import generate_key, write_private_key
 from relaylab.dkim.keys import dns_record_value, load_private_key
 from relaylab.policy.model import DkimAlgorithm
 
-from .milter import MilterProcess, PolicydProcess
+from .milter import MilterProcess, PolicydProcess, TrackerProcess
 from .ports import free_port
 from .postfix import PostfixInstance
 from .redis import RedisServer
@@ -35,13 +36,16 @@ class Account:
     domain: str
     ed25519: bool = True  # sign with rsa-sha256 and ed25519-sha256
     headers: dict[str, str] = field(default_factory=dict)
+    tracking: dict[str, Any] | None = None  # the subaccount's `tracking:` section
 
 
 DEMO_ACCOUNTS = (
     Account("shop-transactional", "shop-tx@relay.test", "tx-secret", "transactional",
             "shop.example.com", headers={"X-Shop-Stream": "orders"}),
     Account("shop-newsletter", "shop-news@relay.test", "news-secret", "marketing",
-            "news.example.com", ed25519=False),
+            "news.example.com", ed25519=False,
+            tracking={"opens": True, "clicks": True,
+                      "utm": {"source": "newsletter", "medium": "email"}}),
 )
 RSA_SELECTOR = "rl1r"
 ED_SELECTOR = "rl1e"
@@ -67,6 +71,8 @@ class RelayStack:
         self.sink = SinkProcess(self.workdir / "sink")
         self.milter = MilterProcess(self.config, self.workdir / "milter.log")
         self.policyd = PolicydProcess(self.config, self.workdir / "policyd.log")
+        self.tracker = TrackerProcess(self.config, self.workdir / "tracker.log")
+        self.tracker_secret = self.workdir / "tracker.k1.secret"
         users = {a.login: a.password for a in self.accounts}
         users.update(extra_sasl_users or {})
         self.postfix = PostfixInstance(
@@ -100,11 +106,16 @@ class RelayStack:
                                    "domains": {a.domain: {"dkim": keys}}}
             if a.headers:
                 sub["headers"] = dict(a.headers)
+            if a.tracking:
+                sub["tracking"] = dict(a.tracking)
             subaccounts[a.name] = sub
         milter = {"listen": f"127.0.0.1:{self.milter.port}", **self.milter_settings,
                   **milter_overrides}
         return {"redis": {"url": self.redis.url}, "milter": milter,
                 "policyd": {"listen": f"127.0.0.1:{self.policyd.port}"},
+                "tracker": {"base_url": self.tracker.base_url,
+                            "listen": f"127.0.0.1:{self.tracker.port}",
+                            "keys": [{"id": "k1", "secret_file": str(self.tracker_secret)}]},
                 "subaccounts": subaccounts}
 
     def write_policy(self, policy: dict[str, Any] | None = None, **milter_overrides: Any) -> None:
@@ -142,12 +153,16 @@ class RelayStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o755)
         self.make_keys()
+        if not self.tracker_secret.exists():
+            self.tracker_secret.write_text(secrets.token_urlsafe(32) + "\n")
+            self.tracker_secret.chmod(0o600)
         self.write_policy()
         try:
             self.redis.start()
             self.sink.start()
             self.milter.start()
             self.policyd.start()
+            self.tracker.start()
             self.postfix.start()
         except BaseException:
             self.stop()
@@ -155,7 +170,7 @@ class RelayStack:
         return self
 
     def stop(self) -> None:
-        for part in (self.postfix, self.policyd, self.milter, self.sink, self.redis):
+        for part in (self.postfix, self.tracker, self.policyd, self.milter, self.sink, self.redis):
             try:
                 part.stop()
             except Exception:  # keep stopping the rest

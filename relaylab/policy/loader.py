@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +30,8 @@ from relaylab.policy.model import (
     RedisErrorAction,
     SendingDomain,
     Subaccount,
+    TrackerKey,
+    TrackerSettings,
     Tracking,
     TrafficType,
     UnauthenticatedAction,
@@ -174,8 +177,13 @@ def _describe(node: yaml.Node) -> str:
     return _kind(node)
 
 
-def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> Policy:
-    """Read, validate and return the policy; raise ConfigError listing every problem."""
+def load_policy(path: Path | str | None = None, *, check_keys: bool = True,
+                read_secrets: bool = True) -> Policy:
+    """Read, validate and return the policy; raise ConfigError listing every problem.
+
+    check_keys=False skips parsing DKIM key files (tools that never sign);
+    read_secrets=False skips reading tracker token key files (tests of example files
+    only: the resulting keys are empty and must not sign anything)."""
     file = Path(path) if path is not None else default_config_path()
     try:
         text = file.read_text(encoding="utf-8")
@@ -196,14 +204,16 @@ def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> P
     if root is None:
         raise ConfigError([Problem(file, 1, "-", "the file is empty")])
     w = _Walker(file)
-    policy = _build(w, root, file, check_keys)
+    policy = _build(w, root, file, check_keys, read_secrets)
     if w.problems or policy is None:
         raise ConfigError(sorted(w.problems, key=lambda p: p.line))
     return policy
 
 
-def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
-    top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd"})
+def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool, read_secrets: bool
+           ) -> Policy | None:
+    top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
+                                 "tracker"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -219,6 +229,10 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
 
     milter = _milter(w, top["milter"][1]) if "milter" in top else MilterSettings()
     policyd = _policyd(w, top["policyd"][1]) if "policyd" in top else PolicydSettings()
+    before = len(w.problems)
+    tracker = _tracker(w, top["tracker"][1], base, read_secrets) if "tracker" in top else TrackerSettings()
+    # A broken tracker section is reported once, not again by every subaccount using it.
+    tracker_ok = tracker.enabled or len(w.problems) == before
     dns = DnsSettings()
     if "dns" in top:
         d = w.mapping(top["dns"][1], "dns", {"spf_include"})
@@ -260,6 +274,9 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
                     w.fail(nodes[f"domain:{dom.name}"], f"subaccounts.{name}.domains.{dom.name}",
                            f"domain is already configured for subaccount {domain_seen[dom.name]!r}")
                 domain_seen.setdefault(dom.name, name)
+            if sub.tracking.rewrites and not tracker.enabled and tracker_ok:
+                w.fail(nodes["tracking"], f"subaccounts.{name}.tracking",
+                       "tracking needs the tracker section (base_url and keys)")
             subaccounts.append(sub)
     if w.problems:
         return None
@@ -271,6 +288,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         milter=milter,
         dns=dns,
         policyd=policyd,
+        tracker=tracker,
         by_login=by_login,
     )
 
@@ -395,7 +413,10 @@ def _subaccount(
         if dom is not None:
             domains.append(dom)
             nodes[f"domain:{dom.name}"] = dknode
-    tracking = _tracking(w, f"{key}.tracking", s["tracking"][1]) if "tracking" in s else Tracking()
+    tracking = Tracking()
+    if "tracking" in s:
+        tracking = _tracking(w, f"{key}.tracking", s["tracking"][1])
+        nodes["tracking"] = s["tracking"][0]
     headers: list[tuple[str, str]] = []
     # Headers the milter sets itself, and names already used (header names ignore case).
     taken = set(_RESERVED_HEADERS) | {milter.message_id_header.lower()}
@@ -480,11 +501,96 @@ def _domain(
 
 
 def _tracking(w: _Walker, key: str, node: yaml.Node) -> Tracking:
-    t = w.mapping(node, key, {"opens", "clicks", "utm"})
-    opens = w.boolean(t["opens"][1], f"{key}.opens") if "opens" in t else False
-    clicks = w.boolean(t["clicks"][1], f"{key}.clicks") if "clicks" in t else False
+    t = w.mapping(node, key, {"opens", "clicks", "utm", "plain_text", "unsubscribe_mailto"})
+    flags = {name: bool(w.boolean(t[name][1], f"{key}.{name}")) if name in t else False
+             for name in ("opens", "clicks", "plain_text")}
     utm = Utm()
     if "utm" in t:
         u = w.mapping(t["utm"][1], f"{key}.utm", {"source", "medium", "campaign"})
         utm = Utm(**{k: w.string(v, f"{key}.utm.{k}") for k, (_, v) in u.items()})
-    return Tracking(opens=bool(opens), clicks=bool(clicks), utm=utm)
+    mailto = None
+    if "unsubscribe_mailto" in t:
+        mailto = w.string(t["unsubscribe_mailto"][1], f"{key}.unsubscribe_mailto")
+        if mailto is not None and not re.match(r"^[^@\s<>,]+@[^@\s<>,]+$", mailto):
+            w.fail(t["unsubscribe_mailto"][1], f"{key}.unsubscribe_mailto",
+                   f"expected an email address, got {mailto!r}")
+            mailto = None
+    return Tracking(utm=utm, unsubscribe_mailto=mailto, **flags)
+
+
+_KEY_ID_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
+MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys shorter than the hash weaken it
+
+
+def _tracker(w: _Walker, node: yaml.Node, base: Path, read_secrets: bool) -> TrackerSettings:
+    m = w.mapping(node, "tracker", {"base_url", "listen", "workers", "keys"})
+    kw: dict[str, object] = {}
+    if "base_url" in m:
+        url = w.string(m["base_url"][1], "tracker.base_url")
+        if url is not None:
+            u = urllib.parse.urlsplit(url)
+            if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
+                w.fail(m["base_url"][1], "tracker.base_url",
+                       f"expected http(s)://HOST[/PATH] without query, got {url!r}")
+            else:
+                kw["base_url"] = url.rstrip("/")
+    if "listen" in m:
+        listen = w.string(m["listen"][1], "tracker.listen")
+        if listen is not None:
+            host, sep, port = listen.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+                w.fail(m["listen"][1], "tracker.listen", f"expected HOST:PORT, got {listen!r}")
+            else:
+                kw["listen_host"], kw["listen_port"] = host.strip("[]"), int(port)
+    if "workers" in m:
+        kw["workers"] = w.integer(m["workers"][1], "tracker.workers", minimum=1)
+    keys: list[TrackerKey] = []
+    if "keys" in m:
+        knodes = m["keys"][1]
+        if not isinstance(knodes, yaml.SequenceNode) or not knodes.value:
+            w.fail(knodes, "tracker.keys", "expected a non-empty list of {id, secret | secret_file}")
+        else:
+            for i, kn in enumerate(knodes.value):
+                key = _tracker_key(w, f"tracker.keys[{i}]", kn, base, read_secrets)
+                if key is not None and any(k.id == key.id for k in keys):
+                    w.fail(kn, f"tracker.keys[{i}].id", f"key id {key.id!r} is used twice")
+                elif key is not None:
+                    keys.append(key)
+    kw["keys"] = tuple(keys)
+    if "base_url" in kw and "keys" not in m:
+        w.fail(node, "tracker.keys", "base_url is set but no token keys are configured")
+    return TrackerSettings(**{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
+
+
+def _tracker_key(w: _Walker, key: str, node: yaml.Node, base: Path, read_secrets: bool
+                 ) -> TrackerKey | None:
+    k = w.mapping(node, key, {"id", "secret", "secret_file"})
+    if "id" not in k or ("secret" in k) == ("secret_file" in k):
+        w.fail(node, key, "each key needs an id and exactly one of secret, secret_file")
+        return None
+    kid = w.string(k["id"][1], f"{key}.id")
+    if kid is not None and not _KEY_ID_RE.match(kid):
+        w.fail(k["id"][1], f"{key}.id", f"1-16 letters or digits, got {kid!r}")
+        return None
+    if "secret" in k:
+        text = w.string(k["secret"][1], f"{key}.secret")
+        secret = text.encode() if text is not None else None
+        vnode, vkey = k["secret"][1], f"{key}.secret"
+    else:
+        vnode, vkey = k["secret_file"][1], f"{key}.secret_file"
+        rel = w.string(vnode, vkey)
+        secret = None
+        if rel is not None and not read_secrets:
+            return TrackerKey(id=kid, secret=b"") if kid is not None else None
+        if rel is not None:
+            path = Path(rel) if Path(rel).is_absolute() else base / rel
+            try:
+                secret = path.read_bytes().strip()
+            except OSError as e:
+                w.fail(vnode, vkey, f"cannot read {path}: {e.strerror or e}")
+    if kid is None or secret is None:
+        return None
+    if len(secret) < MIN_SECRET_BYTES:
+        w.fail(vnode, vkey, f"a token key needs at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
+        return None
+    return TrackerKey(id=kid, secret=secret)

@@ -65,12 +65,25 @@ class Utm:
     medium: str | None = None
     campaign: str | None = None
 
+    def params(self) -> tuple[tuple[str, str], ...]:
+        """The utm_* query parameters to add to tracked destinations."""
+        return tuple((f"utm_{k}", v) for k, v in
+                     (("source", self.source), ("medium", self.medium), ("campaign", self.campaign))
+                     if v)
+
 
 @attrs.frozen
 class Tracking:
     opens: bool = False
     clicks: bool = False
     utm: Utm = Utm()
+    plain_text: bool = False  # also rewrite bare URLs in text/plain parts
+    # Marketing mail: a mailto: alternative in List-Unsubscribe, next to the https URL.
+    unsubscribe_mailto: str | None = None
+
+    @property
+    def rewrites(self) -> bool:
+        return self.opens or self.clicks or bool(self.utm.params())
 
 
 @attrs.frozen
@@ -127,6 +140,29 @@ class PolicydSettings:
 
 
 @attrs.frozen
+class TrackerKey:
+    """An HMAC key for tracking tokens; the first configured key signs, all verify."""
+
+    id: str
+    secret: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class TrackerSettings:
+    # Public base URL of the tracker as recipients reach it (https://t.example.com);
+    # None: no tracking links and no https List-Unsubscribe anywhere.
+    base_url: str | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8893
+    workers: int = 1
+    keys: tuple[TrackerKey, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.base_url is not None and bool(self.keys)
+
+
+@attrs.frozen
 class DnsSettings:
     spf_include: str | None = None
 
@@ -140,6 +176,7 @@ class Policy:
     milter: MilterSettings = MilterSettings()
     dns: DnsSettings = DnsSettings()
     policyd: PolicydSettings = PolicydSettings()
+    tracker: TrackerSettings = TrackerSettings()
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

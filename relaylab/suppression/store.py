@@ -23,7 +23,7 @@ from relaylab.resp import RespClient, encode_command
 from relaylab.suppression.decide import Pair, Verdict, decide
 from relaylab.suppression.freemail import is_freemail
 from relaylab.suppression.keys import daily_key, events_key, list_key
-from relaylab.suppression.model import GLOBAL, Entry, Kind, ListKind, Reason, Scope, scope_label
+from relaylab.suppression.model import GLOBAL, Entry, Kind, ListKind, Reason, Scope, Source, scope_label
 from relaylab.suppression.normalize import InvalidAddress, LocalPartMode, normalize_address
 
 __all__ = [
@@ -219,6 +219,21 @@ class SuppressionStore:
             n = int(await self._hsetnx_many(keys=[key], args=[payload])) if n_ok else 0
             added, present, refused = added + n, present + n_ok - n, refused + n_refused
         return AddCounts(added, present, refused)
+
+    async def unsubscribe(self, subaccount: str, address: str, *, now: int | None = None,
+                          comment: str = "") -> Literal["added", "upgraded", "present"]:
+        """Blacklist `address` for `subaccount` with reason unsubscribe, replacing a weaker
+        entry (a temporary block, a bounce): an unsubscribe is permanent and no whitelist
+        overrides it. Raises InvalidAddress."""
+        value = normalize_address(address, self.local_part)
+        key = list_key(subaccount, ListKind.BLACKLIST)
+        existing = await self.get(subaccount, ListKind.BLACKLIST, Kind.ADDRESS, value)
+        if existing is not None and existing.reason is Reason.UNSUBSCRIBE and existing.expires_at is None:
+            return "present"
+        entry = Entry(value, Kind.ADDRESS, Reason.UNSUBSCRIBE, Source.UNSUBSCRIBE_LINK,
+                      created_at=_now(now), comment=comment)
+        await self.redis.hset(key, entry.field, entry.to_bytes())
+        return "added" if existing is None else "upgraded"
 
     async def whitelist_add(self, scope: Scope, entry: Entry, *, subaccounts: Iterable[str] = (),
                             now: int | None = None) -> AddResult:

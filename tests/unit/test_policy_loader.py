@@ -315,6 +315,11 @@ milter:
   unauthenticated: reject
   missing_key: tempfail
   subaccount_header: null
+tracker:
+  base_url: https://t.example.net/
+  keys:
+    - {id: k2, secret_file: keys/tracker.secret}
+    - {id: k1, secret: "an-old-inline-secret-of-32-bytes-or-more"}
 plans:
   shared:
     hourly_limit: 10
@@ -354,6 +359,7 @@ def valid_policy(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) ->
     (conf / "keys").mkdir(parents=True)
     shutil.copy(keys.rsa, conf / "keys" / "rsa.pem")
     shutil.copy(keys.ed, conf / "keys" / "ed.pem")
+    (conf / "keys" / "tracker.secret").write_text("s" * 40 + "\n")
     path = write(conf, VALID, keys)
     # Relative key paths must not depend on the working directory.
     elsewhere = tmp_path / "elsewhere"
@@ -382,6 +388,9 @@ def test_valid_file_gives_typed_policy(valid_policy: Policy, tmp_path: Path) -> 
     assert news is not None and news.traffic is TrafficType.MARKETING
     assert news.tracking.opens is True and news.tracking.clicks is False
     assert news.tracking.utm.source == "nl" and news.tracking.utm.medium is None
+    assert p.tracker.base_url == "https://t.example.net"  # the trailing slash goes
+    assert [(k.id, k.secret) for k in p.tracker.keys] == [
+        ("k2", b"s" * 40), ("k1", b"an-old-inline-secret-of-32-bytes-or-more")]
     assert len(p.all_keys()) == 3
 
 
@@ -444,7 +453,7 @@ def test_subaccount_header_null_disables_it(valid_policy: Policy, tmp_path: Path
 
 
 def test_shipped_example_loads_without_key_checks() -> None:
-    policy = load_policy(SHIPPED_CONF, check_keys=False)
+    policy = load_policy(SHIPPED_CONF, check_keys=False, read_secrets=False)
     assert [s.name for s in policy.subaccounts] == ["shop-transactional", "shop-newsletter"]
     assert {pl.name for pl in policy.plans} == {"shared", "dedicated", "free"}
     assert policy.dns.spf_include == "_spf.relay.example.net"
@@ -455,11 +464,13 @@ def test_shipped_example_loads_fully_once_its_keys_exist(tmp_path: Path, keys: K
     conf = tmp_path / "conf"
     shutil.copytree(SHIPPED_CONF.parent, conf)
     copy = conf / "relaylab.yaml"
-    refs = load_policy(copy, check_keys=False).all_keys()
+    refs = load_policy(copy, check_keys=False, read_secrets=False).all_keys()
     assert len(refs) == 3
     with pytest.raises(ConfigError) as excinfo:  # keys not generated yet
         load_policy(copy)
-    assert len(excinfo.value.problems) == 3
+    assert len(excinfo.value.problems) == 4  # three DKIM keys and the tracker's token key
+    (conf / "keys").mkdir()
+    (conf / "keys" / "tracker.k2026a.secret").write_text("k" * 48)
     for ref in refs:
         assert ref.path.is_relative_to(conf)
         ref.path.parent.mkdir(parents=True, exist_ok=True)
@@ -478,6 +489,8 @@ def test_cli_check_prints_a_summary(
     tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write(tmp_path, VALID.replace("keys/rsa.pem", "RSA_KEY").replace("keys/ed.pem", "ED_KEY"), keys)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "tracker.secret").write_text("s" * 40)
     assert main(["check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{path}: OK" in out
@@ -500,3 +513,77 @@ def test_cli_check_of_a_broken_file_exits_1_with_file_line_key(
     assert err[0].startswith(f"error: {path}:4: subaccounts.shop.traffic: must be one of:")
     assert err[1].startswith(f"error: {path}:10: bogus: unknown key")
     assert "2 problem(s)" in err[2]
+
+
+# ---------------------------------------------------------------- tracker and tracking
+
+TRACKING = "    tracking:\n      clicks: true\n"
+
+
+def tracker(body: str) -> str:
+    return "tracker:\n" + body
+
+
+GOOD_TRACKER = tracker('  base_url: https://t.example.net\n'
+                       '  keys:\n    - {id: k1, secret: "0123456789abcdef0123456789abcdef"}\n')
+
+
+def test_tracking_without_a_tracker_section_is_an_error(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, VALID_HEAD + TRACKING, keys)
+    p = only(problems(path))
+    assert (p.line, p.key) == (10, "subaccounts.shop.tracking")
+    assert "tracker section" in p.message
+
+
+def test_tracking_with_a_tracker_loads(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, GOOD_TRACKER + VALID_HEAD + TRACKING
+                 + "      plain_text: true\n      unsubscribe_mailto: unsub@shop.example.com\n", keys)
+    policy = load_policy(path)
+    shop = policy.subaccount("shop")
+    assert shop is not None and shop.tracking.clicks and shop.tracking.plain_text
+    assert shop.tracking.unsubscribe_mailto == "unsub@shop.example.com"
+    assert policy.tracker.enabled and policy.tracker.keys[0].id == "k1"
+
+
+def test_short_secret_is_refused_with_its_line(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, tracker('  base_url: https://t.example.net\n'
+                                   '  keys:\n    - id: k1\n      secret: "short"\n') + VALID_HEAD, keys)
+    p = only(problems(path))
+    assert (p.line, p.key) == (5, "tracker.keys[0].secret")
+    assert "at least 32 bytes" in p.message
+
+
+def test_unreadable_secret_file_is_named(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, tracker('  base_url: https://t.example.net\n'
+                                   '  keys:\n    - id: k1\n      secret_file: nope.secret\n')
+                 + VALID_HEAD, keys)
+    p = only(problems(path))
+    assert (p.line, p.key) == (5, "tracker.keys[0].secret_file")
+    assert "nope.secret" in p.message
+
+
+@pytest.mark.parametrize("url", ["t.example.net", "ftp://t.example.net", "https://t.example.net/?a=1"])
+def test_base_url_must_be_http_without_query(tmp_path: Path, keys: Keys, url: str) -> None:
+    path = write(tmp_path, tracker(f'  base_url: "{url}"\n  keys:\n'
+                                   '    - {id: k1, secret: "0123456789abcdef0123456789abcdef"}\n')
+                 + VALID_HEAD, keys)
+    p = only(problems(path))
+    assert (p.line, p.key) == (2, "tracker.base_url")
+
+
+def test_duplicate_key_ids_and_missing_secret(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, tracker('  base_url: https://t.example.net\n  keys:\n'
+                                   '    - {id: k1, secret: "0123456789abcdef0123456789abcdef"}\n'
+                                   '    - {id: k1, secret: "0123456789abcdef0123456789abcdeX"}\n'
+                                   '    - {id: k3}\n') + VALID_HEAD, keys)
+    found = problems(path)
+    assert [(p.line, p.key) for p in found] == [(5, "tracker.keys[1].id"), (6, "tracker.keys[2]")]
+    assert "used twice" in found[0].message and "exactly one of secret" in found[1].message
+
+
+def test_bad_unsubscribe_mailto(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, GOOD_TRACKER + VALID_HEAD
+                 + "    tracking:\n      unsubscribe_mailto: not-an-address\n", keys)
+    p = only(problems(path))
+    assert p.key == "subaccounts.shop.tracking.unsubscribe_mailto"
+    assert p.line == 15

@@ -1,0 +1,177 @@
+"""The tracker's HTTP handlers: open pixel, click redirect, one-click unsubscribe, health.
+
+    GET  /o/<token>   the 1x1 GIF (no-cache), records an open
+    GET  /c/<token>   302 to the destination, records a click
+    GET  /u/<token>   a confirmation page with a button (a GET must never unsubscribe:
+                      link scanners follow every link)
+    POST /u/<token>   RFC 8058 one-click unsubscribe: blacklists the recipient for the
+                      subaccount (reason unsubscribe), records an event
+    GET  /healthz     for load balancers
+HEAD works on every GET route and records nothing (scanners probe links with HEAD).
+An invalid token gets the 404 page and records nothing: it redirects nowhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+
+from aiohttp import web
+
+from relaylab.health import RedisHealth
+from relaylab.logfmt import log_event
+from relaylab.policy.model import Policy
+from relaylab.policy.reloader import PolicyHolder
+from relaylab.resp import RedisReplyError, RedisUnavailable, RespClient
+from relaylab.suppression.normalize import InvalidAddress
+from relaylab.suppression.store import SuppressionStore
+from relaylab.tracking.tokens import Claims, Kind, TokenSigner
+from tracker import pages
+from tracker.events import DEFAULT_RETENTION_DAYS, Event, EventWriter
+from tracker.machines import classify
+
+__all__ = ["Tracker", "make_app", "safe_location"]
+
+log = logging.getLogger("relaylab.tracker")
+
+# Characters a Location header may carry as they are; anything else is percent-encoded
+# (non-ASCII, spaces, quotes, CR/LF: no header injection, whatever the destination).
+_SAFE = "!#$%&'()*+,-./:;=?@[]~_"
+
+
+def safe_location(url: str) -> str | None:
+    """The destination as an ASCII URI, or None if it is not an http(s) URL."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        host = parts.hostname or ""
+        if parts.scheme.lower() not in ("http", "https") or not host:
+            return None
+        netloc = parts.netloc
+        if not host.isascii():
+            netloc = netloc.replace(host, host.encode("idna").decode("ascii"))
+    except (ValueError, UnicodeError):
+        return None
+    rest = urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+    return f"{parts.scheme.lower()}://{urllib.parse.quote(netloc, safe=_SAFE)}" \
+           f"{urllib.parse.quote(rest, safe=_SAFE)}"
+
+
+class Tracker:
+    def __init__(self, holder: PolicyHolder, events: RespClient, store: SuppressionStore) -> None:
+        self._holder = holder
+        self._writer = EventWriter(events)
+        self._store = store
+        self.health = RedisHealth(log)
+        self._signer_for: Policy | None = None
+        self._signer: TokenSigner | None = None
+
+    def signer(self) -> TokenSigner | None:
+        policy = self._holder.policy
+        if policy is not self._signer_for:  # rebuilt once per policy reload (key rotation)
+            t = policy.tracker
+            self._signer = (TokenSigner([(k.id, k.secret) for k in t.keys], t.base_url or "")
+                            if t.keys else None)
+            self._signer_for = policy
+        return self._signer
+
+    def _claims(self, request: web.Request, kind: Kind) -> Claims | None:
+        signer = self.signer()
+        claims = signer.verify(kind, request.match_info["token"]) if signer else None
+        if claims is None:
+            log_event(log, "invalid_token", kind=kind.name.lower(), path=request.path[:200],
+                      ip=request.remote or "", status=404)
+        return claims
+
+    async def _record(self, request: web.Request, claims: Claims, event_type: str) -> bool:
+        ua = request.headers.get("User-Agent", "")
+        ip = request.remote or ""
+        event = Event(type=event_type, subaccount=claims.subaccount, message_id=claims.message_id,
+                      recipient=claims.recipient, url=claims.url, client_ip=ip, user_agent=ua,
+                      machine=classify(ua, ip))
+        sub = self._holder.policy.subaccount(claims.subaccount)
+        retention = sub.plan.retention_days if sub is not None else DEFAULT_RETENTION_DAYS
+        try:
+            await self._writer.write(event, retention)
+        except (RedisUnavailable, RedisReplyError) as e:
+            self.health.failed(e)
+            # The person still gets the page or the redirect; the event is lost, and said so.
+            log_event(log, "event_lost", logging.WARNING, type=event_type,
+                      subaccount=claims.subaccount, message_id=claims.message_id, detail=str(e))
+            return False
+        self.health.ok()
+        if log.isEnabledFor(logging.DEBUG):
+            log_event(log, event_type, logging.DEBUG, subaccount=claims.subaccount,
+                      message_id=claims.message_id, machine=event.machine)
+        return True
+
+    async def open(self, request: web.Request) -> web.StreamResponse:
+        claims = self._claims(request, Kind.OPEN)
+        if claims is None:
+            return not_found()
+        if request.method == "GET":
+            await self._record(request, claims, "open")
+        return web.Response(body=pages.PIXEL_GIF, content_type="image/gif", headers=pages.NO_CACHE)
+
+    async def click(self, request: web.Request) -> web.StreamResponse:
+        claims = self._claims(request, Kind.CLICK)
+        location = safe_location(claims.url) if claims is not None else None
+        if claims is None or location is None:
+            return not_found()
+        if request.method == "GET":
+            await self._record(request, claims, "click")
+        return web.Response(status=302, headers={"Location": location, **pages.NO_CACHE})
+
+    async def unsubscribe_page(self, request: web.Request) -> web.StreamResponse:
+        claims = self._claims(request, Kind.UNSUBSCRIBE)
+        if claims is None:
+            return not_found()
+        return html_response(pages.unsubscribe_form(claims.recipient))
+
+    async def unsubscribe(self, request: web.Request) -> web.StreamResponse:
+        claims = self._claims(request, Kind.UNSUBSCRIBE)
+        if claims is None:
+            return not_found()
+        try:
+            result = await self._store.unsubscribe(claims.subaccount, claims.recipient,
+                                                   comment=f"message {claims.message_id}")
+        except InvalidAddress as e:
+            log_event(log, "unsubscribe_failed", logging.WARNING, subaccount=claims.subaccount,
+                      message_id=claims.message_id, detail=str(e))
+            return html_response(pages.page("Unsubscribe", "<p>This link names no address.</p>"),
+                                 status=400)
+        except Exception as e:  # Redis down: say so, so that the mailbox provider retries
+            self.health.failed(e)
+            log_event(log, "unsubscribe_failed", logging.ERROR, subaccount=claims.subaccount,
+                      message_id=claims.message_id, recipient=claims.recipient, detail=str(e))
+            return html_response(pages.page("Please try again", "<p>We could not record your "
+                                            "request just now. Please try again later.</p>"),
+                                 status=503, headers={"Retry-After": "60"})
+        log_event(log, "unsubscribed", subaccount=claims.subaccount, message_id=claims.message_id,
+                  recipient=claims.recipient, result=result)
+        await self._record(request, claims, "unsubscribe")
+        return html_response(pages.unsubscribed(claims.recipient))
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        # Redirects and pixels work without Redis; only a balancer's operator wants to know.
+        return web.Response(text=f"ok redis={'up' if self.health.up else 'down'}\n",
+                            headers=pages.NO_CACHE)
+
+
+def html_response(text: str, *, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html",
+                        headers={**pages.NO_CACHE, **(headers or {})})
+
+
+def not_found() -> web.Response:
+    return html_response(pages.NOT_FOUND, status=404)
+
+
+def make_app(tracker: Tracker) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)  # a one-click POST is a few bytes
+    app.router.add_get("/o/{token}", tracker.open)
+    app.router.add_get("/c/{token}", tracker.click)
+    app.router.add_get("/u/{token}", tracker.unsubscribe_page)
+    app.router.add_post("/u/{token}", tracker.unsubscribe)
+    app.router.add_get("/healthz", tracker.healthz)
+    return app

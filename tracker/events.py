@@ -1,0 +1,79 @@
+"""Writing tracking events to Redis: one stream entry and the day's counters per event.
+
+The stream and counter keys are those of relaylab.suppression.keys (the subaccount's
+activity log, shared with the milter's injected/dropped events), so one XRANGE shows a
+message's whole story. Commands go through the lean pipelining client: events of
+concurrent requests leave in one write, which is what lets one process record thousands
+of clicks a second (redis-py costs ~200 us of CPU a call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from relaylab.resp import RespClient, encode_command
+from relaylab.suppression.keys import daily_key, events_key
+
+__all__ = ["Event", "EventWriter"]
+
+MAX_USER_AGENT = 512  # a header can be 8 KB; the stream keeps what identifies the client
+DEFAULT_RETENTION_DAYS = 7  # a token of a subaccount since removed from the policy
+
+
+@attrs.frozen
+class Event:
+    type: str  # open | click | unsubscribe
+    subaccount: str
+    message_id: str
+    recipient: str
+    url: str
+    client_ip: str
+    user_agent: str
+    machine: str  # "" = a person, else why it looks like a machine (tracker/machines.py)
+
+    def commands(self, retention_days: int, now: float) -> list[bytes]:
+        """XADD (trimmed to the retention) and the day's HINCRBYs, RESP-encoded."""
+        minid = int((now - retention_days * 86_400) * 1000)
+        fields = ["type", self.type, "message_id", self.message_id, "recipient", self.recipient]
+        if self.url:
+            fields += ["url", self.url]
+        fields += ["ip", self.client_ip, "ua", self.user_agent[:MAX_USER_AGENT],
+                   "machine", self.machine]
+        daily = daily_key(self.subaccount, now)
+        out = [encode_command(["XADD", events_key(self.subaccount), "MINID", "~", str(minid), "*",
+                               *fields]),
+               encode_command(["HINCRBY", daily, self.type, "1"])]
+        if self.machine:
+            out.append(encode_command(["HINCRBY", daily, f"{self.type}:machine", "1"]))
+        return out
+
+
+class EventWriter:
+    def __init__(self, client: RespClient, clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._clock = clock
+
+    async def write(self, event: Event, retention_days: int) -> None:
+        """Record the event; raises RedisUnavailable / RedisReplyError."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        commands = event.commands(retention_days, self._clock())
+        left = [len(commands)]
+
+        def on_reply(reply: Any) -> None:
+            if fut.done():
+                return
+            if isinstance(reply, BaseException):
+                fut.set_exception(reply)
+                return
+            left[0] -= 1
+            if not left[0]:
+                fut.set_result(None)
+
+        for command in commands:  # they leave in one write with those of other requests
+            self._client.submit(command, on_reply)
+        await fut

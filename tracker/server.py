@@ -1,0 +1,124 @@
+"""The tracker's processes: N workers on one port (SO_REUSEPORT), each an asyncio loop
+with its own Redis connections, and a small supervisor that restarts a dead worker.
+
+A worker is stateless beside Redis, so the kernel may hand any connection to any worker.
+SIGTERM/SIGINT stop the workers gracefully (in-flight requests finish); SIGHUP reloads
+the policy in every worker (token key rotation, retention), as does editing the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from relaylab import eventloop
+from relaylab.logfmt import log_event
+from relaylab.policy.reloader import PolicyHolder
+from relaylab.resp import RespClient
+from relaylab.suppression.store import SuppressionStore
+from tracker.app import Tracker, make_app
+
+log = logging.getLogger("relaylab.tracker")
+
+REDIS_TIMEOUT = 2.0
+SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get at SIGTERM
+RESTART_BACKOFF = 1.0  # a worker that keeps dying is restarted at most once a second
+
+
+async def serve_worker(config: Path, host: str | None, port: int | None, *, worker: int = 0,
+                       ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+    holder = PolicyHolder.load(config)
+    policy = holder.policy
+    host = host or policy.tracker.listen_host
+    port = port or policy.tracker.listen_port
+    fast = RespClient(policy.redis_url, connect_timeout=REDIS_TIMEOUT, command_timeout=REDIS_TIMEOUT)
+    client = aioredis.Redis.from_url(policy.redis_url, socket_timeout=REDIS_TIMEOUT,
+                                     socket_connect_timeout=REDIS_TIMEOUT)
+    tracker = Tracker(holder, fast, SuppressionStore(client))
+    runner = web.AppRunner(make_app(tracker), access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=1024)
+    await site.start()
+    holder.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log_event(log, "listening", host=host, port=port, worker=worker, pid=os.getpid(),
+              base_url=policy.tracker.base_url or "")
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log_event(log, "stopping", worker=worker, pid=os.getpid())
+        await holder.stop()
+        await runner.cleanup()
+        await fast.close()
+        await client.aclose()
+
+
+def run(config: Path, host: str | None, port: int | None, workers: int) -> None:
+    """Run `workers` processes (1: this process) until SIGTERM/SIGINT."""
+    if workers <= 1:
+        eventloop.run(serve_worker(config, host, port))
+        return
+    children: dict[int, int] = {}  # pid -> worker number
+    stopping = False
+
+    def spawn(n: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: a fresh event loop, no inherited tasks
+            code = 0
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                eventloop.run(serve_worker(config, host, port, worker=n))
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)  # never return into the supervisor's code
+        children[pid] = n
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for n in range(workers):
+        spawn(n)
+    last_restart = 0.0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        n = children.pop(pid)
+        if stopping:
+            continue
+        log_event(log, "worker_died", logging.ERROR, worker=n, pid=pid,
+                  status=os.waitstatus_to_exitcode(status), action="restart")
+        wait = last_restart + RESTART_BACKOFF - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        last_restart = time.monotonic()
+        spawn(n)

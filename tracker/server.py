@@ -16,12 +16,12 @@ import signal
 import time
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from relaylab import eventloop
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
+from relaylab.redisclient import async_client
 from relaylab.resp import RespClient
 from relaylab.suppression.store import SuppressionStore
 from tracker.app import Tracker, make_app
@@ -40,8 +40,7 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     host = host or policy.tracker.listen_host
     port = port or policy.tracker.listen_port
     fast = RespClient(policy.redis_url, connect_timeout=REDIS_TIMEOUT, command_timeout=REDIS_TIMEOUT)
-    client = aioredis.Redis.from_url(policy.redis_url, socket_timeout=REDIS_TIMEOUT,
-                                     socket_connect_timeout=REDIS_TIMEOUT)
+    client = async_client(policy.redis_url, REDIS_TIMEOUT)
     tracker = Tracker(holder, fast, SuppressionStore(client))
     runner = web.AppRunner(make_app(tracker), access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_GRACE)

@@ -129,3 +129,25 @@ def test_redis_down_tempfails_recipients_and_recovers(lists: RelayStack) -> None
     mark = len(st.milter.log_text())
     st.write_policy()
     st.milter.wait_for_log("event=reloaded", after=mark)
+
+
+def test_first_refusal_after_a_redis_restart_is_still_recorded(lists: RelayStack) -> None:
+    st = lists
+    send_three(st)  # the milter's event client now holds a pooled connection
+    st.sink.wait_for(1, 20)
+    st.redis.stop()
+    st.redis.start()  # every pooled connection is dead now; the lists went with Redis
+    cli(st, "blacklist", "add", BLOCKED, "--reason", "hardbounce", "--subaccount", SUB)
+    mark = len(st.milter.log_text())
+    deadline = time.monotonic() + 10
+    while send_three(st)[0][0][1] != 550:  # the lean client reconnects within ~0.5 s
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    st.milter.wait_for_log("event=recipient_refused", after=mark)
+    r = redis.Redis.from_url(st.redis.url, decode_responses=True)
+    deadline = time.monotonic() + 5
+    while not r.xrange(f"rl:{{sub:{SUB}}}:events"):
+        assert "event_lost" not in st.milter.log_text()[mark:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "event_lost" not in st.milter.log_text()[mark:]

@@ -9,6 +9,7 @@ Values are formatted only when the line is emitted (lazy, like %-style logging).
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -22,13 +23,18 @@ _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {
     ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
+_NEEDS_QUOTES = re.compile(r'[ ="\\]').search  # (controls are caught by isprintable)
+
+
 def _quote(value: object) -> str:
     if value is None:
         return '""'
     if isinstance(value, bool):
         return "true" if value else "false"
+    if type(value) is int:
+        return str(value)
     s = str(value)
-    if s and not any(c in s for c in ' ="\\\n\r\t') and s.isprintable():
+    if s and s.isprintable() and not _NEEDS_QUOTES(s):
         return s
     return '"' + s.translate(_ESCAPES) + '"'
 

@@ -161,6 +161,17 @@ def test_relaxed_body_equals_dkimpy_on_random_bodies() -> None:
         assert signer.relaxed_body(body) == Relaxed.canonicalize_body(body), body
 
 
+def test_relaxed_headers_equal_dkimpy_on_random_headers() -> None:
+    rng = random.Random(20261127)
+    alphabet = [b" ", b"\t", b"\r", b"\n", b"\r\n", b"\r\n ", b"\r\n\t", b"a", b"B", b"\xe9",
+                b"  ", b"\x0b", b"\x0c", b":"]
+    for _ in range(5000):
+        name = rng.choice([b"Subject", b"FROM", b"x-a ", b"To\t"])
+        value = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 20)))
+        expected = [tuple(h) for h in Relaxed.canonicalize_headers([(name, value)])]
+        assert signer.relaxed_headers([(name, value)]) == expected, (name, value)
+
+
 @pytest.mark.parametrize("body, expected", [
     (b"", b""),
     (b"\r\n", b""),

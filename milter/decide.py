@@ -1,19 +1,20 @@
 """End-of-message decisions: which subaccount, which headers, which signatures.
 
 Pure apart from the key store (file reads) and the clock, both passed in; the protocol
-glue in milter/app.py turns the Outcome into milter responses.
+glue in milter/session.py turns the Outcome into milter responses.
 """
 
 from __future__ import annotations
 
 import enum
-import uuid
+import os
 from collections.abc import Callable
 from email.utils import getaddresses
 from typing import Any
 
 import attrs
 
+from milter import tracking
 from milter.headers import (
     Header,
     HeaderOp,
@@ -30,8 +31,10 @@ from relaylab.policy.model import (
     MissingKeyAction,
     Policy,
     Subaccount,
+    TrafficType,
     UnauthenticatedAction,
 )
+from relaylab.tracking.tokens import TokenSigner
 
 
 class Verdict(enum.Enum):
@@ -45,6 +48,7 @@ class Outcome:
     verdict: Verdict
     ops: tuple[HeaderOp, ...] = ()
     reply: tuple[int, tuple[int, int, int], str] | None = None  # (smtp code, enhanced, text)
+    body: bytes | None = None  # the new body (tracking rewrote it), else unchanged
     fields: dict[str, Any] = attrs.field(factory=dict)  # for the per-message log line
 
 
@@ -75,7 +79,8 @@ def decide(
     keys: KeyStore,
     *,
     now: Callable[[], float],
-    new_message_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    new_message_id: Callable[[], str] = lambda: os.urandom(16).hex(),  # 128 random bits
+    tokens: TokenSigner | None = None,
 ) -> Outcome:
     fields: dict[str, Any] = {"login": msg.login or ""}
     if not msg.login:
@@ -97,6 +102,24 @@ def decide(
     actions = [f"precedence:{sub.traffic.precedence}", "message_id"]
     if sub.headers:
         actions.append(f"headers:{len(sub.headers)}")
+    # Tokens name the recipient only when there is exactly one.
+    recipient = msg.rcpt_addrs[0] if len(msg.rcpt_addrs) == 1 else ""
+    if sub.traffic is TrafficType.MARKETING:
+        unsub_ops, unsub = tracking.unsubscribe_ops(sub, msg.headers, tokens, message_id, recipient)
+        ops += unsub_ops
+        fields["unsubscribe"] = unsub
+    body = msg.body
+    new_body = None
+    if sub.tracking.rewrites and tokens is not None:
+        result = tracking.rewrite(sub, msg.headers, body, tokens, message_id, recipient)
+        fields.update(links=result.rewritten, links_skipped=result.skipped, pixels=result.pixels)
+        if result.skip_reasons:
+            fields["skip_reasons"] = ",".join(f"{r}:{n}" for r, n in result.skip_reasons)
+        if result.error:
+            fields["rewrite_error"] = result.error  # sent unrewritten, never corrupted
+        elif result.body is not None:
+            body = new_body = result.body
+            actions.append("rewrite")
 
     domain = from_domain(msg.headers)
     fields["from_domain"] = domain or ""
@@ -107,7 +130,8 @@ def decide(
                            reply=(451, (4, 7, 1), f"no DKIM key for From domain {domain or '-'}"),
                            fields={**fields, "reason": "no_key_for_domain"})
         actions.append("unsigned:no_key_for_domain")
-        return Outcome(Verdict.CONTINUE, ops=tuple(ops), fields={**fields, "actions": ",".join(actions)})
+        return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body,
+                       fields={**fields, "actions": ",".join(actions)})
     try:
         signing_keys = [keys.get(ref) for ref in sending.keys]
     except KeyLoadError as e:
@@ -115,7 +139,7 @@ def decide(
                        reply=(451, (4, 7, 5), "DKIM signing key unavailable, try again later"),
                        fields={**fields, "reason": "key_unusable", "detail": str(e)})
     final = for_signing(apply(msg.headers, ops))
-    values = signer.sign(final, msg.body, signing_keys, timestamp=int(now()), linesep=b"\n")
+    values = signer.sign(final, body, signing_keys, timestamp=int(now()), linesep=b"\n")
     # Insert in reverse so the first configured key's signature ends up on top.
     for value in reversed(values):
         ops.append(InsertHeader(0, "DKIM-Signature", value.decode("ascii")))
@@ -123,4 +147,4 @@ def decide(
     fields["dkim"] = ",".join(f"{k.ref.domain}/{k.ref.selector}/{k.ref.algorithm.value}"
                               for k in signing_keys)
     fields["actions"] = ",".join(actions)
-    return Outcome(Verdict.CONTINUE, ops=tuple(ops), fields=fields)
+    return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body, fields=fields)

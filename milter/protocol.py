@@ -34,11 +34,25 @@ log = logging.getLogger("relaylab.milter")
 
 _CONTINUE = encode_payload(responses.Continue().encode())
 _LENGTH = struct.Struct("!I")
+_OPTNEG = struct.Struct("!III")
 
 # The negotiation answer never changes: encode it once, not once per SMTP session.
-OPTNEG_REPLY = encode_payload(
+OPTNEG_REPLY: bytes = encode_payload(
     responses.OptionsNegotiateResponse(protocol_flags=PROTOCOL_FLAGS,
                                        symbols_for_stage=MACROS).encode())
+_ACTIONS = _OPTNEG.unpack(OPTNEG_REPLY[5:17])[1] & ~definitions.ActionFlags.SET_MACROS_LIST.value
+
+
+def negotiate(data: bytes) -> bytes:
+    """Our fixed answer to the MTA's SMFIC_OPTNEG, once we know it can take it."""
+    if len(data) != 12:
+        raise ProtocolViolation(f"option negotiation of {len(data)} bytes, expected 12")
+    version, actions, _protocol = _OPTNEG.unpack(data)
+    if version < definitions.VERSION:
+        raise ProtocolViolation(f"milter protocol version {version}, need {definitions.VERSION}")
+    if actions & _ACTIONS != _ACTIONS:
+        raise ProtocolViolation(f"the MTA does not allow the edits we make (actions {actions:#x})")
+    return OPTNEG_REPLY
 
 
 class MilterProtocol(asyncio.Protocol):
@@ -94,7 +108,7 @@ class MilterProtocol(asyncio.Protocol):
         if out and transport is not None:  # one write (one syscall) for all of them
             transport.write(b"".join(out))
 
-    def _rcpt_done(self, task: asyncio.Future[responses.AbstractResponse]) -> None:
+    def _rcpt_done(self, task: asyncio.Future[list[bytes]]) -> None:
         self._waiting = False
         if self._transport is None or self._transport.is_closing():
             return
@@ -102,8 +116,7 @@ class MilterProtocol(asyncio.Protocol):
             self.abort()
             return
         reply = task.result()  # on_rcpt_to turns its own failures into a 451
-        self._transport.write(_CONTINUE if isinstance(reply, responses.Continue)
-                              else encode_payload(reply.encode()))
+        self._transport.write(b"".join(reply))
         self._process()
 
     def _fail(self, error: BaseException) -> None:
@@ -146,9 +159,14 @@ class MilterProtocol(asyncio.Protocol):
             s.on_body_chunk(data)
             return True
         if char == b"E":
-            reply = s.on_end_of_message()
-            out.extend(encode_payload(m.encode()) for m in reply.manipulations)
-            out.append(encode_payload(reply.encode()))
+            out.extend(s.on_end_of_message())
+            return True
+        if char == b"M":  # MAIL FROM: <address> NUL [ESMTP args NUL ...]
+            address = data.split(b"\0", 1)[0].decode("utf-8", "backslashreplace").strip()
+            s.on_mail_from(address[1:-1] if address[:1] == "<" and address[-1:] == ">" else address)
+            return True
+        if char == b"O":
+            out.append(negotiate(data))
             return True
         if char == b"A":
             s.reset()
@@ -159,10 +177,6 @@ class MilterProtocol(asyncio.Protocol):
         command = cls(data_raw=data) if data or issubclass(cls, commands.BaseCommandWithData) \
             else cls()
         match command:
-            case commands.MailFrom():
-                s.on_mail_from(command)
-            case commands.OptionsNegotiate():
-                out.append(OPTNEG_REPLY)
             case commands.Quit():
                 return False
             case commands.QuitNoClose():  # the MTA reuses this connection for a new session

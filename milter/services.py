@@ -9,6 +9,7 @@ from milter.suppression import SuppressionChecker
 from relaylab.dkim.keys import KeyLoadError, KeyStore
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
+from relaylab.tracking.tokens import TokenSigner
 
 
 @attrs.define
@@ -19,8 +20,19 @@ class Services:
     suppression: SuppressionChecker = attrs.field(
         default=attrs.Factory(lambda self: SuppressionChecker(self.shared), takes_self=True))
 
+    _tokens: tuple[Policy, TokenSigner | None] | None = None
+
     def policy(self) -> Policy:
         return self.holder.policy
+
+    def tokens(self, policy: Policy) -> TokenSigner | None:
+        """The token signer of `policy` (None without a tracker), rebuilt after a reload."""
+        if self._tokens is None or self._tokens[0] is not policy:
+            t = policy.tracker
+            signer = TokenSigner([(k.id, k.secret) for k in t.keys], t.base_url) \
+                if t.enabled and t.base_url else None
+            self._tokens = (policy, signer)
+        return self._tokens[1]
 
     def prime_keys(self) -> None:
         """Parse every configured key now, so the first message does not pay for it."""

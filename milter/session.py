@@ -12,11 +12,13 @@ into the next (compare purepythonmilter issue #21, see milter/protocol.py).
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any
 
 from purepythonmilter.api.models import RequestProtocolFlags
 from purepythonmilter.protocol import commands, definitions, responses
+from purepythonmilter.protocol.packet import encode_payload
 
 from milter import headers as hdr
 from milter.decide import Outcome, Verdict, decide
@@ -39,6 +41,7 @@ PROTOCOL_FLAGS = RequestProtocolFlags(
     headers_with_leading_space=True,  # header values byte-exact, as DKIM needs them
     can_add_headers=True,
     can_change_headers=True,
+    can_change_body=True,  # click/open tracking rewrites HTML parts
 )
 # An empty set switches a stage's macros off; Postfix then sends nothing for it.
 MACROS: dict[definitions.MacroStage, set[str]] = {
@@ -47,6 +50,9 @@ MACROS: dict[definitions.MacroStage, set[str]] = {
     _Stage.MAIL_FROM: {"{auth_authen}", "i", *MILTER_MACROS},
     _Stage.END_OF_MESSAGE: {"i"},
 }
+
+
+BODY_CHUNK = 65_000  # a milter packet carries at most 64 KiB
 
 
 class MilterSession:
@@ -66,12 +72,12 @@ class MilterSession:
     def _take_macros(self, stage: definitions.MacroStage) -> dict[str, str]:
         return self._macros.pop(stage, {})
 
-    def on_mail_from(self, command: commands.MailFrom) -> None:
+    def on_mail_from(self, address: str) -> None:
         macros = self._take_macros(_Stage.MAIL_FROM)
         self._msg = MessageState(
             login=macros.get("{auth_authen}") or None,
             queue_id=macros.get("i") or None,
-            mail_from=command.address,
+            mail_from=address,
         )
         if self._slot is None and self._msg.login and "{client_port}" in macros:
             sub = self._services.policy().subaccount_for_login(self._msg.login)
@@ -80,15 +86,15 @@ class MilterSession:
                     macros.get("{client_addr}", ""), macros.get("{client_port}", ""),
                     macros.get("{daemon_addr}", ""), macros.get("{daemon_port}", "")))
 
-    async def on_rcpt_to(self, data: bytes) -> responses.AbstractResponse:
+    async def on_rcpt_to(self, data: bytes) -> list[bytes]:
         msg = self._msg
         if msg is None:
-            return responses.Continue()
+            return [CONTINUE_PACKET]
         policy = self._services.policy()
         sub = policy.subaccount_for_login(msg.login) if msg.login else None
         if sub is None:  # suppression lists belong to subaccounts
             msg.recipients += 1
-            return responses.Continue()
+            return [CONTINUE_PACKET]
         recipient = rcpt_address(data)
         token = queue_id_var.set(msg.queue_id)
         try:
@@ -101,10 +107,11 @@ class MilterSession:
             queue_id_var.reset(token)
         if outcome.verdict is Verdict.CONTINUE:
             msg.recipients += 1
+            msg.rcpt_addrs.append(recipient)
         else:
             log_event(log, "recipient_refused", logging.WARNING, queue_id=msg.queue_id or "",
                       verdict=outcome.verdict.value, reply=format_reply(outcome), **outcome.fields)
-        return to_response(outcome)
+        return encode_outcome(outcome)
 
     def on_header(self, header: hdr.Header) -> None:
         if self._msg is None:  # Postfix always sends MAIL first; be safe anyway
@@ -115,7 +122,7 @@ class MilterSession:
         if self._msg is not None:
             self._msg.add_body(chunk)
 
-    def on_end_of_message(self) -> responses.AbstractResponse:
+    def on_end_of_message(self) -> list[bytes]:
         started = time.monotonic()
         msg = self._msg or MessageState()
         msg.queue_id = self._take_macros(_Stage.END_OF_MESSAGE).get("i") or msg.queue_id
@@ -123,13 +130,14 @@ class MilterSession:
         try:
             svc = self._services
             try:
-                outcome = decide(svc.policy(), msg, svc.keys, now=time.time)
+                policy = svc.policy()
+                outcome = decide(policy, msg, svc.keys, now=time.time, tokens=svc.tokens(policy))
             except Exception as e:  # never lose mail to a bug: Postfix keeps it queued
                 log.exception("milter bug")
                 outcome = Outcome(Verdict.TEMPFAIL,
                                   reply=(451, (4, 3, 0), "temporary milter failure"),
                                   fields={"reason": "internal_error", "detail": repr(e)})
-            response = to_response(outcome)
+            response = encode_outcome(outcome)
             self._log(msg, outcome, started)
             return response
         finally:
@@ -189,25 +197,41 @@ def rcpt_address(data: bytes) -> str:
     return raw[1:-1] if raw.startswith("<") and raw.endswith(">") else raw
 
 
-def to_response(outcome: Outcome) -> responses.AbstractResponse:
+# Packets the hot path sends, framed (4-byte length, command char, data), built directly:
+# the library's response objects cost more than the rest of a reply (each creates a
+# logger adapter), and these encodings are fixed by the milter protocol (milter8.c).
+CONTINUE_PACKET = encode_payload(responses.Continue().encode())
+_INDEX = struct.Struct("!I")
+
+
+def _packet(data: bytes) -> bytes:
+    return _INDEX.pack(len(data)) + data
+
+
+def encode_outcome(outcome: Outcome) -> list[bytes]:
+    """The framed reply packets for `outcome`: its edits, then the verdict."""
     if outcome.verdict is not Verdict.CONTINUE:
         assert outcome.reply is not None
         code, enhanced, text = outcome.reply
         primary = (code // 100, code // 10 % 10, code % 10)
+        verdict: responses.AbstractResponse
         if outcome.verdict is Verdict.REJECT:
-            return responses.RejectWithCode(primary_code=primary, enhanced_code=enhanced,
-                                            text=text)
-        return responses.TempFailWithCode(primary_code=primary, enhanced_code=enhanced, text=text)
-    manipulations: list[responses.AbstractManipulation] = []
+            verdict = responses.RejectWithCode(primary_code=primary, enhanced_code=enhanced, text=text)
+        else:
+            verdict = responses.TempFailWithCode(primary_code=primary, enhanced_code=enhanced, text=text)
+        return [encode_payload(verdict.encode())]
+    out: list[bytes] = []
+    if outcome.body is not None:
+        body = outcome.body
+        out.extend(_packet(b"b" + body[i:i + BODY_CHUNK]) for i in range(0, len(body), BODY_CHUNK))
     for op in outcome.ops:
         # Values carry their own leading space (negotiated); "" deletes a header.
-        value = " " + op.value if op.value else ""
+        field = op.name.encode() + b"\0" + (b" " + op.value.encode() if op.value else b"") + b"\0"
         if isinstance(op, hdr.AppendHeader):
-            manipulations.append(responses.AppendHeader(headername=op.name, headertext=value))
+            out.append(_packet(b"h" + field))
         elif isinstance(op, hdr.InsertHeader):
-            manipulations.append(responses.InsertHeader(headername=op.name, headertext=value,
-                                                        index=op.index))
+            out.append(_packet(b"i" + _INDEX.pack(op.index) + field))
         else:
-            manipulations.append(responses.ChangeHeader(headername=op.name, headertext=value,
-                                                        nth_occurrence=op.nth))
-    return responses.Continue(manipulations=manipulations)
+            out.append(_packet(b"m" + _INDEX.pack(op.nth) + field))
+    out.append(CONTINUE_PACKET)
+    return out

@@ -15,6 +15,7 @@ class MessageState:
     queue_id: str | None = None
     mail_from: str = ""
     recipients: int = 0
+    rcpt_addrs: list[str] = attrs.field(factory=list)  # accepted, of authenticated mail
     headers: list[Header] = attrs.field(factory=list)
     body_chunks: list[bytes] = attrs.field(factory=list)
     body_size: int = 0

@@ -13,8 +13,10 @@ An invalid token gets the 404 page and records nothing: it redirects nowhere.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import urllib.parse
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -30,9 +32,11 @@ from tracker import pages
 from tracker.events import DEFAULT_RETENTION_DAYS, Event, EventWriter
 from tracker.machines import classify
 
-__all__ = ["Tracker", "make_app", "safe_location"]
+__all__ = ["Tracker", "client_ip", "make_app", "safe_location"]
 
 log = logging.getLogger("relaylab.tracker")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Characters a Location header may carry as they are; anything else is percent-encoded
 # (non-ASCII, spaces, quotes, CR/LF: no header injection, whatever the destination).
@@ -56,6 +60,36 @@ def safe_location(url: str) -> str | None:
            f"{urllib.parse.quote(rest, safe=_SAFE)}"
 
 
+def client_ip(request: web.Request, trusted: Sequence[IPNetwork]) -> str:
+    """The visitor's address: the peer, or, when the peer is a trusted proxy, the
+    right-most X-Forwarded-For entry that is not itself a trusted proxy (entries further
+    left are whatever the client claimed)."""
+    peer = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For")
+    if not forwarded or not _in(peer, trusted):
+        return peer
+    for hop in reversed([h.strip() for h in forwarded.split(",")]):
+        if not _in(hop, trusted):
+            return hop if _is_ip(hop) else peer
+    return peer
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _in(address: str, nets: Sequence[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in nets)
+
+
 class Tracker:
     def __init__(self, holder: PolicyHolder, events: RespClient, store: SuppressionStore) -> None:
         self._holder = holder
@@ -64,6 +98,7 @@ class Tracker:
         self.health = RedisHealth(log)
         self._signer_for: Policy | None = None
         self._signer: TokenSigner | None = None
+        self._trusted: tuple[IPNetwork, ...] = ()
 
     def signer(self) -> TokenSigner | None:
         policy = self._holder.policy
@@ -71,6 +106,7 @@ class Tracker:
             t = policy.tracker
             self._signer = (TokenSigner([(k.id, k.secret) for k in t.keys], t.base_url or "")
                             if t.keys else None)
+            self._trusted = tuple(ipaddress.ip_network(n) for n in t.trusted_proxies)
             self._signer_for = policy
         return self._signer
 
@@ -84,7 +120,7 @@ class Tracker:
 
     async def _record(self, request: web.Request, claims: Claims, event_type: str) -> bool:
         ua = request.headers.get("User-Agent", "")
-        ip = request.remote or ""
+        ip = client_ip(request, self._trusted)
         event = Event(type=event_type, subaccount=claims.subaccount, message_id=claims.message_id,
                       recipient=claims.recipient, url=claims.url, client_ip=ip, user_agent=ua,
                       machine=classify(ua, ip))

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import html
+import re
 import shutil
 import signal
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any, cast
+
+import redis
 
 from .smtp import SMTPSession
 from .stack import RelayStack
@@ -23,11 +30,74 @@ DEMO_MESSAGE = (
 )
 
 
+NEWSLETTER = (
+    "From: Example Shop News <news@{domain}>\r\n"
+    "To: Bob <bob@example.net>\r\n"
+    "Subject: The November sale\r\n"
+    "Date: Fri, 27 Nov 2026 10:05:00 +0000\r\n"
+    "Message-ID: <news-2026-11@{domain}>\r\n"
+    "MIME-Version: 1.0\r\n"
+    "Content-Type: text/html; charset=utf-8\r\n"
+    "\r\n"
+    "<html><body><p>Hello Bob, the sale is on.</p>\r\n"
+    "<p><a href=\"https://shop.example.com/sale?cat=shoes&amp;size=42\">Shoes</a> \r\n"
+    "<a href=\"mailto:help@shop.example.com\">Questions?</a></p>\r\n"
+    "</body></html>\r\n"
+)
+
+
+def _follow(url: str) -> str:
+    """One request without following the redirect: "STATUS -> Location"."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    try:
+        with urllib.request.build_opener(NoRedirect).open(url, timeout=5) as resp:
+            return str(resp.status)
+    except urllib.error.HTTPError as e:
+        return f"{e.code} -> {e.headers.get('Location')}"
+
+
+def _tracking_demo(stack: RelayStack) -> bool:
+    """A marketing message: tracked links, the pixel, List-Unsubscribe; follow one click."""
+    news = stack.accounts[1]
+    stack.sink.clear()
+    with SMTPSession(stack.postfix.submit_port) as s:
+        if s.auth_plain(news.login, news.password).code != 235:
+            return False
+        s.send(f"news@{news.domain}", ["bob@example.net"],
+               NEWSLETTER.format(domain=news.domain).encode())
+    (path,) = stack.sink.wait_for(1, 30)
+    delivered = path.read_bytes()
+    head, _, body = delivered.partition(b"\r\n\r\n")
+    print(f"\n--- a newsletter as {news.login}: headers added, links tracked ---")
+    for line in head.decode("utf-8", "replace").split("\r\n"):
+        if line.lower().startswith(("list-unsubscribe", "precedence", "x-relaylab")):
+            print(line)
+    print(body.decode("utf-8", "replace").replace("\r\n", "\n"))
+    ok = all(stack.verify_dkim(delivered))
+    print(f"DKIM over the rewritten message: {'pass' if ok else 'FAIL'}")
+    clicks = re.findall(r'href="([^"]+/c/[^"]+)"', body.decode("utf-8", "replace"))
+    if not clicks:
+        return False
+    print(f"\nclick on the first link: {_follow(html.unescape(clicks[0]))}")
+    r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    try:
+        events = cast(list[tuple[str, dict[str, str]]], r.xrange(f"rl:{{sub:{news.name}}}:events"))
+    finally:
+        r.close()
+    for _, fields in events:
+        print("event:", " ".join(f"{k}={v}" for k, v in fields.items()))
+    return ok and bool(events)
+
+
 def run_demo(workdir: Path, *, keep_running: bool = True) -> int:
     if workdir.exists():
         shutil.rmtree(workdir)  # a fresh instance every time; keys are regenerated
     stack = RelayStack(workdir)
-    print(f"starting Redis, sink, milter and Postfix under {workdir} ...", flush=True)
+    print(f"starting Redis, sink, milter, policyd, tracker and Postfix under {workdir} ...",
+          flush=True)
     stack.start()
     try:
         account = stack.accounts[0]
@@ -51,6 +121,8 @@ def run_demo(workdir: Path, *, keep_running: bool = True) -> int:
         print(f"\n--- milter log line ---\n{line}")
         if not results or not all(results):
             return 1
+        if not _tracking_demo(stack):
+            return 1
         if not keep_running:
             return 0
         pf = stack.postfix
@@ -62,7 +134,8 @@ The relay stays up until Ctrl-C. Try it:
         --header 'From: News <news@{stack.accounts[1].domain}>'
   delivered mail:  {stack.sink.maildir}/new/
   policy:          {stack.config}   (edit it: the milter reloads within a second)
-  logs:            {stack.milter.log_path}  {pf.log_path}
+  tracker:         {stack.tracker.base_url}   (links in delivered marketing mail point here)
+  logs:            {stack.milter.log_path}  {stack.tracker.log_path}  {pf.log_path}
 """, flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

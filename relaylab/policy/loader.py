@@ -6,6 +6,7 @@ schema below, so that an unknown key or a wrong type is an error, never silently
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -523,7 +524,7 @@ MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys shorter than the hash weaken it
 
 
 def _tracker(w: _Walker, node: yaml.Node, base: Path, read_secrets: bool) -> TrackerSettings:
-    m = w.mapping(node, "tracker", {"base_url", "listen", "workers", "keys"})
+    m = w.mapping(node, "tracker", {"base_url", "listen", "workers", "keys", "trusted_proxies"})
     kw: dict[str, object] = {}
     if "base_url" in m:
         url = w.string(m["base_url"][1], "tracker.base_url")
@@ -544,6 +545,14 @@ def _tracker(w: _Walker, node: yaml.Node, base: Path, read_secrets: bool) -> Tra
                 kw["listen_host"], kw["listen_port"] = host.strip("[]"), int(port)
     if "workers" in m:
         kw["workers"] = w.integer(m["workers"][1], "tracker.workers", minimum=1)
+    if "trusted_proxies" in m:
+        nets = []
+        for item, text in w.string_list(m["trusted_proxies"][1], "tracker.trusted_proxies"):
+            try:
+                nets.append(str(ipaddress.ip_network(text, strict=False)))
+            except ValueError:
+                w.fail(item, "tracker.trusted_proxies", f"not an IP network: {text!r}")
+        kw["trusted_proxies"] = tuple(nets)
     keys: list[TrackerKey] = []
     if "keys" in m:
         knodes = m["keys"][1]

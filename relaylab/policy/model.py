@@ -156,6 +156,8 @@ class TrackerSettings:
     listen_port: int = 8893
     workers: int = 1
     keys: tuple[TrackerKey, ...] = ()
+    # Peers whose X-Forwarded-For is believed (the TLS proxy in front of the tracker).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 
     @property
     def enabled(self) -> bool:

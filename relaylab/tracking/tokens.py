@@ -28,6 +28,8 @@ __all__ = ["MAX_URL_LENGTH", "Claims", "Kind", "TokenSigner"]
 MAX_URL_LENGTH = 2_000  # some clients and proxies truncate longer URLs
 _MAC_BYTES = 16
 _MAX_TOKEN = 8_192  # anything longer was not minted here: refuse before decoding
+# Built once: json.dumps with arguments builds an encoder per call (~1.6 us a token).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class Kind(enum.Enum):
@@ -76,7 +78,7 @@ class TokenSigner:
         fields = [claims.subaccount, claims.message_id, claims.recipient]
         if claims.kind is Kind.CLICK:
             fields.append(claims.url)
-        payload = _b64(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode())
+        payload = _b64(_JSON(fields).encode())
         mac = self._mac(self._signing_id, claims.kind, payload)
         assert mac is not None
         return f"{self._signing_id}.{payload}.{_b64(mac)}"

@@ -53,8 +53,10 @@ def test_negotiates_only_the_events_and_macros_it_uses() -> None:
         assert protocol & P[flag].value, flag
     assert not protocol & P.REPLY_RCPT_TO.value
     assert protocol & definitions.ProtocolFlagsOther.HEADER_VALUE_LEADING_SPACE.value
+    # Header edits, body replacement (tracking rewrites HTML parts), the macro list.
     assert actions == (definitions.ActionFlags.ADD_HEADERS.value
                        | definitions.ActionFlags.CHANGE_HEADERS.value
+                       | definitions.ActionFlags.CHANGE_BODY.value
                        | definitions.ActionFlags.SET_MACROS_LIST.value)
     wanted: dict[int, bytes] = {}
     while symbols:  # 4-byte stage number, then the names up to a NUL
@@ -168,3 +170,34 @@ def test_garbage_closes_only_that_connection_and_is_logged(
     # The same services still serve a good conversation afterwards.
     good = replies(asyncio.run(converse(services, message(5, False) + packet(b"Q"))))
     assert good[-1] == b"c" and any(b"DKIM-Signature" in r for r in good)
+
+
+def test_edits_are_encoded_exactly_as_the_library_encodes_them() -> None:
+    from purepythonmilter.protocol import responses
+    from purepythonmilter.protocol.packet import encode_payload
+
+    from milter.headers import AppendHeader, ChangeHeader, InsertHeader
+    from milter.session import encode_outcome
+
+    ops = (AppendHeader("X-A", "1"), InsertHeader(0, "DKIM-Signature", "v=1; a=x;\r\n\tb=ü"),
+           ChangeHeader("Precedence", 2, ""), ChangeHeader("Precedence", 1, "bulk"))
+    ours = encode_outcome(Outcome(Verdict.CONTINUE, ops=ops, body=b"new body\r\n"))
+    lib = [responses.ReplaceBodyChunk(chunk=b"new body\r\n"),
+           responses.AppendHeader(headername="X-A", headertext=" 1"),
+           responses.InsertHeader(headername="DKIM-Signature", headertext=" v=1; a=x;\r\n\tb=ü", index=0),
+           responses.ChangeHeader(headername="Precedence", headertext="", nth_occurrence=2),
+           responses.ChangeHeader(headername="Precedence", headertext=" bulk", nth_occurrence=1),
+           responses.Continue()]
+    assert ours == [encode_payload(r.encode()) for r in lib]
+    refused = encode_outcome(Outcome(Verdict.TEMPFAIL, reply=(451, (4, 7, 5), "key unavailable")))
+    assert refused == [encode_payload(responses.TempFailWithCode(
+        primary_code=(4, 5, 1), enhanced_code=(4, 7, 5), text="key unavailable").encode())]
+
+
+@pytest.mark.parametrize("optneg", [
+    struct.pack("!III", 2, 0x1FF, 0x1FFFFF),  # protocol version 2
+    struct.pack("!III", 6, 0x01, 0x1FFFFF),  # header edits not allowed
+    struct.pack("!II", 6, 0x1FF),  # truncated
+])
+def test_unusable_negotiation_closes_the_connection(services: Services, optneg: bytes) -> None:
+    assert asyncio.run(converse(services, packet(b"O", optneg))) == b""

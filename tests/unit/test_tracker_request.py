@@ -1,0 +1,74 @@
+"""Tracker request details: the visitor's address behind proxies, and what an event
+writes to Redis (stream entry trimmed to the plan's retention, day counters)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from relaylab.resp import ReplyParser
+from tracker.app import client_ip
+from tracker.events import Event
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+class _Transport:
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (self.peer, 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def request(peer: str, forwarded: str | None = None):  # type: ignore[no-untyped-def]
+    headers = {"X-Forwarded-For": forwarded} if forwarded is not None else {}
+    return make_mocked_request("GET", "/c/x", headers=headers, transport=_Transport(peer))
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "expected"), [
+    ("203.0.113.7", None, "203.0.113.7"),
+    ("203.0.113.7", "198.51.100.1", "203.0.113.7"),  # an untrusted peer cannot claim an address
+    ("127.0.0.1", "198.51.100.1", "198.51.100.1"),
+    ("127.0.0.1", "6.6.6.6, 198.51.100.1", "198.51.100.1"),  # the left part is the client's claim
+    ("127.0.0.1", "198.51.100.1, 127.0.0.2", "198.51.100.1"),  # two proxies of ours
+    ("127.0.0.1", "garbage", "127.0.0.1"),
+    ("127.0.0.1", "", "127.0.0.1"),
+])
+def test_client_ip_believes_forwarded_for_only_from_trusted_proxies(
+        peer: str, forwarded: str | None, expected: str) -> None:
+    assert client_ip(request(peer, forwarded), LOOPBACK) == expected
+
+
+def test_event_is_a_trimmed_stream_entry_and_day_counters() -> None:
+    ev = Event(type="click", subaccount="shop", message_id="m1", recipient="bob@example.com",
+               url="https://shop.example.com/", client_ip="198.51.100.1", user_agent="x" * 2000,
+               machine="link_scanner:barracuda")
+    now = 1_800_000_000.0
+    cmds = [resp_args(c) for c in ev.commands(retention_days=15, now=now)]
+    xadd, day, machine = cmds
+    assert xadd[:6] == ["XADD", "rl:{sub:shop}:events", "MINID", "~",
+                        str(int((now - 15 * 86_400) * 1000)), "*"]
+    fields = dict(zip(xadd[6::2], xadd[7::2], strict=True))
+    assert fields["type"] == "click" and fields["url"] == "https://shop.example.com/"
+    assert fields["machine"] == "link_scanner:barracuda" and len(fields["ua"]) == 512
+    assert day == ["HINCRBY", "rl:{sub:shop}:daily:20270115", "click", "1"]
+    assert machine == ["HINCRBY", "rl:{sub:shop}:daily:20270115", "click:machine", "1"]
+
+
+def test_a_person_event_counts_once() -> None:
+    ev = Event(type="open", subaccount="shop", message_id="m1", recipient="", url="",
+               client_ip="198.51.100.1", user_agent="Firefox", machine="")
+    cmds = ev.commands(retention_days=7, now=1_800_000_000.0)
+    assert len(cmds) == 2 and b"url" not in cmds[0]
+
+
+def resp_args(encoded: bytes) -> list[str]:
+    """Decode a RESP command (an array of bulk strings) with the reply parser."""
+    (args,) = ReplyParser().feed(encoded)
+    return [a.decode() for a in args]

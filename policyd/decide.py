@@ -64,30 +64,34 @@ class Check:
 
 def plan(request: PolicyRequest, policy: Policy) -> Verdict | Check:
     st = request.state
-    if st not in (_ST.MAIL, _ST.RCPT, _ST.DATA, _ST.END_OF_MESSAGE):
+    if st is not _ST.RCPT and st not in _OTHER_COUNTED:
         return DUNNO
-    reject = policy.milter.unauthenticated is UnauthenticatedAction.REJECT
-    if not request.sasl_username:
-        return Reject("Authentication required") if reject else DUNNO
-    sub = policy.subaccount_for_login(request.sasl_username)
+    login = request.sasl_username
+    sub = policy.subaccount_for_login(login) if login else None
     if sub is None:
-        return Reject("SASL login is not mapped to a subaccount") if reject else DUNNO
+        if policy.milter.unauthenticated is not UnauthenticatedAction.REJECT:
+            return DUNNO
+        return Reject("SASL login is not mapped to a subaccount" if login
+                      else "Authentication required")
     sid = ""
-    if request.client_address and request.client_port:
-        sid = session_id(request.client_address, request.client_port,
-                         request.server_address, request.server_port)
+    address, port = request.client_address, request.client_port
+    if address and port:
+        sid = session_id(address, port, request.server_address, request.server_port)
     settings = policy.policyd
     per_rcpt = settings.count_mode is CountMode.RECIPIENT
-    if st in (_ST.MAIL, _ST.RCPT):
-        add = 1 if per_rcpt and st is _ST.RCPT else 0
-        return Check(sub, need=1, add=add, session_id=sid, session_mode=lua.SESSION_ENFORCE,
-                     usage_header=False)
+    # Check(subaccount, need, add, session_id, session_mode, usage_header), positionally:
+    # this runs for every decision.
+    if st is _ST.RCPT:
+        return Check(sub, 1, 1 if per_rcpt else 0, sid, lua.SESSION_ENFORCE, False)
+    if st is _ST.MAIL:
+        return Check(sub, 1, 0, sid, lua.SESSION_ENFORCE, False)
     n = 0 if per_rcpt else max(request.recipient_count, 1)
     if st is _ST.DATA:
-        return Check(sub, need=n, add=0, session_id=sid, session_mode=lua.SESSION_KEEP,
-                     usage_header=settings.usage_header)
-    return Check(sub, need=n, add=n, session_id=sid, session_mode=lua.SESSION_KEEP,
-                 usage_header=False)
+        return Check(sub, n, 0, sid, lua.SESSION_KEEP, settings.usage_header)
+    return Check(sub, n, n, sid, lua.SESSION_KEEP, False)
+
+
+_OTHER_COUNTED = (_ST.MAIL, _ST.DATA, _ST.END_OF_MESSAGE)  # and RCPT, tested first
 
 
 def verdict(check: Check, result: lua.AdmitResult, now: float) -> Verdict:

@@ -23,9 +23,10 @@ from relaylab.limits import lua
 from relaylab.logfmt import log_event, queue_id_var
 from relaylab.policy.model import Plan
 from relaylab.policy.reloader import PolicyHolder
-from relaylab.resp import OnReply, RedisReplyError, RedisUnavailable, RespClient, ScriptPrefix
+from relaylab.resp import OnReply, RedisReplyError, RedisUnavailable, RespClient
 
 log = logging.getLogger("relaylab.policyd")
+_DEBUG = logging.DEBUG
 
 
 class LimitStore:
@@ -37,9 +38,12 @@ class LimitStore:
         self._clock = clock
         self._down_since: float | None = None
         self._failed = 0
-        # Encoded EVALSHA + keys + hourly-constant arguments, per subaccount:
-        # name -> (UTC hour, plan, session ttl, prefix).
-        self._prefixes: dict[str, tuple[int, Plan, int, ScriptPrefix]] = {}
+        # EVALSHA/EVAL heads (array header, script, keys, hourly-constant arguments) per
+        # subaccount: name -> (UTC hour, plan, session ttl, EVALSHA head, EVAL head).
+        self._prefixes: dict[str, tuple[int, Plan, int, bytes, bytes]] = {}
+        # False during an outage (until a reply goes through `result` again). An attribute,
+        # not a property: `LimitService.finish` reads it for every decision.
+        self.up = True
 
     def submit(self, check: Check, now: float, session_ttl: int, on_reply: OnReply) -> None:
         """Send the ADMIT call for `check`; `on_reply` gets Redis's raw reply (or error)."""
@@ -50,15 +54,9 @@ class LimitStore:
         if cached is None or cached[0] != hour or cached[1] is not sub.plan or cached[2] != session_ttl:
             call = check.call(now, session_ttl)
             prefix = self.client.script_prefix(lua.ADMIT, call.keys(), call.static_args())
-            self._prefixes[sub.name] = (hour, sub.plan, session_ttl, prefix)
-        else:
-            prefix = cached[3]
-        self.client.evalsha_encoded(prefix, 5, _dynamic_args(now, check), on_reply)
-
-    @property
-    def up(self) -> bool:
-        """False during an outage (until a reply goes through `result` again)."""
-        return self._down_since is None
+            cached = (hour, sub.plan, session_ttl, *prefix.heads(5))
+            self._prefixes[sub.name] = cached
+        self.client.evalsha_head(cached[3], cached[4], _dynamic_args(now, check), on_reply)
 
     def result(self, reply: Any) -> lua.AdmitResult | None:
         """The ADMIT result of a reply (or error) `submit` delivered; None if Redis failed."""
@@ -77,6 +75,7 @@ class LimitStore:
         self._failed += 1
         if self._down_since is None:
             self._down_since = self._clock()
+            self.up = False
             log_event(log, "redis_unavailable", logging.ERROR, redis=str(self.client.address),
                       error=f"{type(error).__name__}: {error}")
 
@@ -86,6 +85,7 @@ class LimitStore:
                   outage_seconds=round(self._clock() - self._down_since, 1),
                   failed_decisions=self._failed)
         self._down_since = None
+        self.up = True
         self._failed = 0
 
     async def close(self) -> None:
@@ -96,11 +96,21 @@ def _dynamic_args(now: float, check: Check) -> bytes:
     """ARGV 10-14 of ADMIT, RESP-encoded in one step (this runs for every decision)."""
     now_ms = b"%d" % int(now * 1000)
     sid = check.session_id.encode()
-    mode = check.session_mode.encode()
-    need = b"%d" % check.need
-    add = b"%d" % check.add
-    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-        len(now_ms), now_ms, len(need), need, len(add), add, len(sid), sid, len(mode), mode)
+    need, add, mode = check.need, check.add, check.session_mode
+    return b"$%d\r\n%b\r\n%b%b$%d\r\n%b\r\n%b" % (
+        len(now_ms), now_ms,
+        _BULK_INTS.get(need) or _bulk(b"%d" % need), _BULK_INTS.get(add) or _bulk(b"%d" % add),
+        len(sid), sid, _BULK_MODES.get(mode) or _bulk(mode.encode()))
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+# need and add (usually 0 or 1) and the session modes, encoded once.
+_BULK_INTS = {n: _bulk(b"%d" % n) for n in range(100)}
+_BULK_MODES = {m: _bulk(m.encode()) for m in (lua.SESSION_NONE, lua.SESSION_ENFORCE,
+                                               lua.SESSION_KEEP)}
 
 
 class Pending:
@@ -151,7 +161,7 @@ class LimitService:
     def finish(self, pending: Pending) -> Verdict:
         reply = pending.reply
         if (reply.__class__ is bytes and reply.startswith(b"0 ") and not pending.check.usage_header
-                and self.store.up and not log.isEnabledFor(logging.DEBUG)):
+                and self.store.up and not log.isEnabledFor(_DEBUG)):
             return DUNNO  # admitted, nothing to add: the common case, without parsing
         result = self.store.result(reply)
         if result is None:

@@ -53,13 +53,20 @@ class PolicyRequest:
         if state is None:
             raise BadRequest(f"unknown protocol_state {raw_state[:32]!r}")
         get = a.get
-        return cls(state, get("sasl_username", ""), _count(a, "recipient_count"),
+        raw_count = get("recipient_count")
+        # Postfix sends "0" before DATA: a dict lookup instead of validating and int().
+        count = _SMALL_COUNTS.get(raw_count) if raw_count else 0
+        if count is None:
+            count = _count(raw_count, "recipient_count")
+        return cls(state, get("sasl_username", ""), count,
                    get("client_address", ""), get("client_port", ""),
                    get("server_address", ""), get("server_port", ""), get("queue_id", ""))
 
 
-def _count(a: Mapping[str, str], name: str) -> int:
-    raw = a.get(name)
+_SMALL_COUNTS = {str(n): n for n in range(100)}
+
+
+def _count(raw: str | None, name: str) -> int:
     if not raw:
         return 0
     if raw.isascii() and raw.isdigit() and len(raw) <= 12:

@@ -72,17 +72,20 @@ class PolicyConnection(asyncio.Protocol):
             return
         self._last = now = self._loop.time()
         queue = self._queue
+        answer = self._server.answer_frame
         for frame in self._parser.feed(data):
             if isinstance(frame, Broken):
                 log_event(log, "protocol_error", logging.ERROR, client=self.client,
                           detail=frame.reason, action="close")
                 self.shutdown()  # answer the requests that came before, then close
                 break
-            item = self._server.answer_frame(frame, self.client)
+            item = answer(frame, self.client)
             queue.append(item)
             if isinstance(item, Pending) and not item.done:
-                item.notify = self._on_reply
-        if queue:
+                item.notify = self._flush
+        # Nothing to write while the oldest request still waits for Redis (the usual case:
+        # the reply's callback writes).
+        if queue and (not isinstance(head := queue[0], Pending) or head.done):
             self._flush()
         if self._parser.partial and self._timer_at > now + self._server.request_timeout:
             self._arm(now + self._server.request_timeout)
@@ -115,25 +118,36 @@ class PolicyConnection(asyncio.Protocol):
             self._transport_pause(False)
 
     # -- answers, in order -----------------------------------------------------------------
-    def _on_reply(self) -> None:
-        if not self.closed:
-            self._flush()
-
     def _flush(self) -> None:
+        """Write the answers that are ready, in order. Also the `notify` of every Pending."""
+        if self.closed:
+            return
         queue = self._queue
-        out = []
+        first: bytes | None = None
+        more: list[bytes] | None = None
+        finish = self._server.service.finish
         while queue:
             head = queue[0]
             if isinstance(head, Pending):
                 if not head.done:
                     break
-                verdict = self._server.finish(head, self.client)
+                try:
+                    verdict = finish(head)
+                except Exception as e:  # a bug must not cost mail: the sender retries
+                    verdict = self._server.bug(e, self.client)
             else:
                 verdict = head
-            out.append(_DUNNO_ANSWER if verdict is DUNNO else encode_action(verdict.action()))
+            answer = _DUNNO_ANSWER if verdict is DUNNO else encode_action(verdict.action())
             queue.popleft()
-        if out and self._transport is not None:
-            self._transport.write(b"".join(out))
+            # One answer per flush is the rule (Postfix waits for each): no list, no join.
+            if first is None:
+                first = answer
+            elif more is None:
+                more = [first, answer]
+            else:
+                more.append(answer)
+        if first is not None and self._transport is not None:
+            self._transport.write(first if more is None else b"".join(more))
         if self._paused and len(queue) < MAX_IN_FLIGHT // 2:
             self._paused = False
             if not self._write_paused:
@@ -239,15 +253,16 @@ class PolicyServer:
         try:
             return self.service.answer(request)
         except Exception as e:  # a bug must not cost mail: the sender retries
-            return self._bug(e, client)
+            return self.bug(e, client)
 
     def finish(self, pending: Pending, client: str) -> Verdict:
         try:
             return pending.verdict()
         except Exception as e:
-            return self._bug(e, client)
+            return self.bug(e, client)
 
-    def _bug(self, e: Exception, client: str) -> Verdict:
+    def bug(self, e: Exception, client: str) -> Verdict:
+        """The answer when deciding raised `e` (logged with its traceback)."""
         log.exception("policyd bug")
         verdict = decide.unavailable(self.service.holder.policy.policyd)
         log_event(log, "internal_error", logging.ERROR, client=client, detail=repr(e),

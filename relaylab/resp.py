@@ -89,7 +89,20 @@ class ReplyParser:
         out = []
         pos = 0
         n = len(buf)
+        find = buf.find
         while pos < n:
+            if buf[pos] == 36:  # '$': a bulk string, what scripts usually return (inline)
+                nl = find(b"\r\n", pos)
+                if nl < 0:
+                    break
+                size = int(buf[pos + 1:nl])
+                if size >= 0:
+                    end = nl + 2 + size
+                    if n < end + 2:
+                        break
+                    out.append(buf[nl + 2:end])
+                    pos = end + 2
+                    continue
             value, end = _parse(buf, pos)
             if value is _INCOMPLETE:
                 break
@@ -166,12 +179,17 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self._transport = cast(asyncio.Transport, transport)
 
-    def send(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None) -> None:
+    def send(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None,
+             rest: bytes = b"") -> None:
+        """Queue `command` (followed by `rest`, if any: saves joining them per call)."""
         if self.closed:
             on_reply(RedisUnavailable(self.error))
             return
         self._pending.append((on_reply, self._loop.time(), retry))
-        self._out.append(command)
+        out = self._out
+        out.append(command)
+        if rest:
+            out.append(rest)
         if self._flush_handle is None:
             # Everything sent during this loop iteration leaves in one write.
             self._flush_handle = self._loop.call_soon(self._flush)
@@ -259,6 +277,12 @@ class ScriptPrefix:
     eval: bytes
     count: int
 
+    def heads(self, count: int) -> tuple[bytes, bytes]:
+        """The array header and this prefix joined, for calls with `count` more arguments:
+        (EVALSHA head, EVAL head), for `RespClient.evalsha_head`."""
+        n = b"*%d\r\n" % (self.count + count)
+        return n + self.evalsha, n + self.eval
+
 
 class RespClient:
     def __init__(self, url: str, *, scripts: Sequence[Script] = (), connect_timeout: float = 1.0,
@@ -316,6 +340,16 @@ class RespClient:
         """`evalsha` with the remaining `count` arguments already encoded (`encode_args`)."""
         n = b"*%d\r\n" % (prefix.count + count)
         self.submit(n + prefix.evalsha + rest, on_reply, (n, prefix.eval, rest))
+
+    def evalsha_head(self, head: bytes, eval_head: bytes, rest: bytes, on_reply: OnReply
+                     ) -> None:
+        """`evalsha_encoded` with the heads of `ScriptPrefix.heads` (kept by the caller for
+        many calls): nothing is joined per call, the parts go into the batch as they are."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.send(head, on_reply, (eval_head, rest), rest)
+        else:
+            self.submit(head + rest, on_reply, (eval_head, rest))
 
     async def _connect(self) -> _Connection:
         async with self._lock:

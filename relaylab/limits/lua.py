@@ -41,31 +41,43 @@ ADMIT = Script("admit", f"""
 -- Reply: one string of integers separated by spaces (cheaper to parse than an array):
 --   status hour_total month_total open_sessions(-1 = not tracked) minute
 --   [bucket count]...  (the live buckets, only with status {OVER_HOUR})
+-- Every redis.call costs, and so does every number passed to one (Lua formats it with
+-- sprintf): reads are merged (HMGET), nothing is read or written that the outcome does not
+-- need (the month counter, an unchanged 'h'), and arguments go on as the strings they came
+-- as where they are used unchanged (ARGV[4], ARGV[10], ARGV[12]: canonical integers).
 local now_ms = tonumber(ARGV[10])
 local sessions = -1
 local sid = ARGV[13]
 if sid ~= '' and ARGV[14] ~= '0' then
   local ttl = tonumber(ARGV[4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[10])
+  local open = false
   if not redis.call('ZSCORE', KEYS[2], sid) then
-    local open = redis.call('ZCARD', KEYS[2])
+    open = redis.call('ZCARD', KEYS[2])
     if ARGV[14] == '1' and open >= tonumber(ARGV[3]) then
       return '{OVER_SESSIONS} 0 0 ' .. open .. ' 0'
     end
   end
   redis.call('ZADD', KEYS[2], now_ms + ttl, sid)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  sessions = redis.call('ZCARD', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  if open then
+    sessions = open + 1  -- the slot just added
+  else
+    sessions = redis.call('ZCARD', KEYS[2])
+  end
 end
 
 local m = math.floor(now_ms / {window.BUCKET_SECONDS * 1000})
 local total = 0
-local h = redis.call('HGET', KEYS[1], 'h')
+local h_is_lo = false  -- whether the stored 'h' is already lo (below)
+local ht = redis.call('HMGET', KEYS[1], 'h', 't')
+local h = ht[1]
 if h then
   h = tonumber(h)
   if m < h + {window.SPAN_BUCKETS} then m = h + {window.SPAN_BUCKETS} end
-  total = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
+  total = tonumber(ht[2] or '0')
   local lo = m - {window.SPAN_BUCKETS}
+  h_is_lo = h == lo
   if h < lo then
     if lo - h > {window.SPAN_BUCKETS} then
       redis.call('DEL', KEYS[1])
@@ -79,14 +91,15 @@ if h then
         end
       end
       redis.call('HSET', KEYS[1], 't', total, 'h', lo)
+      h_is_lo = true
     end
   end
 end
 local lo = m - {window.SPAN_BUCKETS}
 
 local need = tonumber(ARGV[11])
-local month = tonumber(redis.call('HGET', KEYS[5], ARGV[7]) or '0')
 if need > 0 and total + need > tonumber(ARGV[1]) then
+  local month = tonumber(redis.call('HGET', KEYS[5], ARGV[7]) or '0')
   local out = {{'{OVER_HOUR}', total, month, sessions, m}}
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
@@ -99,20 +112,24 @@ if need > 0 and total + need > tonumber(ARGV[1]) then
   return table.concat(out, ' ')
 end
 local quota = tonumber(ARGV[2])
-if need > 0 and quota > 0 and month + need > quota then
-  return table.concat({{'{OVER_MONTH}', total, month, sessions, m}}, ' ')
-end
 local add = tonumber(ARGV[12])
+local month = 0
+if add <= 0 or (need > 0 and quota > 0) then  -- else counting below gives the total
+  month = tonumber(redis.call('HGET', KEYS[5], ARGV[7]) or '0')
+  if need > 0 and quota > 0 and month + need > quota then
+    return table.concat({{'{OVER_MONTH}', total, month, sessions, m}}, ' ')
+  end
+end
 if add > 0 then
-  redis.call('HINCRBY', KEYS[1], m, add)
-  total = redis.call('HINCRBY', KEYS[1], 't', add)
-  redis.call('HSET', KEYS[1], 'h', lo)
+  redis.call('HINCRBY', KEYS[1], m, ARGV[12])
+  total = redis.call('HINCRBY', KEYS[1], 't', ARGV[12])
+  if not h_is_lo then redis.call('HSET', KEYS[1], 'h', lo) end
   redis.call('EXPIRE', KEYS[1], ARGV[9])
-  redis.call('HINCRBY', KEYS[3], ARGV[5], add)
+  redis.call('HINCRBY', KEYS[3], ARGV[5], ARGV[12])
   redis.call('EXPIRE', KEYS[3], ARGV[8])
-  redis.call('HINCRBY', KEYS[4], ARGV[6], add)
+  redis.call('HINCRBY', KEYS[4], ARGV[6], ARGV[12])
   redis.call('EXPIRE', KEYS[4], ARGV[8])
-  month = redis.call('HINCRBY', KEYS[5], ARGV[7], add)
+  month = redis.call('HINCRBY', KEYS[5], ARGV[7], ARGV[12])
 end
 return table.concat({{'{OK}', total, month, sessions, m}}, ' ')
 """)

@@ -58,7 +58,7 @@ def test_message_mode_counts_accepted_recipients_at_end_of_message(
 
 
 @pytest.mark.parametrize(("state", "rc", "need", "add"), [
-    ("RCPT", "0", 1, 1), ("DATA", "3", 0, 0), ("END-OF-MESSAGE", "3", 0, 0)])
+    ("MAIL", "0", 1, 0), ("RCPT", "0", 1, 1), ("DATA", "3", 0, 0), ("END-OF-MESSAGE", "3", 0, 0)])
 def test_recipient_mode_counts_each_rcpt(tmp_path: Path, state: str, rc: str, need: int,
                                         add: int) -> None:
     policy = policy_from(tmp_path, "policyd: {count_mode: recipient}")
@@ -168,3 +168,17 @@ def test_request_ignores_unknown_attributes() -> None:
                                        "queue_id": "4XyZ", "sasl_username": "a@b"})
     assert r == PolicyRequest(ProtocolState.END_OF_MESSAGE, sasl_username="a@b",
                               recipient_count=4, queue_id="4XyZ")
+
+
+@pytest.mark.parametrize(("raw", "count"), [
+    ("", 0), ("0", 0), ("7", 7), ("07", 7), ("99", 99), ("100", 100),
+    ("123456789012", 123456789012), ("1234567890123", None), ("-1", None), (" 1", None),
+    ("1.0", None), ("\u0663", None),
+])
+def test_recipient_count(raw: str, count: int | None) -> None:
+    attrs = {"request": "smtpd_access_policy", "protocol_state": "DATA", "recipient_count": raw}
+    if count is None:
+        with pytest.raises(BadRequest, match="is not a count"):
+            PolicyRequest.from_attributes(attrs)
+    else:
+        assert PolicyRequest.from_attributes(attrs).recipient_count == count

@@ -76,6 +76,27 @@ def test_need_is_checked_add_is_counted(r: redis.Redis) -> None:
     assert r.hget(keys.window_key("shop"), "t") == "10"
 
 
+def test_month_total_is_reported_whether_or_not_anything_is_counted(r: redis.Redis) -> None:
+    assert admit(r, T0, need=2, add=2).month_total == 2
+    assert admit(r, T0, need=1, add=0).month_total == 2  # a check reads the counter
+    assert admit(r, T0, need=1, add=0, quota=10).month_total == 2
+    assert admit(r, T0, need=0, add=0).month_total == 2
+    assert admit(r, T0 + 1, need=1, add=1, quota=10).month_total == 3
+    over = admit(r, T0, need=20, add=0)
+    assert over.status == lua.OVER_HOUR and over.month_total == 3
+
+
+def test_the_oldest_live_minute_is_kept_in_the_window_hash(r: redis.Redis) -> None:
+    key = keys.window_key("shop")
+    admit(r, T0)  # a new window
+    assert r.hget(key, "h") == str(window.oldest_live(window.minute(T0)))
+    admit(r, T0 + 30)  # the same minute: unchanged
+    assert r.hget(key, "h") == str(window.oldest_live(window.minute(T0)))
+    admit(r, T0 + 60, need=1, add=0)  # the window moves even when nothing is counted
+    assert r.hget(key, "h") == str(window.oldest_live(window.minute(T0 + 60)))
+    assert r.hget(key, "t") == "2"
+
+
 def test_window_slides_minute_by_minute(r: redis.Redis) -> None:
     for i in range(5):
         admit(r, T0 + i * 600)  # minutes 0, 10, 20, 30, 40

@@ -11,6 +11,7 @@ from policyd.protocol import (
     Broken,
     Frame,
     RequestParser,
+    _FramingError,
     encode_action,
 )
 
@@ -127,3 +128,50 @@ def test_requests_before_a_break_are_still_returned() -> None:
 def test_encode_action() -> None:
     assert encode_action("DUNNO") == b"action=DUNNO\n\n"
     assert encode_action("PREPEND X-A: \u00e9") == "action=PREPEND X-A: \u00e9\n\n".encode()
+
+
+def general(block: bytes) -> Frame | Broken:
+    """What the general path (the reference for every request) makes of one request."""
+    try:
+        return RequestParser()._parse_general(block)
+    except _FramingError as e:
+        return Broken(str(e))
+
+
+BLOCK = REQUEST[:-2]
+
+
+@pytest.mark.parametrize("block", [
+    BLOCK,
+    BLOCK + b"\nsasl_username=other@relay.test",  # a repeated name: the last one counts
+    BLOCK + b"\nsender=prvs=1234=bob@example.com",  # "=" in a value (SRS, BATV)
+    BLOCK + b"\nempty=",
+    BLOCK + b"\n=value",
+    b"=value\n" + BLOCK,
+    BLOCK + b"\nhelo_name=a\x00b",
+    BLOCK + b"\nhelo_name=caf\xe9",
+    BLOCK + b"\nno equals sign",
+    b"no equals sign\n" + BLOCK,
+    BLOCK + b"\nhelo_name=a\rb",  # a lone CR stays in the value
+    b"\n".join(b"a%d=" % i for i in range(MAX_ATTRIBUTES)),
+    b"\n".join(b"a%d=" % i for i in range(MAX_ATTRIBUTES + 1)),
+    b"a=" + b"x" * (MAX_LINE - 2),
+    b"a=" + b"x" * (MAX_LINE - 1),
+    b"request=smtpd_access_policy\nb=" + b"x" * (MAX_LINE - 2),
+])
+def test_fast_path_and_general_path_agree(block: bytes) -> None:
+    expected = general(block)
+    assert RequestParser().feed(block + b"\n\n") == [expected]  # the whole-read path
+    two = RequestParser().feed(block + b"\n\n" + block + b"\n\n")  # the loop's path
+    assert two == ([expected] if isinstance(expected, Broken) else [expected, expected])
+    assert feed_in_chunks(block + b"\n\n", 7) == [expected]
+
+
+def test_partial_is_an_attribute_kept_current() -> None:
+    p = RequestParser()
+    p.feed(REQUEST[:10])
+    assert p.partial
+    p.feed(REQUEST[10:] + REQUEST)
+    assert not p.partial
+    p.feed(b"a=" + b"x" * (MAX_LINE + 1))
+    assert not p.partial  # broken: nothing is buffered any more

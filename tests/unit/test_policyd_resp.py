@@ -92,6 +92,31 @@ def test_pipelined_calls_and_noscript_fallback(server: RedisServer) -> None:
     assert asyncio.run(go()) == [[1, b"k"], [100, b"k"], [8, b"k"]]
 
 
+def test_evalsha_head_before_connecting_pipelined_and_after_noscript(server: RedisServer) -> None:
+    async def go() -> list[object]:
+        c = RespClient(server.url, scripts=(SCRIPT,))
+        prefix = c.script_prefix(SCRIPT, ["k"], [])
+        head, eval_head = prefix.heads(1)
+        assert head == b"*5\r\n" + prefix.evalsha and eval_head == b"*5\r\n" + prefix.eval
+        loop = asyncio.get_running_loop()
+
+        def call(arg: bytes) -> asyncio.Future[Any]:
+            fut: asyncio.Future[Any] = loop.create_future()
+            c.evalsha_head(head, eval_head, b"$%d\r\n%b\r\n" % (len(arg), arg), fut.set_result)
+            return fut
+
+        try:
+            first = await call(b"1")  # not connected yet: connects first
+            many = await asyncio.gather(*(call(b"%d" % i) for i in range(50)))
+            await c.execute("SCRIPT", "FLUSH")
+            again = await call(b"7")  # NOSCRIPT -> EVAL, transparently
+            return [first, many[49], again]
+        finally:
+            await c.close()
+
+    assert asyncio.run(go()) == [[2, b"k"], [50, b"k"], [8, b"k"]]
+
+
 def test_error_replies_raise(server: RedisServer) -> None:
     async def go() -> None:
         c = RespClient(server.url)

@@ -19,11 +19,13 @@ from typing import Any
 from purepythonmilter.api.models import RequestProtocolFlags
 from purepythonmilter.protocol import commands, definitions, responses
 from purepythonmilter.protocol.packet import encode_payload
+from redis.exceptions import RedisError
 
 from milter import headers as hdr
 from milter.decide import Outcome, Verdict, decide
 from milter.services import Services
 from milter.state import MessageState
+from relaylab.limits.refund import refund
 from relaylab.limits.sessions import MILTER_MACROS, release_args, session_id
 from relaylab.logfmt import log_event, queue_id_var
 from relaylab.resp import encode_command
@@ -138,11 +140,34 @@ class MilterSession:
                                   reply=(451, (4, 3, 0), "temporary milter failure"),
                                   fields={"reason": "internal_error", "detail": repr(e)})
             response = encode_outcome(outcome)
+            if outcome.verdict is not Verdict.CONTINUE:
+                self._refund(msg)
             self._log(msg, outcome, started)
             return response
         finally:
             queue_id_var.reset(token)
             self.reset()
+
+    def _refund(self, msg: MessageState) -> None:
+        """policyd counted this message at END-OF-DATA, before our refusal: give it back."""
+        policy = self._services.policy()
+        sub = policy.subaccount_for_login(msg.login) if msg.login else None
+        if sub is None or not msg.queue_id:
+            return
+        shared, queue_id = self._services.shared, msg.queue_id
+
+        async def give_back() -> None:
+            try:
+                n = await refund(shared.client(policy), sub.name, queue_id)
+            except (RedisError, OSError) as e:
+                shared.health.failed(e)
+                log_event(log, "refund_failed", logging.WARNING, queue_id=queue_id,
+                          subaccount=sub.name, detail=str(e))
+                return
+            if n:
+                log_event(log, "refunded", queue_id=queue_id, subaccount=sub.name, rcpts=n)
+
+        shared.background(give_back())
 
     def reset(self) -> None:
         """ABORT, QUIT and end of message: forget the transaction."""

@@ -17,9 +17,9 @@ from typing import Any
 
 from policyd import decide
 from policyd.decide import Check
-from policyd.request import PolicyRequest
+from policyd.request import PolicyRequest, ProtocolState
 from policyd.verdict import DUNNO, Dunno, Prepend, Verdict
-from relaylab.limits import lua
+from relaylab.limits import lua, refund
 from relaylab.logfmt import log_event, queue_id_var
 from relaylab.policy.model import Plan
 from relaylab.policy.reloader import PolicyHolder
@@ -57,6 +57,15 @@ class LimitStore:
             cached = (hour, sub.plan, session_ttl, *prefix.heads(5))
             self._prefixes[sub.name] = cached
         self.client.evalsha_head(cached[3], cached[4], _dynamic_args(now, check), on_reply)
+
+    def leave_receipt(self, pending: Pending, reply: bytes) -> None:
+        """Record what this END-OF-DATA counted, so that the milter can give it back if it
+        refuses the message (relaylab/limits/refund.py). Best effort: a lost receipt
+        means a refused message stays counted, as without receipts."""
+        minute = int(reply.split(b" ", 5)[4])
+        check = pending.check
+        self.client.submit(refund.receipt_command(check.subaccount.name, pending.request.queue_id,
+                                                  pending.now, minute, check.add), _ignore)
 
     def result(self, reply: Any) -> lua.AdmitResult | None:
         """The ADMIT result of a reply (or error) `submit` delivered; None if Redis failed."""
@@ -113,6 +122,10 @@ _BULK_MODES = {m: _bulk(m.encode()) for m in (lua.SESSION_NONE, lua.SESSION_ENFO
                                                lua.SESSION_KEEP)}
 
 
+def _ignore(reply: Any) -> None:
+    pass  # an outage shows in the ADMIT replies, which the outage tracking sees
+
+
 class Pending:
     """A decision waiting for its Redis reply. Once `done`, `verdict()` gives the answer;
     `notify` (set by whoever waits) is called when the reply arrives."""
@@ -160,6 +173,9 @@ class LimitService:
 
     def finish(self, pending: Pending) -> Verdict:
         reply = pending.reply
+        if pending.check.add and pending.request.state is ProtocolState.END_OF_MESSAGE \
+                and pending.request.queue_id and reply.__class__ is bytes and reply.startswith(b"0 "):
+            self.store.leave_receipt(pending, reply)
         if (reply.__class__ is bytes and reply.startswith(b"0 ") and not pending.check.usage_header
                 and self.store.up and not log.isEnabledFor(_DEBUG)):
             return DUNNO  # admitted, nothing to add: the common case, without parsing

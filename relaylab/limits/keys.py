@@ -19,6 +19,10 @@ key                                    type    content, lifetime
                                                ``HH``. TTL 410 days after the last write.
 ``rl:{sub:N}:use:d:YYYYMM``            hash    usage per day of that UTC month: field
                                                ``DD``. TTL 410 days after the last write.
+``rl:{sub:N}:rcpt:QUEUEID``            string  what policyd counted for that message at
+                                               END-OF-DATA (see refund.py), so that a
+                                               refusal at end of message can give it back.
+                                               TTL 1 hour.
 ``rl:{sub:N}:use:m``                   hash    usage per UTC month: field ``YYYYMM``; also
                                                the monthly-quota counter. No TTL: aggregate
                                                statistics are kept for good (12 fields a
@@ -48,6 +52,10 @@ def window_key(subaccount: str) -> str:
 
 def sessions_key(subaccount: str) -> str:
     return f"{PREFIX}:{tag(subaccount)}:sess"
+
+
+def receipt_key(subaccount: str, queue_id: str) -> str:
+    return f"{PREFIX}:{tag(subaccount)}:rcpt:{queue_id}"
 
 
 def month_usage_key(subaccount: str) -> str:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 from mailutil import header_values
 
 from relaylab.devstack.ports import free_port
@@ -89,3 +90,53 @@ def test_missing_key_file_tempfails_the_smtp_client(clean_sink: RelayStack) -> N
     finally:
         moved.rename(key)
     assert st.sink.messages() == []
+
+
+def test_refused_messages_do_not_use_up_the_hourly_limit(clean_sink: RelayStack) -> None:
+    """policyd counts at END-OF-DATA, before the milter's end of message refuses: the
+    milter gives the count back, so once the key is fixed the sender is not deferred."""
+    st = clean_sink
+    a = st.accounts[0]
+    r = redis.Redis.from_url(st.redis.url, decode_responses=True)
+    r.flushdb()
+    policy = st.policy_dict()
+    policy["plans"] = {"two": {"hourly_limit": 2}}
+    policy["subaccounts"][a.name]["plan"] = "two"
+    mark, pmark = len(st.milter.log_text()), len(st.policyd.log_text())
+    st.write_policy(policy)
+    st.milter.wait_for_log("event=reloaded", after=mark)
+    st.policyd.wait_for_log("event=reloaded", after=pmark)
+    key = st.key_path(a, DkimAlgorithm.RSA_SHA256)
+    good = key.read_bytes()
+    msg = b"From: orders@shop.example.com\r\nSubject: x\r\n\r\nx\r\n"
+
+    def send() -> tuple[int, str]:
+        with SMTPSession(st.postfix.submit_port) as s:
+            assert s.auth_plain(a.login, a.password).code == 235
+            t = s.send("app@shop.example.com", ["bob@example.net"], msg)
+        return t.last.code, t.last.text
+
+    try:
+        try:
+            key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+            for _ in range(3):
+                code, text = send()
+                assert code == 451 and "4.7.5" in text
+            deadline = time.monotonic() + 10
+            while st.milter.log_text()[mark:].count("event=refunded") < 3:
+                assert time.monotonic() < deadline, st.milter.log_text()[mark:]
+                time.sleep(0.05)
+            assert r.hget(f"rl:{{sub:{a.name}}}:win", "t") == "0"
+        finally:
+            key.write_bytes(good)
+        for _ in range(2):  # the whole limit is still there
+            assert send()[0] == 250
+        code, text = send()  # and it is enforced
+        assert code == 450 and "4.7.1" in text
+    finally:
+        mark, pmark = len(st.milter.log_text()), len(st.policyd.log_text())
+        st.write_policy()
+        st.milter.wait_for_log("event=reloaded", after=mark)
+        st.policyd.wait_for_log("event=reloaded", after=pmark)
+        r.flushdb()
+        r.close()

@@ -4,36 +4,16 @@ comes back exactly once, and only from buckets still in the window (real Redis).
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import Iterator
 
-import pytest
 import redis
 import redis.asyncio as aioredis
 
 from relaylab.devstack.redis import RedisServer
-from relaylab.devstack.workdir import make_workdir
 from relaylab.limits import keys, lua
 from relaylab.limits.refund import Receipt, receipt_command, refund
 from relaylab.resp import ReplyParser
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    d = make_workdir("relaylab-refund-")
-    with RedisServer(d) as r:
-        yield r
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def r(server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushall()
-    yield client
-    client.close()
 
 
 def count(r: redis.Redis, now: float, n: int, queue_id: str | None) -> lua.AdmitResult:
@@ -47,9 +27,9 @@ def count(r: redis.Redis, now: float, n: int, queue_id: str | None) -> lua.Admit
     return result
 
 
-def give_back(server: RedisServer, queue_id: str) -> int:
+def give_back(redis_server: RedisServer, queue_id: str) -> int:
     async def run() -> int:
-        client = aioredis.Redis.from_url(server.url)
+        client = aioredis.Redis.from_url(redis_server.url)
         try:
             return await refund(client, "shop", queue_id)
         finally:
@@ -63,42 +43,42 @@ def usage(r: redis.Redis, now: float) -> tuple[str | None, ...]:
             r.hget(u.day_key, u.day_field), r.hget(u.month_key, u.month_field))
 
 
-def test_a_refused_message_gives_back_its_recipients_once(r: redis.Redis, server: RedisServer) -> None:
+def test_a_refused_message_gives_back_its_recipients_once(r: redis.Redis, redis_server: RedisServer) -> None:
     count(r, T0, 3, "4QUEUE1")
     count(r, T0 + 5, 2, "4QUEUE2")
     assert usage(r, T0) == ("5", "5", "5", "5")
-    assert give_back(server, "4QUEUE1") == 3
+    assert give_back(redis_server, "4QUEUE1") == 3
     assert usage(r, T0) == ("2", "2", "2", "2")
-    assert give_back(server, "4QUEUE1") == 0  # at most once
+    assert give_back(redis_server, "4QUEUE1") == 0  # at most once
     assert usage(r, T0) == ("2", "2", "2", "2")
     assert r.get(keys.receipt_key("shop", "4QUEUE2")) is not None  # the other is untouched
     assert 0 < r.ttl(keys.receipt_key("shop", "4QUEUE2")) <= 3600
 
 
-def test_the_freed_capacity_is_usable_again(r: redis.Redis, server: RedisServer) -> None:
+def test_the_freed_capacity_is_usable_again(r: redis.Redis, redis_server: RedisServer) -> None:
     count(r, T0, 10, "4FULL")
     call = lua.AdmitCall("shop", T0 + 1, 10, None, 1, 0, "", lua.SESSION_NONE, 50, 600)
     over = r.eval(lua.ADMIT.body, 5, *call.keys(), *call.static_args(), *call.dynamic_args())
     assert lua.AdmitResult.from_reply(over).status == lua.OVER_HOUR  # type: ignore[arg-type]
-    give_back(server, "4FULL")
+    give_back(redis_server, "4FULL")
     assert count(r, T0 + 2, 10, None).status == lua.OK
 
 
-def test_a_bucket_that_left_the_window_is_not_touched(r: redis.Redis, server: RedisServer) -> None:
+def test_a_bucket_that_left_the_window_is_not_touched(r: redis.Redis, redis_server: RedisServer) -> None:
     count(r, T0, 4, "4OLD")
     count(r, T0 + 62 * 60, 1, None)  # the window has moved on: minute T0 is gone
     assert r.hget(keys.window_key("shop"), "t") == "1"
-    assert give_back(server, "4OLD") == 4
+    assert give_back(redis_server, "4OLD") == 4
     assert r.hget(keys.window_key("shop"), "t") == "1"  # not 1 - 4
     u = keys.UsageKeys.at("shop", T0)
     assert r.hget(u.hour_key, u.hour_field) == "0"  # the usage statistics are corrected
 
 
-def test_no_receipt_no_refund(r: redis.Redis, server: RedisServer) -> None:
+def test_no_receipt_no_refund(r: redis.Redis, redis_server: RedisServer) -> None:
     count(r, T0, 2, None)
-    assert give_back(server, "4NONE") == 0
+    assert give_back(redis_server, "4NONE") == 0
     r.set(keys.receipt_key("shop", "4JUNK"), "not a receipt")
-    assert give_back(server, "4JUNK") == 0
+    assert give_back(redis_server, "4JUNK") == 0
     assert usage(r, T0)[0] == "2"
 
 

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import shutil
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
 
 from relaylab.devstack.redis import RedisServer
-from relaylab.devstack.workdir import make_workdir
 from relaylab.limits import keys, lua, window
 from relaylab.limits.sessions import release_session
 from relaylab.resp import RespClient, ScriptPrefix
@@ -34,22 +30,6 @@ def evalsha(client: RespClient, prefix: ScriptPrefix, args: list[str]) -> asynci
 
     client.evalsha(prefix, args, on_reply)
     return fut
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    d = make_workdir("relaylab-policyd-lua-")
-    with RedisServer(d) as r:
-        yield r
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def r(server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushall()
-    yield client
-    client.close()
 
 
 def admit(r: redis.Redis, now: float, need: int = 1, add: int = 1, *, limit: int = 10,
@@ -167,7 +147,7 @@ def release(url: str, sub: str, sid: str) -> bool:
     return asyncio.run(go())
 
 
-def test_sessions_enforce_keep_and_release(r: redis.Redis, server: RedisServer) -> None:
+def test_sessions_enforce_keep_and_release(r: redis.Redis, redis_server: RedisServer) -> None:
     def s(sid: str, mode: str = lua.SESSION_ENFORCE, now: float = T0) -> lua.AdmitResult:
         return admit(r, now, need=1, add=0, sid=sid, mode=mode, limit=100)
 
@@ -179,8 +159,8 @@ def test_sessions_enforce_keep_and_release(r: redis.Redis, server: RedisServer) 
     assert r.zcard(keys.sessions_key("shop")) == 2  # a refused session holds nothing
     # KEEP never refuses (a session admitted earlier whose slot was lost).
     assert s("c", lua.SESSION_KEEP).sessions == 3
-    assert release(server.url, "shop", "c") is True
-    assert release(server.url, "shop", "a") is True  # what the milter does at QUIT
+    assert release(redis_server.url, "shop", "c") is True
+    assert release(redis_server.url, "shop", "a") is True  # what the milter does at QUIT
     assert s("d").status == lua.OK and s("d").sessions == 2
 
 
@@ -195,14 +175,14 @@ def test_session_slots_expire_without_release(r: redis.Redis) -> None:
     assert s("d", T0 + 85).status == lua.OVER_SESSIONS  # b refreshed at +30, c at +61
 
 
-def test_release_of_an_unknown_session_is_harmless(r: redis.Redis, server: RedisServer) -> None:
-    assert release(server.url, "shop", "1.2.3.4:5>6.7.8.9:25") is False
+def test_release_of_an_unknown_session_is_harmless(r: redis.Redis, redis_server: RedisServer) -> None:
+    assert release(redis_server.url, "shop", "1.2.3.4:5>6.7.8.9:25") is False
 
 
-def test_concurrent_admissions_never_exceed_the_limit(server: RedisServer, r: redis.Redis) -> None:
+def test_concurrent_admissions_never_exceed_the_limit(redis_server: RedisServer, r: redis.Redis) -> None:
     """Two clients (as two policyd processes), 400 concurrent requests, limit 150."""
     async def go() -> list[int]:
-        clients = [RespClient(server.url, scripts=(lua.ADMIT,)) for _ in range(2)]
+        clients = [RespClient(redis_server.url, scripts=(lua.ADMIT,)) for _ in range(2)]
         try:
             futures = []
             for i in range(400):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,26 +10,17 @@ import redis
 
 from policyd.__main__ import main
 from relaylab.devstack.redis import RedisServer
-from relaylab.devstack.workdir import make_workdir
 from relaylab.limits import lua
 from relaylab.limits.report import read_usage
 from relaylab.policy.loader import load_policy
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    d = make_workdir("relaylab-policyd-report-")
-    with RedisServer(d) as r:
-        yield r
-    shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.fixture
-def config(tmp_path: Path, server: RedisServer) -> Path:
-    redis.Redis.from_url(server.url).flushall()
+def config(tmp_path: Path, redis_server: RedisServer) -> Path:
+    redis.Redis.from_url(redis_server.url).flushall()
     p = tmp_path / "relaylab.yaml"
     p.write_text(f"""\
-redis: {{url: "{server.url}"}}
+redis: {{url: "{redis_server.url}"}}
 plans:
   free: {{hourly_limit: 5, max_sessions: 3, retention_days: 7, monthly_quota: 24_000}}
 subaccounts:
@@ -56,22 +45,22 @@ def fill(url: str, now: float) -> None:
         r.eval(lua.ADMIT.body, 5, *call.keys(), *call.static_args(), *call.dynamic_args())
 
 
-def test_read_usage(config: Path, server: RedisServer) -> None:
+def test_read_usage(config: Path, redis_server: RedisServer) -> None:
     now = time.time()
-    fill(server.url, now)
+    fill(redis_server.url, now)
     policy = load_policy(config)
     shop = policy.subaccount("shop")
     assert shop is not None
-    u = read_usage(redis.Redis.from_url(server.url, decode_responses=True), shop, now)
+    u = read_usage(redis.Redis.from_url(redis_server.url, decode_responses=True), shop, now)
     assert (u.hour_window, u.this_month, u.sessions) == (5, 5, 2)
     assert (u.hourly_free, u.monthly_free, u.session_slots_free) == (0, 23_995, 1)
     assert u.frees_at is not None and 3500 < u.frees_at - now <= 3660
     assert u.today >= 0 and u.this_hour >= 0  # the calendar hour may have just turned
 
 
-def test_limits_show_prints_every_subaccount(config: Path, server: RedisServer,
+def test_limits_show_prints_every_subaccount(config: Path, redis_server: RedisServer,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    fill(server.url, time.time())
+    fill(redis_server.url, time.time())
     assert main(["limits", "show", "--config", str(config)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["SUBACCOUNT", "PLAN", "LAST", "60", "MIN", "FREE", "MONTH", "TODAY",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -53,14 +52,6 @@ def test_url(url: str, expected: RedisAddress) -> None:
     assert RedisAddress.parse(url) == expected
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    d = make_workdir("relaylab-policyd-resp-")
-    with RedisServer(d) as r:
-        yield r
-    shutil.rmtree(d, ignore_errors=True)
-
-
 SCRIPT = Script("echo", "return {tonumber(ARGV[1]) + 1, KEYS[1]}")
 
 
@@ -77,9 +68,9 @@ def evalsha(client: RespClient, prefix: ScriptPrefix, args: list[str]) -> asynci
     return fut
 
 
-def test_pipelined_calls_and_noscript_fallback(server: RedisServer) -> None:
+def test_pipelined_calls_and_noscript_fallback(redis_server: RedisServer) -> None:
     async def go() -> list[object]:
-        c = RespClient(server.url, scripts=(SCRIPT,))
+        c = RespClient(redis_server.url, scripts=(SCRIPT,))
         try:
             prefix = c.script_prefix(SCRIPT, ["k"], [])
             first = await asyncio.gather(*(evalsha(c, prefix, [str(i)]) for i in range(100)))
@@ -92,9 +83,9 @@ def test_pipelined_calls_and_noscript_fallback(server: RedisServer) -> None:
     assert asyncio.run(go()) == [[1, b"k"], [100, b"k"], [8, b"k"]]
 
 
-def test_evalsha_head_before_connecting_pipelined_and_after_noscript(server: RedisServer) -> None:
+def test_evalsha_head_before_connecting_pipelined_and_after_noscript(redis_server: RedisServer) -> None:
     async def go() -> list[object]:
-        c = RespClient(server.url, scripts=(SCRIPT,))
+        c = RespClient(redis_server.url, scripts=(SCRIPT,))
         prefix = c.script_prefix(SCRIPT, ["k"], [])
         head, eval_head = prefix.heads(1)
         assert head == b"*5\r\n" + prefix.evalsha and eval_head == b"*5\r\n" + prefix.eval
@@ -117,9 +108,9 @@ def test_evalsha_head_before_connecting_pipelined_and_after_noscript(server: Red
     assert asyncio.run(go()) == [[2, b"k"], [50, b"k"], [8, b"k"]]
 
 
-def test_error_replies_raise(server: RedisServer) -> None:
+def test_error_replies_raise(redis_server: RedisServer) -> None:
     async def go() -> None:
-        c = RespClient(server.url)
+        c = RespClient(redis_server.url)
         try:
             await c.execute("NOSUCHCOMMAND")
         finally:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,9 @@ from policyd.limits import LimitService, LimitStore
 from policyd.server import PolicyServer
 from relaylab.devstack.ports import free_port
 from relaylab.devstack.redis import RedisServer
-from relaylab.devstack.workdir import make_workdir
 from relaylab.limits.lua import ADMIT
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.resp import RespClient
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    d = make_workdir("relaylab-policyd-server-")
-    with RedisServer(d) as r:
-        yield r
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def write_policy(tmp_path: Path, redis_url: str, policyd: str = "{}") -> Path:

@@ -5,56 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from relaylab import eventloop
-from relaylab.policy.loader import ConfigError, default_config_path, load_policy
-from relaylab.policy.model import Policy
+from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit
 
 
 def register(subparsers: Any) -> None:
     """Add the policyd and limits commands to the `relaylab` parser's subparsers."""
     p = subparsers.add_parser("policyd", help="run the limits policy server "
                                               "(Postfix check_policy_service)")
-    _config_arg(p)
-    p.add_argument("--listen", help="HOST:PORT, overrides policyd.listen")
+    config_arg(p)
+    p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides policyd.listen")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_policyd)
 
     limits = subparsers.add_parser("limits", help="sending limits").add_subparsers(
         dest="limits_command", required=True)
     p = limits.add_parser("show", help="current usage, limits and free session slots")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("subaccount", nargs="?", help="only this subaccount (default: all)")
     p.set_defaults(func=cmd_limits_show)
-
-
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None,
-                   help="policy file (default: $RELAYLAB_CONFIG or conf/relaylab.yaml)")
-
-
-def _config(args: argparse.Namespace) -> Path:
-    path: Path = args.config if args.config is not None else default_config_path()
-    return path
-
-
-def _load_or_exit(args: argparse.Namespace, check_keys: bool = True) -> Policy:
-    try:
-        return load_policy(_config(args), check_keys=check_keys)
-    except ConfigError as e:
-        for p in e.problems:
-            print(f"error: {p}", file=sys.stderr)
-        print(f"{len(e.problems)} problem(s) in {_config(args)}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SystemExit(f"relaylab: --listen expects HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def cmd_policyd(args: argparse.Namespace) -> int:
@@ -62,9 +33,9 @@ def cmd_policyd(args: argparse.Namespace) -> int:
     from relaylab.logfmt import setup_logging
 
     setup_logging(args.log_level)
-    _load_or_exit(args)  # fail fast with the same report as `relaylab check`
-    host, port = parse_listen(args.listen) if args.listen else (None, None)
-    eventloop.run(serve(_config(args), host, port))
+    load_or_exit(args)  # fail fast with the same report as `relaylab check`
+    host, port = args.listen or (None, None)
+    eventloop.run(serve(config_path(args), host, port))
     return 0
 
 
@@ -73,7 +44,7 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
 
     from relaylab.limits.report import read_usage
 
-    policy = _load_or_exit(args, check_keys=False)
+    policy = load_or_exit(args, check_keys=False)
     subs = list(policy.subaccounts)
     if args.subaccount:
         sub = policy.subaccount(args.subaccount)

@@ -8,32 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from relaylab import eventloop
-from relaylab.policy.loader import ConfigError, default_config_path, load_policy
-from relaylab.policy.model import Policy
+from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit
+from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.suppression.cli import register as register_suppression
 
 
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None,
-                   help="policy file (default: $RELAYLAB_CONFIG or conf/relaylab.yaml)")
-
-
-def _config(args: argparse.Namespace) -> Path:
-    return args.config if args.config is not None else default_config_path()
-
-
-def _load_or_exit(args: argparse.Namespace) -> Policy:
-    try:
-        return load_policy(_config(args))
-    except ConfigError as e:
-        for p in e.problems:
-            print(f"error: {p}", file=sys.stderr)
-        print(f"{len(e.problems)} problem(s) in {_config(args)}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    policy = _load_or_exit(args)
+    policy = load_or_exit(args)
     m = policy.milter
     print(f"{policy.source}: OK")
     print(f"redis {policy.redis_url}; milter {m.listen_host}:{m.listen_port}; "
@@ -54,12 +35,9 @@ def cmd_milter(args: argparse.Namespace) -> int:
     from relaylab.logfmt import setup_logging
 
     setup_logging(args.log_level)
-    _load_or_exit(args)  # fail fast with the same report as `relaylab check`
-    host, port = None, None
-    if args.listen:
-        h, _, p = args.listen.rpartition(":")
-        host, port = h or "127.0.0.1", int(p)
-    eventloop.run(serve(_config(args), host, port))
+    load_or_exit(args)  # fail fast with the same report as `relaylab check`
+    host, port = args.listen or (None, None)
+    eventloop.run(serve(config_path(args), host, port))
     return 0
 
 
@@ -106,7 +84,7 @@ def cmd_dns_check(args: argparse.Namespace) -> int:
 
     try:
         # Keys are checked per selector below, so one bad key file is one "fail" line.
-        policy = load_policy(_config(args), check_keys=False)
+        policy = load_policy(config_path(args), check_keys=False)
     except ConfigError as e:
         for p in e.problems:
             print(f"error: {p}", file=sys.stderr)
@@ -135,19 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="validate the policy file and print a summary")
-    _config_arg(p)
+    config_arg(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("milter", help="run the milter (Postfix smtpd_milters)")
-    _config_arg(p)
-    p.add_argument("--listen", help="HOST:PORT, overrides milter.listen")
+    config_arg(p)
+    p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides milter.listen")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_milter)
 
     dkim = sub.add_parser("dkim", help="DKIM key management").add_subparsers(
         dest="dkim_command", required=True)
     p = dkim.add_parser("keygen", help="create a signing key and print its DNS record")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("--domain", required=True)
     p.add_argument("--selector", required=True)
     p.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
@@ -159,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     dns = sub.add_parser("dns", help="DNS checks").add_subparsers(dest="dns_command",
                                                                   required=True)
     p = dns.add_parser("check", help="check SPF, DKIM and DMARC records of sending domains")
-    _config_arg(p)
+    config_arg(p)
     p.add_argument("domains", nargs="*", metavar="DOMAIN",
                    help="domains to check (default: every configured domain)")
     p.add_argument("--nameserver", help="ask this resolver IP instead of the system's")

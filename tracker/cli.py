@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from relaylab.policy.loader import ConfigError, default_config_path, load_policy
+from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("tracker", help="run the tracker (open pixel, click redirects, "
                                               "one-click unsubscribe)")
-    p.add_argument("--config", type=Path, default=None,
-                   help="policy file (default: $RELAYLAB_CONFIG or conf/relaylab.yaml)")
-    p.add_argument("--listen", help="HOST:PORT, overrides tracker.listen")
+    config_arg(p)
+    p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides tracker.listen")
     p.add_argument("--workers", type=int, help="processes sharing the port, overrides tracker.workers")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_tracker)
@@ -26,23 +24,13 @@ def cmd_tracker(args: argparse.Namespace) -> int:
     from tracker.server import run
 
     setup_logging(args.log_level)
-    config: Path = args.config if args.config is not None else default_config_path()
-    try:  # fail fast with the same report as `relaylab check`
-        policy = load_policy(config, check_keys=False)
-    except ConfigError as e:
-        for p in e.problems:
-            print(f"error: {p}", file=sys.stderr)
-        return 1
+    # Fail fast with the same report as `relaylab check` (DKIM keys are the milter's).
+    policy = load_or_exit(args, check_keys=False)
+    config = config_path(args)
     if not policy.tracker.enabled:
         print(f"error: {config}: tracker: base_url and keys are needed to run the tracker",
               file=sys.stderr)
         return 1
-    host, port = None, None
-    if args.listen:
-        h, sep, p = args.listen.rpartition(":")
-        if not sep or not p.isdigit() or not 0 < int(p) < 65536:
-            print(f"error: --listen expects HOST:PORT, got {args.listen!r}", file=sys.stderr)
-            return 2
-        host, port = h.strip("[]") or "127.0.0.1", int(p)
+    host, port = args.listen or (None, None)
     run(config, host, port, args.workers or policy.tracker.workers)
     return 0

@@ -154,6 +154,15 @@ class _Walker:
             self.fail(node, key, f"must be one of: {options}; got {value!r}")
             return None
 
+    def listen(self, node: yaml.Node, key: str) -> tuple[str, int] | None:
+        value = self.string(node, key)
+        if value is None:
+            return None
+        parsed = split_listen(value)
+        if parsed is None:
+            self.fail(node, key, f"expected HOST:PORT, got {value!r}")
+        return parsed
+
     def string_list(self, node: yaml.Node, key: str) -> list[tuple[yaml.Node, str]]:
         if not isinstance(node, yaml.SequenceNode):
             self.fail(node, key, f"expected a list, got {_kind(node)}")
@@ -164,6 +173,14 @@ class _Walker:
             if s is not None:
                 out.append((item, s))
         return out
+
+
+def split_listen(value: str) -> tuple[str, int] | None:
+    """HOST:PORT (an IPv6 host may be in brackets) -> (host, port); None if malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def _kind(node: yaml.Node) -> str:
@@ -298,14 +315,8 @@ def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
     m = w.mapping(node, "milter", {"listen", "unauthenticated", "missing_key",
                                    "message_id_header", "subaccount_header", "on_redis_error"})
     kw: dict[str, object] = {}
-    if "listen" in m:
-        listen = w.string(m["listen"][1], "milter.listen")
-        if listen is not None:
-            host, sep, port = listen.rpartition(":")
-            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-                w.fail(m["listen"][1], "milter.listen", f"expected HOST:PORT, got {listen!r}")
-            else:
-                kw["listen_host"], kw["listen_port"] = host.strip("[]"), int(port)
+    if "listen" in m and (listen := w.listen(m["listen"][1], "milter.listen")):
+        kw["listen_host"], kw["listen_port"] = listen
     if "unauthenticated" in m:
         kw["unauthenticated"] = w.choice(m["unauthenticated"][1], "milter.unauthenticated",
                                          UnauthenticatedAction)
@@ -338,14 +349,8 @@ def _policyd(w: _Walker, node: yaml.Node) -> PolicydSettings:
     m = w.mapping(node, "policyd", {"listen", "on_redis_error", "count_mode", "usage_header",
                                     "session_ttl"})
     kw: dict[str, object] = {}
-    if "listen" in m:
-        listen = w.string(m["listen"][1], "policyd.listen")
-        if listen is not None:
-            host, sep, port = listen.rpartition(":")
-            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-                w.fail(m["listen"][1], "policyd.listen", f"expected HOST:PORT, got {listen!r}")
-            else:
-                kw["listen_host"], kw["listen_port"] = host.strip("[]"), int(port)
+    if "listen" in m and (listen := w.listen(m["listen"][1], "policyd.listen")):
+        kw["listen_host"], kw["listen_port"] = listen
     if "on_redis_error" in m:
         kw["on_redis_error"] = w.choice(m["on_redis_error"][1], "policyd.on_redis_error",
                                         RedisErrorAction)
@@ -535,14 +540,8 @@ def _tracker(w: _Walker, node: yaml.Node, base: Path, read_secrets: bool) -> Tra
                        f"expected http(s)://HOST[/PATH] without query, got {url!r}")
             else:
                 kw["base_url"] = url.rstrip("/")
-    if "listen" in m:
-        listen = w.string(m["listen"][1], "tracker.listen")
-        if listen is not None:
-            host, sep, port = listen.rpartition(":")
-            if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-                w.fail(m["listen"][1], "tracker.listen", f"expected HOST:PORT, got {listen!r}")
-            else:
-                kw["listen_host"], kw["listen_port"] = host.strip("[]"), int(port)
+    if "listen" in m and (listen := w.listen(m["listen"][1], "tracker.listen")):
+        kw["listen_host"], kw["listen_port"] = listen
     if "workers" in m:
         kw["workers"] = w.integer(m["workers"][1], "tracker.workers", minimum=1)
     if "trusted_proxies" in m:

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import redis
 
-from relaylab.policy.loader import ConfigError, default_config_path, load_policy
+from relaylab.cliargs import config_arg, config_path
+from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.policy.model import Policy
 from relaylab.suppression.csvio import (
     CsvFormatError,
@@ -131,8 +132,7 @@ def register(subparsers: Subparsers) -> None:
 
 def _leaf(parent: Subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--config", type=Path, default=None,
-                   help="policy file (default: $RELAYLAB_CONFIG or conf/relaylab.yaml)")
+    config_arg(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--subaccount", metavar="NAME", help="the list of this subaccount")
     g.add_argument("--global", dest="global_", action="store_true", help="the list for all subaccounts")
@@ -179,7 +179,7 @@ def _command(fn: Callable[[argparse.Namespace, _Ctx], int]) -> Callable[[argpars
 
 
 def _load_policy(args: argparse.Namespace) -> Policy:
-    path = args.config if args.config is not None else default_config_path()
+    path = config_path(args)
     try:
         return load_policy(path, check_keys=False)  # key files do not matter here
     except ConfigError as e:

@@ -1,0 +1,43 @@
+"""Arguments every `relaylab` service command shares: --config and --listen, and loading
+the policy with the same report as `relaylab check`. Used by relaylab/cli.py and by the
+services' own CLI modules (policyd/cli.py, tracker/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from relaylab.policy.loader import ConfigError, default_config_path, load_policy, split_listen
+from relaylab.policy.model import Policy
+
+__all__ = ["config_arg", "config_path", "listen_arg", "load_or_exit"]
+
+
+def config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="policy file (default: $RELAYLAB_CONFIG or conf/relaylab.yaml)")
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    path: Path = args.config if args.config is not None else default_config_path()
+    return path
+
+
+def load_or_exit(args: argparse.Namespace, *, check_keys: bool = True) -> Policy:
+    """The policy, or every problem on stderr and exit status 1."""
+    try:
+        return load_policy(config_path(args), check_keys=check_keys)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"error: {p}", file=sys.stderr)
+        print(f"{len(e.problems)} problem(s) in {config_path(args)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def listen_arg(value: str) -> tuple[str, int]:
+    """argparse type of --listen: HOST:PORT, or :PORT for 127.0.0.1."""
+    parsed = split_listen("127.0.0.1" + value if value.startswith(":") else value)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"expects HOST:PORT, got {value!r}")
+    return parsed

@@ -303,6 +303,30 @@ class RespClient:
         self.submit(encode_command(args), _future_callback(fut))
         return await fut
 
+    async def execute_all(self, commands: Sequence[bytes]) -> list[Any]:
+        """Encoded commands, sent together (and with those of concurrent callers); their
+        replies in order. The first error reply or failure raises."""
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        replies: list[Any] = [None] * len(commands)
+        missing = [len(commands)]
+
+        def on_reply(i: int) -> OnReply:
+            def store(reply: Any) -> None:
+                if fut.done():
+                    return
+                if isinstance(reply, BaseException):
+                    fut.set_exception(reply)
+                    return
+                replies[i] = reply
+                missing[0] -= 1
+                if not missing[0]:
+                    fut.set_result(replies)
+            return store
+
+        for i, command in enumerate(commands):
+            self.submit(command, on_reply(i))
+        return await fut
+
     def submit(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None) -> None:
         """Send an encoded command; `on_reply` gets its reply or an exception. No future, no
         coroutine on the usual path: when connected, this is one append to the connection's

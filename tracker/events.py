@@ -9,15 +9,13 @@ of clicks a second (redis-py costs ~200 us of CPU a call).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 
 from relaylab.resp import RespClient, encode_command
-from relaylab.suppression.keys import daily_key, events_key
+from relaylab.suppression.keys import daily_key, events_key, events_minid
 
 __all__ = ["Event", "EventWriter"]
 
@@ -38,7 +36,7 @@ class Event:
 
     def commands(self, retention_days: int, now: float) -> list[bytes]:
         """XADD (trimmed to the retention) and the day's HINCRBYs, RESP-encoded."""
-        minid = int((now - retention_days * 86_400) * 1000)
+        minid = events_minid(now, retention_days)
         fields = ["type", self.type, "message_id", self.message_id, "recipient", self.recipient]
         if self.url:
             fields += ["url", self.url]
@@ -60,20 +58,5 @@ class EventWriter:
 
     async def write(self, event: Event, retention_days: int) -> None:
         """Record the event; raises RedisUnavailable / RedisReplyError."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        commands = event.commands(retention_days, self._clock())
-        left = [len(commands)]
-
-        def on_reply(reply: Any) -> None:
-            if fut.done():
-                return
-            if isinstance(reply, BaseException):
-                fut.set_exception(reply)
-                return
-            left[0] -= 1
-            if not left[0]:
-                fut.set_result(None)
-
-        for command in commands:  # they leave in one write with those of other requests
-            self._client.submit(command, on_reply)
-        await fut
+        # They leave in one write, with those of other requests.
+        await self._client.execute_all(event.commands(retention_days, self._clock()))

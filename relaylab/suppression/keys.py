@@ -35,7 +35,7 @@ import time
 
 from relaylab.suppression.model import GLOBAL, ListKind, Scope
 
-__all__ = ["daily_key", "events_key", "list_key", "scope_tag"]
+__all__ = ["daily_key", "events_key", "events_minid", "list_key", "scope_tag"]
 
 # Same rule as the policy loader: hash-tag braces can never appear in a name.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -55,6 +55,11 @@ def list_key(scope: Scope, which: ListKind) -> str:
 
 def events_key(subaccount: str) -> str:
     return f"rl:{scope_tag(subaccount)}:events"
+
+
+def events_minid(now: float, retention_days: int) -> int:
+    """XADD's MINID (ms) that trims the events stream to `retention_days` before `now`."""
+    return int((now - retention_days * 86_400) * 1000)
 
 
 def daily_key(subaccount: str, now: float) -> str:

@@ -7,10 +7,9 @@ the key schema, the decoding and the guardrails exist once.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Literal, TypeAlias
 
@@ -22,7 +21,7 @@ from redis.typing import EncodableT, FieldT
 from relaylab.resp import RespClient, encode_command
 from relaylab.suppression.decide import Pair, Verdict, decide
 from relaylab.suppression.freemail import is_freemail
-from relaylab.suppression.keys import daily_key, events_key, list_key
+from relaylab.suppression.keys import daily_key, events_key, events_minid, list_key
 from relaylab.suppression.model import GLOBAL, Entry, Kind, ListKind, Reason, Scope, Source, scope_label
 from relaylab.suppression.normalize import InvalidAddress, LocalPartMode, normalize_address
 
@@ -160,7 +159,7 @@ def _chunks(entries: Iterable[Entry], force: bool) -> Iterator[tuple[int, bytes,
 def _event_args(subaccount: str, event_type: str, retention_days: int, now: float,
                 fields: dict[str, str | int]) -> tuple[str, dict[FieldT, EncodableT], int, str]:
     """XADD key, fields, MINID (ms), daily counter key."""
-    minid = int((now - retention_days * 86_400) * 1000)
+    minid = events_minid(now, retention_days)
     values: dict[FieldT, EncodableT] = {"type": event_type}
     values.update(fields)
     return events_key(subaccount), values, minid, daily_key(subaccount, now)
@@ -285,26 +284,7 @@ async def lookup_pipelined(client: RespClient, subaccount: str, recipient: str, 
     p = probe(subaccount, recipient, local_part)
     if p is None:
         return Verdict(recipient, refuse=False)
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    replies: list[Any] = [None] * len(p.keys)
-    missing = [len(p.keys)]
-
-    def on_reply(i: int) -> Callable[[Any], None]:
-        def store(reply: Any) -> None:
-            if fut.done():
-                return
-            if isinstance(reply, BaseException):
-                fut.set_exception(reply)
-                return
-            replies[i] = reply
-            missing[0] -= 1
-            if not missing[0]:
-                fut.set_result(None)
-        return store
-
-    for i, key in enumerate(p.keys):
-        client.submit(encode_command(("HMGET", key, *p.fields)), on_reply(i))
-    await fut
+    replies = await client.execute_all([encode_command(("HMGET", key, *p.fields)) for key in p.keys])
     return p.verdict(replies, _now(now))
 
 

@@ -120,6 +120,28 @@ def test_error_replies_raise(redis_server: RedisServer) -> None:
         asyncio.run(go())
 
 
+def test_execute_all_returns_replies_in_order_and_raises_the_first_error(
+        redis_server: RedisServer) -> None:
+    async def go() -> tuple[list[object], BaseException | None]:
+        c = RespClient(redis_server.url)
+        try:
+            ok = await c.execute_all([encode_command(("SET", "ea:k", "v")),
+                                      encode_command(("GET", "ea:k")),
+                                      encode_command(("INCRBY", "ea:n", "5"))])
+            try:
+                await c.execute_all([encode_command(("GET", "ea:k")),
+                                     encode_command(("NOSUCHCOMMAND",))])
+            except RedisReplyError as e:
+                return ok, e
+            return ok, None
+        finally:
+            await c.close()
+
+    replies, error = asyncio.run(go())
+    assert replies == ["OK", b"v", 5]  # status replies are str, bulk strings bytes
+    assert isinstance(error, RedisReplyError) and "unknown command" in str(error)
+
+
 def test_unreachable_fails_fast_and_reconnects_when_back(tmp_path: object) -> None:
     port = free_port()
 

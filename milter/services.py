@@ -29,8 +29,7 @@ class Services:
         """The token signer of `policy` (None without a tracker), rebuilt after a reload."""
         if self._tokens is None or self._tokens[0] is not policy:
             t = policy.tracker
-            signer = TokenSigner([(k.id, k.secret) for k in t.keys], t.base_url) \
-                if t.enabled and t.base_url else None
+            signer = TokenSigner.of(t) if t.enabled else None
             self._tokens = (policy, signer)
         return self._tokens[1]
 

@@ -104,8 +104,7 @@ class Tracker:
         policy = self._holder.policy
         if policy is not self._signer_for:  # rebuilt once per policy reload (key rotation)
             t = policy.tracker
-            self._signer = (TokenSigner([(k.id, k.secret) for k in t.keys], t.base_url or "")
-                            if t.keys else None)
+            self._signer = TokenSigner.of(t)
             self._trusted = tuple(ipaddress.ip_network(n) for n in t.trusted_proxies)
             self._signer_for = policy
         return self._signer

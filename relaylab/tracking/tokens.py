@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from relaylab.policy.model import TrackerSettings
+
 __all__ = ["MAX_URL_LENGTH", "Claims", "Kind", "TokenSigner"]
 
 MAX_URL_LENGTH = 2_000  # some clients and proxies truncate longer URLs
@@ -65,6 +67,13 @@ class TokenSigner:
         self._macs = {kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in keys}
         self._signing_id = keys[0][0]
         self.base_url = base_url.rstrip("/")
+
+    @classmethod
+    def of(cls, settings: TrackerSettings) -> TokenSigner | None:
+        """The signer of the policy's tracker section; None when it lists no keys."""
+        if not settings.keys:
+            return None
+        return cls([(k.id, k.secret) for k in settings.keys], settings.base_url or "")
 
     def _mac(self, kid: str, kind: Kind, payload: str) -> bytes | None:
         base = self._macs.get(kid)

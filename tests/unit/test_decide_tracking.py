@@ -67,8 +67,9 @@ def policy(tmp_path: Path, key: ed25519.Ed25519PrivateKey) -> Policy:
 
 
 def signer(policy: Policy) -> TokenSigner:
-    t = policy.tracker
-    return TokenSigner([(k.id, k.secret) for k in t.keys], t.base_url or "")
+    s = TokenSigner.of(policy.tracker)
+    assert s is not None
+    return s
 
 
 def message(login: str, rcpts: list[str], headers: list[tuple[bytes, bytes]] | None = None,

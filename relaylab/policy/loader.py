@@ -195,13 +195,10 @@ def _describe(node: yaml.Node) -> str:
     return _kind(node)
 
 
-def load_policy(path: Path | str | None = None, *, check_keys: bool = True,
-                read_secrets: bool = True) -> Policy:
+def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> Policy:
     """Read, validate and return the policy; raise ConfigError listing every problem.
 
-    check_keys=False skips parsing DKIM key files (tools that never sign);
-    read_secrets=False skips reading tracker token key files (tests of example files
-    only: the resulting keys are empty and must not sign anything)."""
+    check_keys=False skips parsing DKIM key files (tools that never sign)."""
     file = Path(path) if path is not None else default_config_path()
     try:
         text = file.read_text(encoding="utf-8")
@@ -222,14 +219,13 @@ def load_policy(path: Path | str | None = None, *, check_keys: bool = True,
     if root is None:
         raise ConfigError([Problem(file, 1, "-", "the file is empty")])
     w = _Walker(file)
-    policy = _build(w, root, file, check_keys, read_secrets)
+    policy = _build(w, root, file, check_keys)
     if w.problems or policy is None:
         raise ConfigError(sorted(w.problems, key=lambda p: p.line))
     return policy
 
 
-def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool, read_secrets: bool
-           ) -> Policy | None:
+def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
     top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
                                  "tracker"})
     base = file.parent
@@ -248,7 +244,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool, read_secre
     milter = _milter(w, top["milter"][1]) if "milter" in top else MilterSettings()
     policyd = _policyd(w, top["policyd"][1]) if "policyd" in top else PolicydSettings()
     before = len(w.problems)
-    tracker = _tracker(w, top["tracker"][1], base, read_secrets) if "tracker" in top else TrackerSettings()
+    tracker = _tracker(w, top["tracker"][1], base) if "tracker" in top else TrackerSettings()
     # A broken tracker section is reported once, not again by every subaccount using it.
     tracker_ok = tracker.enabled or len(w.problems) == before
     dns = DnsSettings()
@@ -528,7 +524,7 @@ _KEY_ID_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
 MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys shorter than the hash weaken it
 
 
-def _tracker(w: _Walker, node: yaml.Node, base: Path, read_secrets: bool) -> TrackerSettings:
+def _tracker(w: _Walker, node: yaml.Node, base: Path) -> TrackerSettings:
     m = w.mapping(node, "tracker", {"base_url", "listen", "workers", "keys", "trusted_proxies"})
     kw: dict[str, object] = {}
     if "base_url" in m:
@@ -559,7 +555,7 @@ def _tracker(w: _Walker, node: yaml.Node, base: Path, read_secrets: bool) -> Tra
             w.fail(knodes, "tracker.keys", "expected a non-empty list of {id, secret | secret_file}")
         else:
             for i, kn in enumerate(knodes.value):
-                key = _tracker_key(w, f"tracker.keys[{i}]", kn, base, read_secrets)
+                key = _tracker_key(w, f"tracker.keys[{i}]", kn, base)
                 if key is not None and any(k.id == key.id for k in keys):
                     w.fail(kn, f"tracker.keys[{i}].id", f"key id {key.id!r} is used twice")
                 elif key is not None:
@@ -570,8 +566,7 @@ def _tracker(w: _Walker, node: yaml.Node, base: Path, read_secrets: bool) -> Tra
     return TrackerSettings(**{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
 
 
-def _tracker_key(w: _Walker, key: str, node: yaml.Node, base: Path, read_secrets: bool
-                 ) -> TrackerKey | None:
+def _tracker_key(w: _Walker, key: str, node: yaml.Node, base: Path) -> TrackerKey | None:
     k = w.mapping(node, key, {"id", "secret", "secret_file"})
     if "id" not in k or ("secret" in k) == ("secret_file" in k):
         w.fail(node, key, "each key needs an id and exactly one of secret, secret_file")
@@ -588,8 +583,6 @@ def _tracker_key(w: _Walker, key: str, node: yaml.Node, base: Path, read_secrets
         vnode, vkey = k["secret_file"][1], f"{key}.secret_file"
         rel = w.string(vnode, vkey)
         secret = None
-        if rel is not None and not read_secrets:
-            return TrackerKey(id=kid, secret=b"") if kid is not None else None
         if rel is not None:
             path = Path(rel) if Path(rel).is_absolute() else base / rel
             try:

@@ -452,8 +452,18 @@ def test_subaccount_header_null_disables_it(valid_policy: Policy, tmp_path: Path
 # ---------------------------------------------------------------- the shipped example
 
 
-def test_shipped_example_loads_without_key_checks() -> None:
-    policy = load_policy(SHIPPED_CONF, check_keys=False, read_secrets=False)
+def shipped_copy(tmp_path: Path, *, token_key: bool) -> Path:
+    """conf/ copied to tmp_path, with the tracker's token key file in place if asked."""
+    conf = tmp_path / "conf"
+    shutil.copytree(SHIPPED_CONF.parent, conf)
+    if token_key:
+        (conf / "keys").mkdir()
+        (conf / "keys" / "tracker.k2026a.secret").write_text("k" * 48)
+    return conf / "relaylab.yaml"
+
+
+def test_shipped_example_loads_without_key_checks(tmp_path: Path) -> None:
+    policy = load_policy(shipped_copy(tmp_path, token_key=True), check_keys=False)
     assert [s.name for s in policy.subaccounts] == ["shop-transactional", "shop-newsletter"]
     assert {pl.name for pl in policy.plans} == {"shared", "dedicated", "free"}
     assert policy.dns.spf_include == "_spf.relay.example.net"
@@ -461,16 +471,15 @@ def test_shipped_example_loads_without_key_checks() -> None:
 
 
 def test_shipped_example_loads_fully_once_its_keys_exist(tmp_path: Path, keys: Keys) -> None:
-    conf = tmp_path / "conf"
-    shutil.copytree(SHIPPED_CONF.parent, conf)
-    copy = conf / "relaylab.yaml"
-    refs = load_policy(copy, check_keys=False, read_secrets=False).all_keys()
-    assert len(refs) == 3
+    copy = shipped_copy(tmp_path, token_key=False)
+    conf = copy.parent
     with pytest.raises(ConfigError) as excinfo:  # keys not generated yet
         load_policy(copy)
     assert len(excinfo.value.problems) == 4  # three DKIM keys and the tracker's token key
     (conf / "keys").mkdir()
     (conf / "keys" / "tracker.k2026a.secret").write_text("k" * 48)
+    refs = load_policy(copy, check_keys=False).all_keys()
+    assert len(refs) == 3
     for ref in refs:
         assert ref.path.is_relative_to(conf)
         ref.path.parent.mkdir(parents=True, exist_ok=True)

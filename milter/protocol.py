@@ -26,13 +26,12 @@ from purepythonmilter.protocol.packet import encode_payload
 
 from milter.headers import parse_header_field
 from milter.services import Services
-from milter.session import MACROS, PROTOCOL_FLAGS, MilterSession
+from milter.session import CONTINUE_PACKET, MACROS, PROTOCOL_FLAGS, MilterSession
 from relaylab.logfmt import log_event
 
 log = logging.getLogger("relaylab.milter")
 
 
-_CONTINUE = encode_payload(responses.Continue().encode())
 _LENGTH = struct.Struct("!I")
 _OPTNEG = struct.Struct("!III")
 
@@ -183,7 +182,7 @@ class MilterProtocol(asyncio.Protocol):
                 s.close()
             case _:
                 # Not negotiated; a reply keeps the MTA moving if one arrives anyway.
-                out.append(_CONTINUE)
+                out.append(CONTINUE_PACKET)
         return True
 
 

@@ -18,6 +18,7 @@ import logging
 import urllib.parse
 from collections.abc import Sequence
 
+import attrs
 from aiohttp import web
 
 from relaylab.health import RedisHealth
@@ -90,27 +91,32 @@ def _in(address: str, nets: Sequence[IPNetwork]) -> bool:
     return any(ip in net for net in nets)
 
 
+@attrs.frozen
+class _Derived:
+    policy: Policy
+    signer: TokenSigner | None
+    trusted: tuple[IPNetwork, ...]
+
+
 class Tracker:
     def __init__(self, holder: PolicyHolder, events: RespClient, store: SuppressionStore) -> None:
         self._holder = holder
         self._writer = EventWriter(events)
         self._store = store
         self.health = RedisHealth(log)
-        self._signer_for: Policy | None = None
-        self._signer: TokenSigner | None = None
-        self._trusted: tuple[IPNetwork, ...] = ()
+        self._derived: _Derived | None = None
 
-    def signer(self) -> TokenSigner | None:
+    def _current(self) -> _Derived:
+        """What the handlers derive from the policy, rebuilt once per reload (key rotation)."""
         policy = self._holder.policy
-        if policy is not self._signer_for:  # rebuilt once per policy reload (key rotation)
+        if self._derived is None or self._derived.policy is not policy:
             t = policy.tracker
-            self._signer = TokenSigner.of(t)
-            self._trusted = tuple(ipaddress.ip_network(n) for n in t.trusted_proxies)
-            self._signer_for = policy
-        return self._signer
+            self._derived = _Derived(policy, TokenSigner.of(t),
+                                     tuple(ipaddress.ip_network(n) for n in t.trusted_proxies))
+        return self._derived
 
     def _claims(self, request: web.Request, kind: Kind) -> Claims | None:
-        signer = self.signer()
+        signer = self._current().signer
         claims = signer.verify(kind, request.match_info["token"]) if signer else None
         if claims is None:
             log_event(log, "invalid_token", kind=kind.name.lower(), path=request.path[:200],
@@ -119,7 +125,7 @@ class Tracker:
 
     async def _record(self, request: web.Request, claims: Claims, event_type: str) -> bool:
         ua = request.headers.get("User-Agent", "")
-        ip = client_ip(request, self._trusted)
+        ip = client_ip(request, self._current().trusted)
         event = Event(type=event_type, subaccount=claims.subaccount, message_id=claims.message_id,
                       recipient=claims.recipient, url=claims.url, client_ip=ip, user_agent=ua,
                       machine=classify(ua, ip))

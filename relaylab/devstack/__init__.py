@@ -2,7 +2,7 @@
 
 * :mod:`.ports`    free_port(), wait_listening() (via ``ss``, never by connecting)
 * :mod:`.redis`    RedisServer
-* :mod:`.sink`     SinkProcess (aiosmtpd Maildir sink, byte-exact)
+* :mod:`.sink`     SinkProcess (lean SMTP -> Maildir sink, byte-exact)
 * :mod:`.postfix`  PostfixInstance (``postfix -c DIR/etc``, SASL, milter/policy hooks)
 * :mod:`.opendkim` OpenDKIM milter, opendkim_verify()/opendkim_sign() (offline test mode)
 * :mod:`.smtp`     SMTPSession, send_messages() (smtplib, replies recorded)

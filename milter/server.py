@@ -1,9 +1,11 @@
-"""The milter's TCP server and lifecycle (start, reload via PolicyHolder, drain, stop)."""
+"""The milter's TCP server and lifecycle (start, reload via PolicyHolder, drain, stop),
+in one process or in `milter.workers` processes sharing the listening socket."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -13,10 +15,14 @@ import purepythonmilter
 
 from milter.protocol import MilterProtocol
 from milter.services import Services
+from relaylab import eventloop
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
+from relaylab.workers import run_workers
 
 log = logging.getLogger("relaylab.milter")
+
+BACKLOG = 1024  # Postfix opens one milter connection per SMTP session
 
 
 @attrs.define
@@ -34,10 +40,10 @@ class MilterServer:
             return MilterProtocol(self.services, self.connections)
 
         if sock is not None:
-            self._server = await loop.create_server(factory, sock=sock)
+            self._server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
         else:
             self._server = await loop.create_server(factory, self.host, self.port,
-                                                    reuse_address=True)
+                                                    reuse_address=True, backlog=BACKLOG)
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
@@ -58,24 +64,37 @@ class MilterServer:
         await self._server.wait_closed()
 
 
-async def serve(config: Path, host: str | None, port: int | None) -> None:
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any worker starts: a taken port is one clear
+    error, and the workers share one accept queue (a free worker takes the next SMTP
+    session; a worker that dies leaves no accepted-but-unserved connections behind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=BACKLOG)
+
+
+def run(config: Path, sock: socket.socket, workers: int) -> None:
+    """Serve on `sock` with `workers` processes (1: this one) until SIGTERM/SIGINT."""
+    run_workers(workers, lambda n: eventloop.run(serve(config, sock, worker=n)), log, [sock])
+
+
+async def serve(config: Path, sock: socket.socket, *, worker: int = 0) -> None:
     holder = PolicyHolder.load(config)
-    settings = holder.policy.milter
     services = Services(holder)
     services.prime_keys()
     holder.on_reload = services.prime_keys
-    server = MilterServer(services, host or settings.listen_host,
-                          port if port is not None else settings.listen_port)
-    bound = await server.start()
+    host, port = sock.getsockname()[:2]
+    server = MilterServer(services, host, port)
+    await server.start(sock)
     holder.start()
-    log_event(log, "started", listen=f"{server.host}:{bound}", config=str(config),
-              subaccounts=len(holder.policy.subaccounts), library=purepythonmilter.__version__)
+    log_event(log, "started", listen=f"{host}:{port}", worker=worker, pid=os.getpid(),
+              config=str(config), subaccounts=len(holder.policy.subaccounts),
+              library=purepythonmilter.__version__)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log_event(log, "stopping", open_connections=len(server.connections))
+    log_event(log, "stopping", worker=worker, open_connections=len(server.connections))
     await holder.stop()
     await server.stop()
-    log_event(log, "stopped")
+    log_event(log, "stopped", worker=worker)

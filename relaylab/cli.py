@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relaylab import eventloop
-from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit
+from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit, positive_int
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.suppression.cli import register as register_suppression
 
@@ -31,13 +30,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_milter(args: argparse.Namespace) -> int:
-    from milter.server import serve
+    from milter.server import listen_socket, run
     from relaylab.logfmt import setup_logging
 
     setup_logging(args.log_level)
-    load_or_exit(args)  # fail fast with the same report as `relaylab check`
-    host, port = args.listen or (None, None)
-    eventloop.run(serve(config_path(args), host, port))
+    policy = load_or_exit(args)  # fail fast with the same report as `relaylab check`
+    host, port = args.listen or (policy.milter.listen_host, policy.milter.listen_port)
+    try:
+        sock = listen_socket(host, port)
+    except OSError as e:
+        print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    run(config_path(args), sock, args.workers or policy.milter.workers)
     return 0
 
 
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("milter", help="run the milter (Postfix smtpd_milters)")
     config_arg(p)
     p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides milter.listen")
+    p.add_argument("--workers", type=positive_int,
+                   help="processes sharing the socket, overrides milter.workers")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_milter)
 

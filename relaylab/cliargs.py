@@ -11,7 +11,7 @@ from pathlib import Path
 from relaylab.policy.loader import ConfigError, default_config_path, load_policy, split_listen
 from relaylab.policy.model import Policy
 
-__all__ = ["config_arg", "config_path", "listen_arg", "load_or_exit"]
+__all__ = ["config_arg", "config_path", "listen_arg", "load_or_exit", "positive_int"]
 
 
 def config_arg(p: argparse.ArgumentParser) -> None:
@@ -41,3 +41,14 @@ def listen_arg(value: str) -> tuple[str, int]:
     if parsed is None:
         raise argparse.ArgumentTypeError(f"expects HOST:PORT, got {value!r}")
     return parsed
+
+
+def positive_int(value: str) -> int:
+    """argparse type of counts such as --workers."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expects an integer >= 1, got {value!r}")
+    return n

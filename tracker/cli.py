@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit
+from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit, positive_int
 
 
 def register(subparsers: Any) -> None:
@@ -14,7 +14,8 @@ def register(subparsers: Any) -> None:
                                               "one-click unsubscribe)")
     config_arg(p)
     p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides tracker.listen")
-    p.add_argument("--workers", type=int, help="processes sharing the port, overrides tracker.workers")
+    p.add_argument("--workers", type=positive_int,
+                   help="processes sharing the port, overrides tracker.workers")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_tracker)
 

@@ -1,5 +1,5 @@
 """The tracker's processes: N workers on one port (SO_REUSEPORT), each an asyncio loop
-with its own Redis connections, and a small supervisor that restarts a dead worker.
+with its own Redis connections, under relaylab.workers' supervisor.
 
 A worker is stateless beside Redis, so the kernel may hand any connection to any worker.
 SIGTERM/SIGINT stop the workers gracefully (in-flight requests finish); SIGHUP reloads
@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 from aiohttp import web
@@ -24,13 +23,13 @@ from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
 from relaylab.resp import RespClient
 from relaylab.suppression.store import SuppressionStore
+from relaylab.workers import run_workers
 from tracker.app import Tracker, make_app
 
 log = logging.getLogger("relaylab.tracker")
 
 REDIS_TIMEOUT = 2.0
 SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get at SIGTERM
-RESTART_BACKOFF = 1.0  # a worker that keeps dying is restarted at most once a second
 
 
 async def serve_worker(config: Path, host: str | None, port: int | None, *, worker: int = 0,
@@ -69,55 +68,4 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
 
 def run(config: Path, host: str | None, port: int | None, workers: int) -> None:
     """Run `workers` processes (1: this process) until SIGTERM/SIGINT."""
-    if workers <= 1:
-        eventloop.run(serve_worker(config, host, port))
-        return
-    children: dict[int, int] = {}  # pid -> worker number
-    stopping = False
-
-    def spawn(n: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker: a fresh event loop, no inherited tasks
-            code = 0
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_DFL)
-                eventloop.run(serve_worker(config, host, port, worker=n))
-            except BaseException:
-                log.exception("worker failed")
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)  # never return into the supervisor's code
-        children[pid] = n
-
-    def forward(sig: int, _frame: object) -> None:
-        nonlocal stopping
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    for n in range(workers):
-        spawn(n)
-    last_restart = 0.0
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        if pid not in children:
-            continue
-        n = children.pop(pid)
-        if stopping:
-            continue
-        log_event(log, "worker_died", logging.ERROR, worker=n, pid=pid,
-                  status=os.waitstatus_to_exitcode(status), action="restart")
-        wait = last_restart + RESTART_BACKOFF - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        last_restart = time.monotonic()
-        spawn(n)
+    run_workers(workers, lambda n: eventloop.run(serve_worker(config, host, port, worker=n)), log)

@@ -308,11 +308,13 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
 
 
 def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
-    m = w.mapping(node, "milter", {"listen", "unauthenticated", "missing_key",
+    m = w.mapping(node, "milter", {"listen", "workers", "unauthenticated", "missing_key",
                                    "message_id_header", "subaccount_header", "on_redis_error"})
     kw: dict[str, object] = {}
     if "listen" in m and (listen := w.listen(m["listen"][1], "milter.listen")):
         kw["listen_host"], kw["listen_port"] = listen
+    if "workers" in m:
+        kw["workers"] = w.integer(m["workers"][1], "milter.workers", minimum=1)
     if "unauthenticated" in m:
         kw["unauthenticated"] = w.choice(m["unauthenticated"][1], "milter.unauthenticated",
                                          UnauthenticatedAction)

@@ -110,6 +110,7 @@ class Subaccount:
 class MilterSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8891
+    workers: int = 1  # processes sharing the listening socket; one per core to use them all
     unauthenticated: UnauthenticatedAction = UnauthenticatedAction.PASS
     missing_key: MissingKeyAction = MissingKeyAction.PASS
     message_id_header: str = "X-Relaylab-Message-ID"

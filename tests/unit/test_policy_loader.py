@@ -4,6 +4,7 @@ gives a typed, frozen Policy; `relaylab check` prints either a summary or the pr
 from __future__ import annotations
 
 import shutil
+import socket
 import textwrap
 from pathlib import Path
 
@@ -114,6 +115,16 @@ def test_hourly_limit_must_be_an_integer(tmp_path: Path, keys: Keys) -> None:
     p = only(problems(path))
     assert (p.file, p.line, p.key) == (path, 12, "plans.gold.hourly_limit")
     assert "expected an integer" in p.message and "'lots'" in p.message
+
+
+def test_milter_workers_must_be_at_least_one(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, VALID_HEAD + "milter:\n  workers: 0\n", keys)
+    p = only(problems(path))
+    assert (p.file, p.line, p.key) == (path, 11, "milter.workers")
+    assert "must be >= 1" in p.message
+    assert load_policy(write(tmp_path, VALID_HEAD, keys)).milter.workers == 1
+    two = write(tmp_path, VALID_HEAD + "milter:\n  workers: 2\n", keys, name="two.yaml")
+    assert load_policy(two).milter.workers == 2
 
 
 def test_logins_must_be_a_list(tmp_path: Path, keys: Keys) -> None:
@@ -596,3 +607,26 @@ def test_bad_unsubscribe_mailto(tmp_path: Path, keys: Keys) -> None:
     p = only(problems(path))
     assert p.key == "subaccounts.shop.tracking.unsubscribe_mailto"
     assert p.line == 15
+
+
+def test_cli_milter_on_a_taken_port_exits_1_naming_it(
+    tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("relaylab.logfmt.setup_logging", lambda level: None)  # pytest's handlers stay
+    path = write(tmp_path, VALID_HEAD, keys)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["milter", "--config", str(path), "--listen", f"127.0.0.1:{port}"]) == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_cli_workers_must_be_a_positive_integer(
+    tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    path = write(tmp_path, VALID_HEAD, keys)
+    for service in ("milter", "tracker"):
+        with pytest.raises(SystemExit) as excinfo:
+            main([service, "--config", str(path), "--workers", value])
+        assert excinfo.value.code == 2
+        assert f"expects an integer >= 1, got '{value}'" in capsys.readouterr().err

@@ -23,12 +23,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .ports import LOCALHOST, wait_listening
+from .ports import LOCALHOST, free_port, wait_listening
 from .workdir import check_traversable, is_process_alive
 
 __all__ = ["DEFAULT_MILTER_MAIL_MACROS", "DEFAULT_SASL_USERS", "PostfixInstance"]
@@ -456,6 +457,25 @@ class PostfixInstance:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextmanager
+def sasl_upstream(directory: Path, relay_port: int, login: str,
+                  password: str) -> Iterator[PostfixInstance]:
+    """A running customer's Postfix (an app host) that relays every message with SMTP AUTH
+    to 127.0.0.1:`relay_port`, so mail the relay tempfails waits in its queue; submit
+    unauthenticated on its `noauth_port`. Stopped and removed afterwards."""
+    pf = PostfixInstance(
+        directory, submit_port=free_port(), sink_port=relay_port, noauth_port=free_port(),
+        extra_main={"smtp_sasl_auth_enable": "yes",
+                    "smtp_sasl_password_maps": f"static:{login}:{password}",
+                    "smtp_sasl_security_options": "noanonymous"})
+    pf.start()
+    try:
+        yield pf
+    finally:
+        pf.stop()
+        shutil.rmtree(pf.dir, ignore_errors=True)
 
 
 def _run(argv: list[str], input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

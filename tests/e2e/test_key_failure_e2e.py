@@ -7,7 +7,6 @@ queue, and delivered, signed, once the key is fixed.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -15,8 +14,7 @@ import pytest
 import redis
 from mailutil import header_values
 
-from relaylab.devstack.ports import free_port
-from relaylab.devstack.postfix import PostfixInstance
+from relaylab.devstack.postfix import PostfixInstance, sasl_upstream
 from relaylab.devstack.smtp import SMTPSession
 from relaylab.devstack.stack import RelayStack
 from relaylab.policy.model import DkimAlgorithm
@@ -25,20 +23,9 @@ from relaylab.policy.model import DkimAlgorithm
 @pytest.fixture
 def upstream(clean_sink: RelayStack) -> Iterator[PostfixInstance]:
     a = clean_sink.accounts[0]
-    pf = PostfixInstance(
-        clean_sink.workdir / "upstream", submit_port=free_port(),
-        sink_port=clean_sink.postfix.submit_port, noauth_port=free_port(),
-        extra_main={
-            "smtp_sasl_auth_enable": "yes",
-            "smtp_sasl_password_maps": f"static:{a.login}:{a.password}",
-            "smtp_sasl_security_options": "noanonymous",
-        })
-    pf.start()
-    try:
+    with sasl_upstream(clean_sink.workdir / "upstream", clean_sink.postfix.submit_port,
+                       a.login, a.password) as pf:
         yield pf
-    finally:
-        pf.stop()
-        shutil.rmtree(pf.dir, ignore_errors=True)
 
 
 def test_unusable_key_tempfails_and_mail_waits_in_senders_queue(

@@ -28,7 +28,7 @@ from mailutil import header_values
 
 from relaylab.devstack import milter as devstack_milter
 from relaylab.devstack.ports import free_port
-from relaylab.devstack.postfix import PostfixInstance
+from relaylab.devstack.postfix import PostfixInstance, sasl_upstream
 from relaylab.devstack.redis import RedisServer
 from relaylab.devstack.sink import SinkProcess
 from relaylab.devstack.smtp import SMTPSession
@@ -237,18 +237,8 @@ def test_two_policyd_processes_share_one_limit_exactly(st: Stack) -> None:
 def upstream(st: Stack) -> Iterator[PostfixInstance]:
     """A customer's Postfix relaying with SASL into the relay: where deferred mail waits."""
     login, pw, _ = ACCOUNTS["app"]
-    pf = PostfixInstance(
-        st.workdir / "upstream", submit_port=free_port(), sink_port=st.postfix.submit_port,
-        noauth_port=free_port(),
-        extra_main={"smtp_sasl_auth_enable": "yes",
-                    "smtp_sasl_password_maps": f"static:{login}:{pw}",
-                    "smtp_sasl_security_options": "noanonymous"})
-    pf.start()
-    try:
+    with sasl_upstream(st.workdir / "upstream", st.postfix.submit_port, login, pw) as pf:
         yield pf
-    finally:
-        pf.stop()
-        shutil.rmtree(pf.dir, ignore_errors=True)
 
 
 def test_redis_down_defers_and_no_mail_is_lost(st: Stack, upstream: PostfixInstance) -> None:

@@ -7,29 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-from typing import Any
 
 import redis
+from resputil import evalsha
 
 from relaylab.devstack.redis import RedisServer
 from relaylab.limits import keys, lua, window
 from relaylab.limits.sessions import release_session
-from relaylab.resp import RespClient, ScriptPrefix
+from relaylab.resp import RespClient
 
 T0 = calendar.timegm((2026, 11, 27, 10, 0, 0, 0, 0, 0))
-
-
-def evalsha(client: RespClient, prefix: ScriptPrefix, args: list[str]) -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def on_reply(reply: Any) -> None:
-        if isinstance(reply, BaseException):
-            fut.set_exception(reply)
-        else:
-            fut.set_result(reply)
-
-    client.evalsha(prefix, args, on_reply)
-    return fut
 
 
 def admit(r: redis.Redis, now: float, need: int = 1, add: int = 1, *, limit: int = 10,

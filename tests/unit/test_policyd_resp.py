@@ -7,6 +7,7 @@ import shutil
 from typing import Any
 
 import pytest
+from resputil import evalsha
 
 from relaylab.devstack.ports import free_port
 from relaylab.devstack.redis import RedisServer
@@ -18,7 +19,6 @@ from relaylab.resp import (
     RedisUnavailable,
     ReplyParser,
     RespClient,
-    ScriptPrefix,
     encode_command,
 )
 
@@ -53,19 +53,6 @@ def test_url(url: str, expected: RedisAddress) -> None:
 
 
 SCRIPT = Script("echo", "return {tonumber(ARGV[1]) + 1, KEYS[1]}")
-
-
-def evalsha(client: RespClient, prefix: ScriptPrefix, args: list[str]) -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def on_reply(reply: Any) -> None:
-        if isinstance(reply, BaseException):
-            fut.set_exception(reply)
-        else:
-            fut.set_result(reply)
-
-    client.evalsha(prefix, args, on_reply)
-    return fut
 
 
 def test_pipelined_calls_and_noscript_fallback(redis_server: RedisServer) -> None:

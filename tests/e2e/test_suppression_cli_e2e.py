@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,6 @@ import redis
 
 from relaylab.devstack.ports import free_port
 from relaylab.devstack.redis import RedisServer
-from relaylab.devstack.workdir import make_workdir
 from relaylab.suppression.cli import register
 
 POLICY = """\
@@ -37,16 +35,6 @@ subaccounts:
       news.example.com:
         dkim: [{{selector: s1, key: keys/none.key}}]
 """
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    workdir = make_workdir("relaylab-suppression-cli-")
-    try:
-        with RedisServer(workdir) as server:
-            yield server
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

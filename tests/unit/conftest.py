@@ -1,23 +1,14 @@
-"""Fixtures shared by unit tests that need a real redis-server (Lua scripts, refunds)."""
+"""Fixtures shared by unit tests that need a real redis-server (Lua scripts, refunds);
+the server itself is tests/conftest.py's `redis_server`."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from relaylab.devstack.redis import RedisServer
-from relaylab.devstack.workdir import make_workdir
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    d = make_workdir("relaylab-unit-redis-")
-    with RedisServer(d) as r:
-        yield r
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

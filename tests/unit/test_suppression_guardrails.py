@@ -5,7 +5,6 @@ lookup is one round trip; events are trimmed and counted. Uses a real redis-serv
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
@@ -16,7 +15,6 @@ import redis
 import redis.asyncio as aioredis
 
 from relaylab.devstack.redis import RedisServer
-from relaylab.devstack.workdir import make_workdir
 from relaylab.suppression.freemail import FREEMAIL_DOMAINS, is_freemail
 from relaylab.suppression.keys import daily_key, events_key, list_key
 from relaylab.suppression.model import GLOBAL, CorruptEntry, Entry, Kind, ListKind, Reason, Source
@@ -110,16 +108,6 @@ def test_blacklisting_a_freemail_domain_needs_force() -> None:
 
 
 # --- against Redis --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    workdir = make_workdir("relaylab-suppression-")
-    try:
-        with RedisServer(workdir) as server:
-            yield server
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

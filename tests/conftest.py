@@ -1,0 +1,23 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from relaylab.devstack.redis import RedisServer
+from relaylab.devstack.workdir import make_workdir
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server on a free loopback port for the whole run; tests that use it
+    empty the database first (see the `r` fixtures)."""
+    d = make_workdir("relaylab-test-redis-")
+    try:
+        with RedisServer(d) as r:
+            yield r
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

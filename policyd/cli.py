@@ -8,16 +8,14 @@ import time
 from typing import Any
 
 from relaylab import eventloop
-from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit
+from relaylab.cliargs import config_arg, config_path, load_or_exit, service_args
 
 
 def register(subparsers: Any) -> None:
     """Add the policyd and limits commands to the `relaylab` parser's subparsers."""
     p = subparsers.add_parser("policyd", help="run the limits policy server "
                                               "(Postfix check_policy_service)")
-    config_arg(p)
-    p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides policyd.listen")
-    p.add_argument("--log-level", default="info")
+    service_args(p, "policyd")
     p.set_defaults(func=cmd_policyd)
 
     limits = subparsers.add_parser("limits", help="sending limits").add_subparsers(

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit, positive_int
+from relaylab.cliargs import config_arg, config_path, load_or_exit, service_args
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.suppression.cli import register as register_suppression
 
@@ -121,11 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("milter", help="run the milter (Postfix smtpd_milters)")
-    config_arg(p)
-    p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides milter.listen")
-    p.add_argument("--workers", type=positive_int,
-                   help="processes sharing the socket, overrides milter.workers")
-    p.add_argument("--log-level", default="info")
+    service_args(p, "milter", workers=True)
     p.set_defaults(func=cmd_milter)
 
     dkim = sub.add_parser("dkim", help="DKIM key management").add_subparsers(

@@ -11,7 +11,8 @@ from pathlib import Path
 from relaylab.policy.loader import ConfigError, default_config_path, load_policy, split_listen
 from relaylab.policy.model import Policy
 
-__all__ = ["config_arg", "config_path", "listen_arg", "load_or_exit", "positive_int"]
+__all__ = ["config_arg", "config_path", "listen_arg", "load_or_exit", "positive_int",
+           "service_args"]
 
 
 def config_arg(p: argparse.ArgumentParser) -> None:
@@ -52,3 +53,14 @@ def positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expects an integer >= 1, got {value!r}")
     return n
+
+
+def service_args(p: argparse.ArgumentParser, section: str, *, workers: bool = False) -> None:
+    """The options every long-running service takes (`relaylab milter|policyd|tracker`);
+    `section` is its key in the policy file."""
+    config_arg(p)
+    p.add_argument("--listen", type=listen_arg, help=f"HOST:PORT, overrides {section}.listen")
+    if workers:
+        p.add_argument("--workers", type=positive_int,
+                       help=f"processes sharing the socket, overrides {section}.workers")
+    p.add_argument("--log-level", default="info")

@@ -6,17 +6,13 @@ import argparse
 import sys
 from typing import Any
 
-from relaylab.cliargs import config_arg, config_path, listen_arg, load_or_exit, positive_int
+from relaylab.cliargs import config_path, load_or_exit, service_args
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("tracker", help="run the tracker (open pixel, click redirects, "
                                               "one-click unsubscribe)")
-    config_arg(p)
-    p.add_argument("--listen", type=listen_arg, help="HOST:PORT, overrides tracker.listen")
-    p.add_argument("--workers", type=positive_int,
-                   help="processes sharing the port, overrides tracker.workers")
-    p.add_argument("--log-level", default="info")
+    service_args(p, "tracker", workers=True)
     p.set_defaults(func=cmd_tracker)
 
 

@@ -164,7 +164,7 @@ class SinkProtocol(asyncio.Protocol):
             elif address is None:
                 out.append(b"501 5.5.4 syntax: MAIL FROM:<address>\r\n")
             else:
-                self._mail_from = address or ""
+                self._mail_from = address
                 out.append(b"250 2.1.0 OK\r\n")
         elif verb == "RCPT":
             address = _address(arg, "TO:")
@@ -211,7 +211,8 @@ class SinkProtocol(asyncio.Protocol):
         if content[:1] == b".":
             content = content[1:]
         content = content.replace(b"\r\n.", b"\r\n")
-        name = self._store.store(self._mail_from or "", self._rcpts, self._peer, content)
+        assert self._mail_from is not None  # DATA needs RCPT, RCPT needs MAIL
+        name = self._store.store(self._mail_from, self._rcpts, self._peer, content)
         out.append(f"250 2.0.0 Ok: stored as {name}\r\n".encode())
         self._reset()
         return True

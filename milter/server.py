@@ -13,6 +13,7 @@ from pathlib import Path
 import attrs
 import purepythonmilter
 
+from milter.leases import beat, keep_lease
 from milter.protocol import MilterProtocol
 from milter.services import Services
 from relaylab import eventloop
@@ -84,17 +85,22 @@ async def serve(config: Path, sock: socket.socket, *, worker: int = 0) -> None:
     holder.on_reload = services.prime_keys
     host, port = sock.getsockname()[:2]
     server = MilterServer(services, host, port)
+    # The lease exists before the first session names it; this also frees at once what
+    # a predecessor killed more than a lease ago left behind.
+    await beat(services)
     await server.start(sock)
     holder.start()
     log_event(log, "started", listen=f"{host}:{port}", worker=worker, pid=os.getpid(),
               config=str(config), subaccounts=len(holder.policy.subaccounts),
-              library=purepythonmilter.__version__)
+              lease=services.lease.id, library=purepythonmilter.__version__)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    lease = loop.create_task(keep_lease(services, stop))
     await stop.wait()
     log_event(log, "stopping", worker=worker, open_connections=len(server.connections))
+    await lease
     await holder.stop()
     await server.stop()
     log_event(log, "stopped", worker=worker)

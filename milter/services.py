@@ -7,6 +7,7 @@ import attrs
 from milter.shared_state import SharedState
 from milter.suppression import SuppressionChecker
 from relaylab.dkim.keys import KeyLoadError, KeyStore
+from relaylab.limits.leases import Lease
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.tracking.tokens import TokenSigner
@@ -17,6 +18,9 @@ class Services:
     holder: PolicyHolder
     keys: KeyStore = attrs.field(factory=KeyStore)
     shared: SharedState = attrs.field(factory=SharedState)
+    # This process's lease: the sessions it serves and the counts it must still confirm
+    # are freed by the other workers if it dies (relaylab/limits/leases.py).
+    lease: Lease = attrs.field(factory=Lease)
     suppression: SuppressionChecker = attrs.field(
         default=attrs.Factory(lambda self: SuppressionChecker(self.shared), takes_self=True))
 

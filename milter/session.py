@@ -25,10 +25,9 @@ from milter import headers as hdr
 from milter.decide import Outcome, Verdict, decide
 from milter.services import Services
 from milter.state import MessageState
-from relaylab.limits.refund import refund
-from relaylab.limits.sessions import MILTER_MACROS, release_args, session_id
+from relaylab.limits.refund import CONFIRM, confirm_args, refund
+from relaylab.limits.sessions import MILTER_MACROS, RELEASE, release_args, session_id
 from relaylab.logfmt import log_event, queue_id_var
-from relaylab.resp import encode_command
 
 log = logging.getLogger("relaylab.milter")
 
@@ -87,6 +86,23 @@ class MilterSession:
                 self._slot = (sub.name, session_id(
                     macros.get("{client_addr}", ""), macros.get("{client_port}", ""),
                     macros.get("{daemon_addr}", ""), macros.get("{daemon_port}", "")))
+                self._claim(*self._slot)
+
+    def _claim(self, subaccount: str, session: str) -> None:
+        """Record this worker as the holder of the session: if it dies, the other workers
+        free the slot and refund the session's unconfirmed counts (leases.py)."""
+        svc = self._services
+        client = svc.shared.fast(svc.policy())
+        for command in svc.lease.claim_commands(subaccount, session):
+            client.submit(command, self._redis_reply)
+
+    def _redis_reply(self, reply: Any) -> None:
+        """A reply to a fire-and-forget command (slot claims and releases, confirmations):
+        only Redis's health is of interest (a lost one falls back on expiry)."""
+        if isinstance(reply, BaseException):
+            self._services.shared.health.failed(reply)
+        else:
+            self._services.shared.health.ok()
 
     async def on_rcpt_to(self, data: bytes) -> list[bytes]:
         msg = self._msg
@@ -140,13 +156,25 @@ class MilterSession:
                                   reply=(451, (4, 3, 0), "temporary milter failure"),
                                   fields={"reason": "internal_error", "detail": repr(e)})
             response = encode_outcome(outcome)
-            if outcome.verdict is not Verdict.CONTINUE:
+            if outcome.verdict is Verdict.CONTINUE:
+                self._confirm(msg)
+            else:
                 self._refund(msg)
             self._log(msg, outcome, started)
             return response
         finally:
             queue_id_var.reset(token)
             self.reset()
+
+    def _confirm(self, msg: MessageState) -> None:
+        """The message goes on: policyd's count for it is final (no refund pending)."""
+        policy = self._services.policy()
+        sub = policy.subaccount_for_login(msg.login) if msg.login else None
+        if sub is None or not msg.queue_id:
+            return
+        client = self._services.shared.fast(policy)
+        k, a = confirm_args(sub.name, msg.queue_id)
+        client.evalsha(client.script_prefix(CONFIRM, k, []), a, self._redis_reply)
 
     def _refund(self, msg: MessageState) -> None:
         """policyd counted this message at END-OF-DATA, before our refusal: give it back."""
@@ -181,16 +209,10 @@ class MilterSession:
             return
         subaccount, session = self._slot
         self._slot = None
-        shared = self._services.shared
-
-        def released(reply: Any) -> None:
-            if isinstance(reply, BaseException):  # the slot expires (policyd.session_ttl)
-                shared.health.failed(reply)
-            else:
-                shared.health.ok()
-
-        client = shared.fast(self._services.policy())
-        client.submit(encode_command(release_args(subaccount, session)), released)
+        client = self._services.shared.fast(self._services.policy())
+        k, a = release_args(subaccount, session)
+        # If this is lost, the slot expires (policyd.session_ttl).
+        client.evalsha(client.script_prefix(RELEASE, k, []), a, self._redis_reply)
 
     def _log(self, msg: MessageState, outcome: Outcome, started: float) -> None:
         fields: dict[str, Any] = {

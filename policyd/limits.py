@@ -60,12 +60,14 @@ class LimitStore:
 
     def leave_receipt(self, pending: Pending, reply: bytes) -> None:
         """Record what this END-OF-DATA counted, so that the milter can give it back if it
-        refuses the message (relaylab/limits/refund.py). Best effort: a lost receipt
-        means a refused message stays counted, as without receipts."""
+        refuses the message, and so that it is given back if the milter worker holding
+        the session dies before its end of message (relaylab/limits/refund.py). Best
+        effort: a lost receipt means the message stays counted, as without receipts."""
         minute = int(reply.split(b" ", 5)[4])
         check = pending.check
-        self.client.submit(refund.receipt_command(check.subaccount.name, pending.request.queue_id,
-                                                  pending.now, minute, check.add), _ignore)
+        k, a = refund.receipt_args(check.subaccount.name, pending.request.queue_id,
+                                   pending.now, minute, check.add, check.session_id)
+        self.client.evalsha(self.client.script_prefix(refund.RECEIPT, k, []), a, _ignore)
 
     def result(self, reply: Any) -> lua.AdmitResult | None:
         """The ADMIT result of a reply (or error) `submit` delivered; None if Redis failed."""

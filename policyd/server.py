@@ -23,6 +23,7 @@ from policyd.protocol import Broken, Frame, RequestParser, encode_action
 from policyd.request import BadRequest, PolicyRequest
 from policyd.verdict import DUNNO, Verdict
 from relaylab.limits.lua import ADMIT
+from relaylab.limits.refund import RECEIPT
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.resp import RespClient
@@ -294,7 +295,7 @@ async def serve(config: Path, host: str | None, port: int | None) -> None:
     holder = PolicyHolder.load(config)
     policy = holder.policy
     settings = policy.policyd
-    store = LimitStore(RespClient(policy.redis_url, scripts=(ADMIT,)))
+    store = LimitStore(RespClient(policy.redis_url, scripts=(ADMIT, RECEIPT)))
     service = LimitService(holder, store)
     started_with = (policy.redis_url, settings.listen_host, settings.listen_port)
 

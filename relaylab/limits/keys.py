@@ -15,6 +15,10 @@ key                                    type    content, lifetime
 ``rl:{sub:N}:sess``                    zset    open SMTP sessions: member = session id
                                                (see sessions.py), score = expiry in unix
                                                ms. TTL = session_ttl after the last write.
+``rl:{sub:N}:own``                     hash    who holds each open session's milter
+                                               connection: field = session id -> lease id
+                                               of that milter worker (leases.py). TTL 1 day
+                                               after the last write.
 ``rl:{sub:N}:use:h:YYYYMMDD``          hash    usage per hour of that UTC day: field
                                                ``HH``. TTL 410 days after the last write.
 ``rl:{sub:N}:use:d:YYYYMM``            hash    usage per day of that UTC month: field
@@ -22,11 +26,23 @@ key                                    type    content, lifetime
 ``rl:{sub:N}:rcpt:QUEUEID``            string  what policyd counted for that message at
                                                END-OF-DATA (see refund.py), so that a
                                                refusal at end of message can give it back.
-                                               TTL 1 hour.
+                                               TTL 1 hour. After the milter's end of message
+                                               it reads ``confirmed`` (nothing to give back).
+``rl:{sub:N}:pend``                    hash    counts awaiting the milter's end of message:
+                                               field = queue id -> lease id of the worker
+                                               that will answer it; refunded if that lease
+                                               dies first. TTL 1 hour after the last write.
 ``rl:{sub:N}:use:m``                   hash    usage per UTC month: field ``YYYYMM``; also
                                                the monthly-quota counter. No TTL: aggregate
                                                statistics are kept for good (12 fields a
                                                year).
+``rl:leases``                          zset    milter worker leases: member = lease id,
+                                               score = last heartbeat (Redis server time,
+                                               ms). One key for all subaccounts: only read
+                                               and written on its own.
+``rl:lease:L:subs``                    set     subaccounts in which lease L owns sessions
+                                               (where to look when L dies). TTL 1 day after
+                                               the last write.
 =====================================  ======  ============================================
 """
 
@@ -56,6 +72,21 @@ def sessions_key(subaccount: str) -> str:
 
 def receipt_key(subaccount: str, queue_id: str) -> str:
     return f"{PREFIX}:{tag(subaccount)}:rcpt:{queue_id}"
+
+
+def owners_key(subaccount: str) -> str:
+    return f"{PREFIX}:{tag(subaccount)}:own"
+
+
+def pending_key(subaccount: str) -> str:
+    return f"{PREFIX}:{tag(subaccount)}:pend"
+
+
+LEASES_KEY = f"{PREFIX}:leases"
+
+
+def lease_subaccounts_key(lease: str) -> str:
+    return f"{PREFIX}:lease:{lease}:subs"
 
 
 def month_usage_key(subaccount: str) -> str:

@@ -6,9 +6,12 @@ close. So the two cooperate through the sessions zset of the subaccount (keys.py
 * policyd takes a slot (ZADD, inside the ADMIT script) at the first MAIL/RCPT request of
   an SMTP session, refuses it with a 4xx when `max_sessions` slots are taken, and refreshes
   the slot's expiry at every later request of the session;
-* the milter frees the slot (ZREM, `release_session`) when Postfix closes the milter
-  connection of that SMTP session (QUIT, client disconnect, or timeout);
-* a slot that is never freed (host crashed or killed, milter down) expires by itself
+* the milter records which worker holds the session (``rl:{sub:N}:own``, at MAIL FROM)
+  and frees the slot (`RELEASE`) when Postfix closes the milter connection of that SMTP
+  session (QUIT, client disconnect, or timeout);
+* if that worker dies first (killed, crashed, host gone) nobody will see the close: its
+  lease expires within seconds and a live worker frees its slots (leases.py);
+* a slot that no milter worker holds (a milter that never ran) expires by itself
   `session_ttl` seconds after the session's last policy request.
 
 Both sides name a session the same way, from what each is told about the TCP connection:
@@ -31,7 +34,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from relaylab.limits.keys import sessions_key
+from relaylab.limits.keys import owners_key, sessions_key
+from relaylab.limits.lua import Script
 
 # What the milter must ask Postfix for at the MAIL stage (besides {auth_authen}).
 MILTER_MACROS = ("{client_addr}", "{client_port}", "{daemon_addr}", "{daemon_port}")
@@ -59,23 +63,29 @@ def _port(p: str) -> str:
     return p if p.isdigit() else "0"
 
 
+RELEASE = Script("release", """
+-- KEYS: 1 sessions zset, 2 session owners; ARGV: 1 session id. Reply: 1 if a slot was held.
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('ZREM', KEYS[1], ARGV[1])
+""")
+
+
 class _AsyncRedis(Protocol):
-    async def zrem(self, name: str, *values: Any) -> Any: ...
+    async def eval(self, script: str, numkeys: int, *keys_and_args: str) -> Any: ...
 
 
 async def release_session(redis: _AsyncRedis, subaccount: str, session: str) -> bool:
     """Free the slot of `session` (from `session_id`) for `subaccount`; True if it was held.
 
     For the milter, at the close of an SMTP session whose login maps to `subaccount`.
-    `redis` is a ``redis.asyncio.Redis`` (anything with an async ``zrem``). A single ZREM:
+    `redis` is a ``redis.asyncio.Redis`` (anything with an async ``eval``). One script:
     atomic, idempotent, and harmless if policyd never took the slot.
     """
-    _, key, member = release_args(subaccount, session)
-    removed = await redis.zrem(key, member)
-    return bool(removed)
+    k, a = release_args(subaccount, session)
+    return bool(await redis.eval(RELEASE.body, len(k), *k, *a))
 
 
-def release_args(subaccount: str, session: str) -> tuple[str, str, str]:
-    """The command `release_session` sends, for callers with their own Redis client (the
-    milter sends it once per SMTP session, as a callback rather than a task)."""
-    return ("ZREM", sessions_key(subaccount), session)
+def release_args(subaccount: str, session: str) -> tuple[list[str], list[str]]:
+    """KEYS and ARGV of RELEASE, for callers with their own Redis client (the milter sends
+    it once per SMTP session, as a callback rather than a task)."""
+    return [sessions_key(subaccount), owners_key(subaccount)], [session]

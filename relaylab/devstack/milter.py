@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -59,6 +60,12 @@ class ServiceProcess(ChildProcess):
 
 class MilterProcess(ServiceProcess):
     service = "milter"
+
+    def started_workers(self, after: int = 0) -> dict[int, int]:
+        """worker number -> pid of its latest start, from the `started` lines past log
+        offset `after` (with `milter.workers` > 1 the supervisor restarts dead ones)."""
+        return {int(n): int(pid) for n, pid in
+                re.findall(r"event=started .*worker=(\d+) pid=(\d+)", self.log_text()[after:])}
 
 
 class PolicydProcess(ServiceProcess):

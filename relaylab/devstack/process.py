@@ -1,12 +1,23 @@
-"""What every devstack child process shares: spawn with a log file, stop, log tail."""
+"""What every devstack child process shares: spawn with a log file, stop, log tail; and
+waiting for a condition."""
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0,
+               interval: float = 0.05) -> None:
+    """Poll `predicate` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s"
+        time.sleep(interval)
 
 
 class ChildProcess:

@@ -5,15 +5,14 @@ worker that dies is replaced without losing mail, and SIGTERM stops them all."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mailutil import header_values
 
+from relaylab.devstack.process import wait_until
 from relaylab.devstack.smtp import SMTPSession
 from relaylab.devstack.stack import RelayStack
 from relaylab.devstack.workdir import make_workdir
@@ -30,19 +29,6 @@ def stack() -> Iterator[RelayStack]:
         st.stop()
 
 
-def started_workers(st: RelayStack, after: int = 0) -> dict[int, int]:
-    """worker number -> pid, from the `started` lines past `after`."""
-    return {int(n): int(pid) for n, pid in
-            re.findall(r"event=started .*worker=(\d+) pid=(\d+)", st.milter.log_text()[after:])}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def send(st: RelayStack, tags: range) -> None:
     a = st.accounts[0]
     for n in tags:  # one SMTP session (one milter connection) per message
@@ -55,8 +41,8 @@ def send(st: RelayStack, tags: range) -> None:
 
 def test_workers_sign_reload_survive_a_killed_worker_and_stop_together(stack: RelayStack) -> None:
     st = stack
-    wait_for(lambda: len(started_workers(st)) == 2)
-    first = started_workers(st)
+    wait_until(lambda: len(st.milter.started_workers()) == 2)
+    first = st.milter.started_workers()
     assert len(set(first.values()) | {st.milter.pid}) == 3  # two workers under a supervisor
 
     st.sink.clear()
@@ -67,14 +53,14 @@ def test_workers_sign_reload_survive_a_killed_worker_and_stop_together(stack: Re
 
     mark = len(st.milter.log_text())
     st.milter.reload()  # SIGHUP to the supervisor reaches every worker
-    wait_for(lambda: st.milter.log_text()[mark:].count("event=reloaded") == 2)
+    wait_until(lambda: st.milter.log_text()[mark:].count("event=reloaded") == 2)
 
     victim = first[0]
     mark = len(st.milter.log_text())
     os.kill(victim, signal.SIGKILL)
     st.milter.wait_for_log("event=worker_died", after=mark)
-    wait_for(lambda: 0 in started_workers(st, mark))
-    replacement = started_workers(st, mark)[0]
+    wait_until(lambda: 0 in st.milter.started_workers(mark))
+    replacement = st.milter.started_workers(mark)[0]
     assert replacement not in first.values()
 
     st.sink.clear()
@@ -87,7 +73,7 @@ def test_workers_sign_reload_survive_a_killed_worker_and_stop_together(stack: Re
 
     st.milter.stop()  # SIGTERM to the supervisor
     for pid in (first[1], replacement):
-        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists()  # type: ignore[misc]
+        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists()  # type: ignore[misc]
                  or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z")
     assert "event=stopped worker=0" in st.milter.log_text()
     assert "event=stopped worker=1" in st.milter.log_text()

@@ -124,6 +124,8 @@ class Lease:
 async def heartbeat(client: aioredis.Redis, lease: Lease) -> bool:
     """Renew `lease`; True if it had been swept meanwhile (see `Lease.renewed`)."""
     reply = await client.eval(HEARTBEAT.body, 1, keys.LEASES_KEY, lease.id)
+    if lease.registered:  # a worker may live longer than the list's TTL
+        await client.expire(keys.lease_subaccounts_key(lease.id), OWNERS_TTL)
     return lease.renewed(bool(int(reply)))
 
 

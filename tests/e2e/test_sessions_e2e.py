@@ -101,12 +101,12 @@ def test_slots_of_killed_milter_workers_are_freed_within_seconds(tiny: RelayStac
         s.quit()
 
     def admitted() -> bool:
-        try:
-            s, code, _ = open_session(st)
-        except AssertionError:  # MAIL refused while the new workers start
-            return False
-        s.quit()
-        return code == 250
+        a = st.accounts[0]
+        with SMTPSession(st.postfix.submit_port) as s:
+            # (MAIL may be refused while the new workers start)
+            return (s.auth_plain(a.login, a.password).code == 235
+                    and s.mail("app@shop.example.com").code == 250
+                    and s.rcpt("bob@example.net").code == 250)
 
     # Without leases the slots would block the subaccount for policyd.session_ttl (600 s).
     wait_until(admitted, timeout=3 * leases.LEASE_TTL_MS / 1000)

@@ -48,7 +48,7 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
         sub = policy.subaccount(args.subaccount)
         if sub is None:
             print(f"relaylab: no subaccount {args.subaccount!r} in {policy.source}", file=sys.stderr)
-            return 2
+            return 1
         subs = [sub]
     client = redis.Redis.from_url(policy.redis_url, socket_timeout=5, decode_responses=True)
     now = time.time()
@@ -56,7 +56,7 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
         reports = [read_usage(client, s, now) for s in subs]
     except redis.RedisError as e:
         print(f"relaylab: Redis at {policy.redis_url}: {e}", file=sys.stderr)
-        return 2
+        return 1
     finally:
         client.close()
     header = ("SUBACCOUNT", "PLAN", "LAST 60 MIN", "FREE", "MONTH", "TODAY", "THIS HOUR",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pwd
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,8 @@ from relaylab.suppression.cli import register as register_suppression
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from relaylab import startcheck
+
     policy = load_or_exit(args)
     m = policy.milter
     print(f"{policy.source}: OK")
@@ -26,6 +30,49 @@ def cmd_check(args: argparse.Namespace) -> int:
         for d in s.domains:
             keys = ", ".join(f"{k.selector} ({k.algorithm.value})" for k in d.keys)
             print(f"  {d.name}: {keys}")
+
+    # What the services would trip over at start, beyond the policy itself.
+    user = args.as_user or startcheck.unit_user(args.unit)
+    if user is not None and os.geteuid() != 0 and user != pwd.getpwuid(os.geteuid()).pw_name:
+        print(f"error: checking files as user {user} needs root (or pass --as-user "
+              f"{pwd.getpwuid(os.geteuid()).pw_name})", file=sys.stderr)
+        return 1
+    try:
+        findings = startcheck.read_findings(policy, user)
+    except KeyError:
+        print(f"error: no user {user!r} (--as-user, or User= in {args.unit})", file=sys.stderr)
+        return 1
+    print(f"files readable by {user or 'this user'}: "
+          f"{len(startcheck.files_to_read(policy)) - len(findings)} of "
+          f"{len(startcheck.files_to_read(policy))}")
+    findings += startcheck.port_findings(startcheck.listen_ports(policy))
+    redis_warning = startcheck.redis_finding(policy.redis_url)
+    if redis_warning is not None:
+        findings.append(redis_warning)
+    for f in findings:
+        print(f, file=sys.stderr)
+    return 1 if any(f.level == "error" for f in findings) else 0
+
+
+def cmd_postfix_config(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from relaylab import postfixconf
+
+    policy = load_or_exit(args, check_keys=False)
+    if not args.apply:
+        sys.stdout.write(postfixconf.script(policy))
+        return 0
+    try:
+        postfixconf.apply(postfixconf.commands(policy))
+    except subprocess.CalledProcessError as e:
+        detail = (e.stderr or b"").decode(errors="replace").strip()
+        print(f"relaylab: {' '.join(e.cmd)} failed: {detail}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"relaylab: cannot run postconf: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print("applied; now run: postfix check && postfix reload")
     return 0
 
 
@@ -61,12 +108,15 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     out: Path = args.out or Path("keys") / f"{args.domain}.{args.selector}.key"
     try:
         key = generate_key(algorithm, args.bits)
-        write_private_key(key, out, overwrite=args.force)
+        mode = write_private_key(key, out, overwrite=args.force)
     except (ValueError, KeyWriteError) as e:
         print(f"relaylab: {e}", file=sys.stderr)
         return 1
     size = f", {args.bits} bits" if args.algorithm == "rsa" else ""
-    print(f"wrote {out} ({algorithm.value}{size}, mode 0600)\n")
+    import grp
+
+    group = grp.getgrgid(out.stat().st_gid).gr_name
+    print(f"wrote {out} ({algorithm.value}{size}, mode {mode:04o}, group {group})\n")
     print("Publish this DNS record (zone file syntax):")
     print(txt_record(args.domain, args.selector, key))
     print("\nor, in a DNS provider's web form:")
@@ -92,7 +142,7 @@ def cmd_dns_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         for p in e.problems:
             print(f"error: {p}", file=sys.stderr)
-        return 2
+        return 1
     try:
         resolver = make_resolver(args.nameserver, args.port, args.timeout)
         failed = False
@@ -102,7 +152,7 @@ def cmd_dns_check(args: argparse.Namespace) -> int:
                 failed |= v.status == "fail" or (args.strict and v.status == "warn")
     except DnsCheckError as e:
         print(f"relaylab: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 1 if failed else 0
 
 
@@ -112,13 +162,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir.resolve(), keep_running=not args.once)
 
 
+def startcheck_default_unit() -> Path:
+    from relaylab.startcheck import DEFAULT_UNIT
+
+    return DEFAULT_UNIT
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="relaylab", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("check", help="validate the policy file and print a summary")
+    p = sub.add_parser("check", help="validate the policy file and what the services need "
+                                     "at start (files, ports, Redis)")
     config_arg(p)
+    p.add_argument("--as-user", metavar="USER",
+                   help="check that USER can read the key and secret files (default: the "
+                        "User= of --unit)")
+    p.add_argument("--unit", type=Path, default=startcheck_default_unit(),
+                   help="systemd unit whose User= the services run as "
+                        "(default %(default)s)")
     p.set_defaults(func=cmd_check)
+
+    pf = sub.add_parser("postfix", help="Postfix integration").add_subparsers(
+        dest="postfix_command", required=True)
+    p = pf.add_parser("config", help="print the postconf commands that point Postfix at the "
+                                     "milter and policyd (main.cf and master.cf)")
+    config_arg(p)
+    p.add_argument("--apply", action="store_true",
+                   help="run them (honours MAIL_CONFIG), then `postfix reload` yourself")
+    p.set_defaults(func=cmd_postfix_config)
 
     p = sub.add_parser("milter", help="run the milter (Postfix smtpd_milters)")
     service_args(p, "milter", workers=True)

@@ -6,6 +6,7 @@ import html
 import re
 import shutil
 import signal
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -92,9 +93,36 @@ def _tracking_demo(stack: RelayStack) -> bool:
     return ok and bool(events)
 
 
+# Written into every workdir the demo creates: only such a directory is ever emptied.
+WORKDIR_MARKER = ".relaylab-demo-workdir"
+
+
+class WorkdirRefused(Exception):
+    pass
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """A fresh, empty workdir (keys are regenerated every run). An existing directory is
+    emptied only if the demo made it (it holds WORKDIR_MARKER) or it is empty: anything
+    else is someone's data."""
+    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
+        raise WorkdirRefused(f"{workdir} exists and is not a directory")
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / WORKDIR_MARKER).is_file():
+            raise WorkdirRefused(
+                f"{workdir} is not empty and was not made by `relaylab demo`: refusing to "
+                "delete it (pick another --workdir)")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORKDIR_MARKER).write_text("made by `relaylab demo`; emptied on its next run\n")
+
+
 def run_demo(workdir: Path, *, keep_running: bool = True) -> int:
-    if workdir.exists():
-        shutil.rmtree(workdir)  # a fresh instance every time; keys are regenerated
+    try:
+        prepare_workdir(workdir)
+    except (WorkdirRefused, OSError) as e:
+        print(f"relaylab: {e}", file=sys.stderr)
+        return 1
     stack = RelayStack(workdir)
     print(f"starting Redis, sink, milter, policyd, tracker and Postfix under {workdir} ...",
           flush=True)

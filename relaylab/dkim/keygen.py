@@ -1,8 +1,10 @@
 """Create DKIM key pairs: the private key file for the milter, the TXT record for DNS.
 
-The private key never exists on disk with a wider mode than 0600: it is written to a
-temporary name created with O_EXCL and mode 0600, fsynced, and only then renamed into
-place, so a crash leaves either no key or a complete one, never a half-written file.
+The private key is written to a temporary name created with O_EXCL and mode 0600,
+fsynced, and only then renamed into place, so a crash leaves either no key or a complete
+one, never a half-written file. The services do not run as root: the file takes the group
+of its directory (scripts/install.sh makes /etc/relaylab/keys root:relaylab) and is made
+0640 for it; if that group cannot be set, it stays 0600.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from relaylab.policy.model import DkimAlgorithm
 
 DEFAULT_RSA_BITS = 2048
 MAX_RSA_BITS = 4096  # larger keys do not fit a TXT answer most DNS providers accept
-KEY_FILE_MODE = 0o600
+KEY_FILE_MODE = 0o640  # when the file has its directory's group, else PRIVATE_MODE
+PRIVATE_MODE = 0o600
 KEY_DIR_MODE = 0o750
 MAX_CHARACTER_STRING = 255  # RFC 1035 3.3: one <character-string> is at most 255 octets
 
@@ -49,8 +52,9 @@ def private_key_pem(key: PrivateKey) -> bytes:
     )
 
 
-def write_private_key(key: PrivateKey, path: Path, overwrite: bool = False) -> None:
-    """Write ``key`` as PEM to ``path`` with mode 0600, atomically.
+def write_private_key(key: PrivateKey, path: Path, overwrite: bool = False) -> int:
+    """Write ``key`` as PEM to ``path`` atomically, group-readable by the directory's
+    group (mode 0640) or else 0600; returns the mode.
 
     Refuses to replace an existing file (or symlink) unless ``overwrite`` is true; a
     missing parent directory is created with mode 0750. Raises KeyWriteError.
@@ -70,12 +74,13 @@ def write_private_key(key: PrivateKey, path: Path, overwrite: bool = False) -> N
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) \
         | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(tmp, flags, KEY_FILE_MODE)
+        fd = os.open(tmp, flags, PRIVATE_MODE)
     except OSError as e:
         raise KeyWriteError(f"cannot create a file in {parent}: {e.strerror or e}") from None
     try:
         try:
-            os.fchmod(fd, KEY_FILE_MODE)  # exactly 0600 whatever the umask
+            mode = _share_with_directory_group(fd, parent)
+            os.fchmod(fd, mode)  # exactly this whatever the umask
             data = private_key_pem(key)
             view = memoryview(data)
             while view:
@@ -93,6 +98,18 @@ def write_private_key(key: PrivateKey, path: Path, overwrite: bool = False) -> N
         _unlink_quietly(tmp)
         raise
     _fsync_dir(parent)
+    return mode
+
+
+def _share_with_directory_group(fd: int, directory: Path) -> int:
+    """Give the open file the directory's group; the mode that is then safe."""
+    want = os.stat(directory).st_gid
+    if os.fstat(fd).st_gid != want:
+        try:
+            os.fchown(fd, -1, want)
+        except PermissionError:
+            return PRIVATE_MODE  # a group we are not in: nobody else may read it
+    return KEY_FILE_MODE
 
 
 def _install(tmp: Path, path: Path, overwrite: bool) -> None:

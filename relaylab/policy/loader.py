@@ -40,6 +40,7 @@ from relaylab.policy.model import (
 )
 
 DEFAULT_PATH = Path("conf/relaylab.yaml")
+INSTALLED_PATH = Path("/etc/relaylab/relaylab.yaml")  # scripts/install.sh puts it there
 
 # Cloud-SMTP defaults (shared/dedicated IP plans); a file may redefine or add plans.
 DEFAULT_PLANS = {
@@ -71,7 +72,12 @@ class ConfigError(Exception):
 
 
 def default_config_path() -> Path:
-    return Path(os.environ.get("RELAYLAB_CONFIG", str(DEFAULT_PATH)))
+    """$RELAYLAB_CONFIG, else ./conf/relaylab.yaml if it exists (a checkout: the demo and
+    tests), else the installed /etc/relaylab/relaylab.yaml."""
+    env = os.environ.get("RELAYLAB_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_PATH if DEFAULT_PATH.exists() else INSTALLED_PATH
 
 
 T = TypeVar("T")
@@ -577,6 +583,7 @@ def _tracker_key(w: _Walker, key: str, node: yaml.Node, base: Path) -> TrackerKe
     if kid is not None and not _KEY_ID_RE.match(kid):
         w.fail(k["id"][1], f"{key}.id", f"1-16 letters or digits, got {kid!r}")
         return None
+    path: Path | None = None
     if "secret" in k:
         text = w.string(k["secret"][1], f"{key}.secret")
         secret = text.encode() if text is not None else None
@@ -596,4 +603,4 @@ def _tracker_key(w: _Walker, key: str, node: yaml.Node, base: Path) -> TrackerKe
     if len(secret) < MIN_SECRET_BYTES:
         w.fail(vnode, vkey, f"a token key needs at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
         return None
-    return TrackerKey(id=kid, secret=secret)
+    return TrackerKey(id=kid, secret=secret, secret_file=path)

@@ -146,6 +146,8 @@ class TrackerKey:
 
     id: str
     secret: bytes = attrs.field(repr=False)
+    # Where the secret was read from (None: inline), for `relaylab check --as-user`.
+    secret_file: Path | None = None
 
 
 @attrs.frozen

@@ -161,13 +161,13 @@ def _command(fn: Callable[[argparse.Namespace, _Ctx], int]) -> Callable[[argpars
             return e.code
         except (redis.ConnectionError, redis.TimeoutError) as e:
             print(f"relaylab: cannot reach Redis at {_redact(url)}: {e}", file=sys.stderr)
-            return 2
+            return 1
         except redis.RedisError as e:
             print(f"relaylab: Redis error: {e}", file=sys.stderr)
-            return 2
+            return 1
         except CorruptEntry as e:
             print(f"relaylab: {e}", file=sys.stderr)
-            return 2
+            return 1
         except BrokenPipeError:
             # `relaylab blacklist export | head`: stop quietly; point stdout at /dev/null so
             # the interpreter's final flush does not print a second error.
@@ -185,7 +185,7 @@ def _load_policy(args: argparse.Namespace) -> Policy:
     except ConfigError as e:
         for p in e.problems:
             print(f"error: {p}", file=sys.stderr)
-        raise _Fail(f"{len(e.problems)} problem(s) in {path}", 2) from None
+        raise _Fail(f"{len(e.problems)} problem(s) in {path}") from None
 
 
 def _scope(args: argparse.Namespace, policy: Policy) -> Scope:
@@ -194,7 +194,7 @@ def _scope(args: argparse.Namespace, policy: Policy) -> Scope:
     name: str = args.subaccount
     if policy.subaccount(name) is None:
         known = ", ".join(s.name for s in policy.subaccounts)
-        raise _Fail(f"unknown subaccount {name!r} (configured: {known})", 2)
+        raise _Fail(f"unknown subaccount {name!r} (configured: {known})")
     return name
 
 
@@ -358,7 +358,7 @@ def cmd_blacklist_import(args: argparse.Namespace, ctx: _Ctx) -> int:
         try:
             counts = ctx.store.add_many(ctx.scope, entries(), force=args.force)
         except CsvFormatError as e:
-            raise _Fail(f"{args.file}: {e}; nothing imported", 2) from None
+            raise _Fail(f"{args.file}: {e}; nothing imported") from None
         except KeyboardInterrupt:
             progress.done()
             print(f"interrupted after {lines} lines; entries read before that may have been added",
@@ -412,7 +412,7 @@ def _open_input(name: str) -> Iterator[tuple[TextIO, BinaryIO | None, int | None
     try:
         f = open(name, "rb")
     except OSError as e:
-        raise _Fail(f"cannot read {name}: {e.strerror or e}", 2) from None
+        raise _Fail(f"cannot read {name}: {e.strerror or e}") from None
     with f:
         size = os.fstat(f.fileno()).st_size
         yield _text(f), f, size

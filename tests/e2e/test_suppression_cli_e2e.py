@@ -121,7 +121,7 @@ def test_list_limit(cli: Cli) -> None:
 
 def test_clean_errors(cli: Cli, tmp_path: Path) -> None:
     rc, _, err = cli("blacklist", "add", "x@example.com", "--reason", "manual", "--subaccount", "nope")
-    assert rc == 2 and err == "relaylab: unknown subaccount 'nope' (configured: shop, news)\n"
+    assert rc == 1 and err == "relaylab: unknown subaccount 'nope' (configured: shop, news)\n"
     rc, _, err = cli("blacklist", "add", "foo@@bar", "--reason", "manual", "--global")
     assert rc == 1 and err == "relaylab: not an address: 'foo@@bar' (more than one @)\n"
     rc, _, err = cli("blacklist", "add", "x@example.com", "--reason", "manual", "--expires", "2001-01-01",
@@ -130,11 +130,11 @@ def test_clean_errors(cli: Cli, tmp_path: Path) -> None:
     # Redis down: one line, no traceback
     cli.config.write_text(POLICY.format(url=f"redis://:secret@127.0.0.1:{free_port()}/0"))
     rc, _, err = cli("blacklist", "list", "--global")
-    assert rc == 2 and err.startswith("relaylab: cannot reach Redis at redis://:***@127.0.0.1:")
+    assert rc == 1 and err.startswith("relaylab: cannot reach Redis at redis://:***@127.0.0.1:")
     assert len(err.splitlines()) == 1 and "secret" not in err
     cli.config.write_text("redis: [")
     rc, _, err = cli("blacklist", "list", "--global")
-    assert rc == 2 and "problem(s) in" in err
+    assert rc == 1 and "problem(s) in" in err
 
 
 def test_import_reports_bad_lines_and_applies_none_of_them(cli: Cli, r: redis.Redis,
@@ -169,10 +169,10 @@ def test_import_bad_header_imports_nothing(cli: Cli, r: redis.Redis, tmp_path: P
     src = tmp_path / "in.csv"
     src.write_text("address,reason,colour\na@example.com,manual,red\n")
     rc, _, err = cli("blacklist", "import", str(src), "--global")
-    assert rc == 2 and "unknown column(s) 'colour'" in err and "nothing imported" in err
+    assert rc == 1 and "unknown column(s) 'colour'" in err and "nothing imported" in err
     assert r.exists("rl:{global}:bl") == 0
     rc, _, err = cli("blacklist", "import", str(tmp_path / "missing.csv"), "--global")
-    assert rc == 2 and "cannot read" in err
+    assert rc == 1 and "cannot read" in err
 
 
 def test_import_from_stdin(cli: Cli, r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import grp
 import os
 import re
 import stat
@@ -58,10 +59,13 @@ def test_generate_ed25519_ignores_bits() -> None:
     assert isinstance(generate_key(ED, bits=512), ed25519.Ed25519PrivateKey)
 
 
-def test_written_file_is_0600_and_round_trips(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
+def test_written_file_is_0640_for_its_directory_group_and_round_trips(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+) -> None:
     path = tmp_path / "rl2026r.pem"
-    write_private_key(rsa_key, path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert write_private_key(rsa_key, path) == 0o640
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_gid == tmp_path.stat().st_gid
     loaded = load_private_key(path, RSA)
     assert public_key_b64(loaded) == public_key_b64(rsa_key)
     assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
@@ -69,7 +73,7 @@ def test_written_file_is_0600_and_round_trips(tmp_path: Path, rsa_key: rsa.RSAPr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rl2026r.pem"]
 
 
-def test_mode_is_0600_even_with_a_permissive_umask(
+def test_mode_is_0640_even_with_a_permissive_umask(
     tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey
 ) -> None:
     old = os.umask(0)
@@ -77,7 +81,21 @@ def test_mode_is_0600_even_with_a_permissive_umask(
         write_private_key(ed_key, tmp_path / "k.pem")
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o640
+
+
+def test_key_in_a_service_group_directory_is_readable_by_that_group(
+    tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey
+) -> None:
+    """/etc/relaylab/keys is root:relaylab (scripts/install.sh): a key made there by root
+    must be readable by the services' group, not root:root 0600 as it used to be."""
+    group = grp.getgrnam("postfix")  # any group root is not in by default
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o750)
+    os.chown(keys, 0, group.gr_gid)
+    write_private_key(ed_key, keys / "k.pem")
+    st = (keys / "k.pem").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, group.gr_gid, 0o640)
 
 
 def test_ed25519_round_trips(tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey) -> None:
@@ -112,7 +130,7 @@ def test_overwrite_replaces(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     path.chmod(0o644)
     write_private_key(rsa_key, path, overwrite=True)
     assert public_key_b64(load_private_key(path, RSA)) == public_key_b64(rsa_key)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 def test_creates_missing_parent_with_0750(tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey) -> None:

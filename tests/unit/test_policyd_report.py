@@ -77,5 +77,5 @@ def test_limits_show_one_subaccount_and_unknown(config: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["limits", "show", "--config", str(config), "idle"]) == 0
     assert "shop" not in capsys.readouterr().out
-    assert main(["limits", "show", "--config", str(config), "nope"]) == 2
+    assert main(["limits", "show", "--config", str(config), "nope"]) == 1
     assert "no subaccount 'nope'" in capsys.readouterr().err

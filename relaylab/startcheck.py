@@ -1,0 +1,206 @@
+"""`relaylab check`: what would make a service fail at start, found before starting it.
+
+Beyond loading the policy (file:line:key errors, keys parsed): the files the services
+read must be readable by the user they run as (`User=` of the installed unit), their
+listen ports must be free, and Redis should answer (a warning: the services start
+without it and tempfail until it is back).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pwd
+import socket
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import attrs
+
+from relaylab.policy.model import Policy
+
+__all__ = [
+    "DEFAULT_UNIT",
+    "Finding",
+    "listen_ports",
+    "port_findings",
+    "read_findings",
+    "readable_as",
+    "redis_finding",
+    "unit_user",
+]
+
+DEFAULT_UNIT = Path("/etc/systemd/system/relaylab-milter.service")
+
+
+@attrs.frozen
+class Finding:
+    level: str  # "error" (the service would fail) or "warning"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.message}"
+
+
+def unit_user(unit: Path) -> str | None:
+    """The `User=` of a systemd unit file, None if the file or the setting is absent."""
+    try:
+        text = unit.read_text()
+    except OSError:
+        return None
+    user = None
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "User":
+            user = value.strip() or None  # the last assignment wins, as in systemd
+    return user
+
+
+def files_to_read(policy: Policy) -> list[tuple[Path, str]]:
+    """(path, what it is) for every file a service opens: the policy, DKIM keys, tracker
+    secrets."""
+    out: list[tuple[Path, str]] = [(policy.source, "the policy file")]
+    out += [(k.path, f"DKIM key {k.selector}._domainkey.{k.domain}") for k in policy.all_keys()]
+    out += [(k.secret_file, f"tracker key {k.id}") for k in policy.tracker.keys
+            if k.secret_file is not None]
+    return out
+
+
+def readable_as(user: str, paths: Sequence[Path]) -> dict[Path, str | None]:
+    """For each path: None if `user` can open it for reading, else the error text.
+
+    A child process takes the user's uid, gid and groups and tries to open each file:
+    os.access() as root would say yes to everything."""
+    pw = pwd.getpwnam(user)  # KeyError: no such user
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 0
+        try:
+            os.close(rfd)
+            os.initgroups(user, pw.pw_gid)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            result: dict[str, str | None] = {}
+            for p in paths:
+                try:
+                    with open(p, "rb"):
+                        result[str(p)] = None
+                except OSError as e:
+                    result[str(p)] = e.strerror or str(e)
+            os.write(wfd, json.dumps(result).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        data = r.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise PermissionError(f"cannot switch to user {user!r} (run as root)")
+    raw: dict[str, str | None] = json.loads(data)
+    return {Path(k): v for k, v in raw.items()}
+
+
+def read_findings(policy: Policy, user: str | None) -> list[Finding]:
+    """Every file of the policy that `user` (None: the current user) cannot read."""
+    files = files_to_read(policy)
+    if user is None:
+        results: dict[Path, str | None] = {}
+        for p, _ in files:
+            try:
+                with open(p, "rb"):
+                    results[p] = None
+            except OSError as e:
+                results[p] = e.strerror or str(e)
+        who = "this user"
+    else:
+        results = readable_as(user, [p for p, _ in files])
+        who = f"user {user}"
+    return [Finding("error", f"{what} {p} is not readable by {who}: {results[p]}")
+            for p, what in files if results.get(p) is not None]
+
+
+def listen_ports(policy: Policy) -> list[tuple[str, str, int]]:
+    """(service, host, port) of every service the policy configures."""
+    out = [("milter", policy.milter.listen_host, policy.milter.listen_port),
+           ("policyd", policy.policyd.listen_host, policy.policyd.listen_port)]
+    if policy.tracker.enabled:
+        out.append(("tracker", policy.tracker.listen_host, policy.tracker.listen_port))
+    return out
+
+
+def port_findings(ports: Iterable[tuple[str, str, int]]) -> list[Finding]:
+    """A port another program holds is an error (the service could not bind it); one held
+    by the running Relaylab service of that name is fine (a check before a reload)."""
+    out = []
+    for service, host, port in ports:
+        err = _bind_error(host, port)
+        if err is None:
+            continue
+        holder = _listener(port)
+        if holder is not None and _is_service(holder[1], service):
+            continue
+        who = f" by pid {holder[0]} ({holder[1]})" if holder else ""
+        out.append(Finding("error", f"{service}.listen {host}:{port} cannot be used{who}: {err}"))
+    return out
+
+
+def redis_finding(url: str, timeout: float = 3.0) -> Finding | None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        return Finding("warning", f"Redis at {url} does not answer ({e}): the services start, "
+                                  "but tempfail mail until it does")
+    finally:
+        client.close()
+    return None
+
+
+def _bind_error(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the services bind
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return "address in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+
+def _listener(port: int) -> tuple[int, str] | None:
+    """(pid, command line) of the process listening on TCP `port`, if /proc tells."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                        errors="replace").strip()
+                    return int(proc.name), cmd
+        except OSError:
+            continue
+    return None
+
+
+def _is_service(cmdline: str, service: str) -> bool:
+    argv = cmdline.split()
+    return any(Path(a).name == "relaylab" or a == "relaylab" for a in argv) and service in argv

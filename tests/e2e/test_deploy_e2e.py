@@ -1,0 +1,418 @@
+"""The README's "Deploying next to an existing Postfix", done as an operator would.
+
+`scripts/install.sh` into a scratch root (its own service user), DKIM keys made with the
+installed `relaylab`, the policy edited, `relaylab check`, the three services started from
+their installed units' ExecStart as the unit's User=, and a Postfix built from Debian's
+default configuration plus exactly the output of `relaylab postfix config --apply`.
+Authenticated mail through it arrives signed (RSA and Ed25519, verified by the installed
+venv alone) and counted by policyd; an unauthenticated client cannot relay.
+
+The Postfix instance: main.cf is Debian's /usr/share/postfix/main.cf.debian plus what
+Debian's postinst sets on an "Internet Site" install (DEBIAN_POSTINST), master.cf is
+/usr/share/postfix/master.cf.dist; then the shipped commands; then ISOLATION (and only
+that): what a throwaway instance on loopback next to the host's own Postfix needs.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relaylab.devstack.ports import LOCALHOST, free_port, wait_listening
+from relaylab.devstack.postfix import PostfixInstance
+from relaylab.devstack.process import ChildProcess
+from relaylab.devstack.redis import RedisServer
+from relaylab.devstack.sink import SinkProcess
+from relaylab.devstack.smtp import SMTPSession
+from relaylab.devstack.workdir import make_workdir
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "scripts" / "install.sh"
+USER = "rl-deploy-e2e"  # not "relaylab": never touch a real installation's user
+SERVICES = ("milter", "policyd", "tracker")
+LOGIN, PASSWORD = "shop@relay.test", "shop-secret"
+DOMAIN = "shop.example.com"
+
+# What Debian's postinst (/var/lib/dpkg/info/postfix.postinst, postfix 3.7, "Internet
+# Site") adds to main.cf.debian on a fresh install: this is the stock /etc/postfix/main.cf.
+DEBIAN_POSTINST = [
+    "smtpd_relay_restrictions=permit_mynetworks permit_sasl_authenticated defer_unauth_destination",
+    "myhostname=relay.example.net",
+    "alias_maps=hash:/etc/aliases",
+    "alias_database=hash:/etc/aliases",
+    "mydestination=$myhostname, relay.example.net, localhost.localdomain, , localhost",
+    "relayhost=",
+    "mynetworks=127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128",
+    "mailbox_size_limit=0",
+    "recipient_delimiter=+",
+    "inet_interfaces=all",
+    "inet_protocols=all",
+]
+
+
+def _run(argv: list[str], *, check: bool = True, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         env={**os.environ, **(env or {})})
+    if check and res.returncode != 0:
+        raise AssertionError(f"{shlex.join(argv)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+class DebianDefaultPostfix(PostfixInstance):
+    """A throwaway Postfix whose config is Debian's default plus the shipped commands.
+    The lifecycle, SASL db and log helpers are devstack's; the main.cf/master.cf are not."""
+
+    def __init__(self, dir: Path, sink_port: int, policy: Path, relaylab: Path) -> None:
+        super().__init__(dir, submit_port=free_port(), sink_port=sink_port,
+                         sasl_users={LOGIN: PASSWORD})
+        self.smtp_port = free_port()  # master.cf "smtp" (25)
+        self.policy = policy
+        self.relaylab = relaylab
+        self.shipped_output = ""
+
+    def postconf(self, *args: str) -> None:
+        _run(["postconf", "-c", str(self.conf_dir), *args])
+
+    def write_config(self) -> None:
+        shutil.copy("/usr/share/postfix/main.cf.debian", self.conf_dir / "main.cf")
+        shutil.copy("/usr/share/postfix/master.cf.dist", self.conf_dir / "master.cf")
+        for setting in DEBIAN_POSTINST:
+            self.postconf("-e", setting)
+
+        # ---- exactly what the README says to run ------------------------------------
+        res = _run([str(self.relaylab), "postfix", "config", "--apply", "--config",
+                    str(self.policy)], env={"MAIL_CONFIG": str(self.conf_dir)})
+        self.shipped_output = res.stdout
+
+        # ---- ISOLATION: a throwaway instance on loopback, nothing else ---------------
+        self.postconf("-e",
+                      f"queue_directory={self.queue_dir}",
+                      f"data_directory={self.data_dir}",    # master.lock
+                      f"maillog_file_prefixes={self.dir}",  # there is no syslog here:
+                      f"maillog_file={self.log_path}",      # postlogd writes the log
+                      f"relayhost=[{LOCALHOST}]:{self.sink_port}",
+                      f"cyrus_sasl_config_path={self.sasl_dir}",  # the SASL backend: sasldb
+                      "inet_protocols=ipv4")                # the box has no IPv6
+        # chroot n: the sasldb lives outside the queue directory (harness gotcha 5).
+        self.postconf("-F", "*/*/chroot=n")
+        master = (self.conf_dir / "master.cf").read_text()
+        master = re.sub(r"(?m)^smtp(\s+inet)", rf"{LOCALHOST}:{self.smtp_port}\1", master)
+        master = re.sub(r"(?m)^submission(\s+inet)", rf"{LOCALHOST}:{self.submit_port}\1", master)
+        (self.conf_dir / "master.cf").write_text(master)
+
+
+class UnitProcess(ChildProcess):
+    """A service started the way its installed unit says: ExecStart, User=, Group=,
+    Environment= (there is no systemd here)."""
+
+    def __init__(self, unit: Path, log_path: Path, port: int) -> None:
+        self.unit = parse_unit(unit)
+        self._log = log_path
+        self.port = port
+
+    @property
+    def log_path(self) -> Path:
+        return self._log
+
+    def start(self) -> UnitProcess:
+        u = self.unit
+        env = {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1",
+               **{k[4:]: v for k, v in u.items() if k.startswith("env:")}}
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                shlex.split(u["ExecStart"]), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env=env, user=u["User"], group=u["Group"],
+                extra_groups=[], cwd="/")
+        try:
+            wait_listening(self.port, 20)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{u['ExecStart']} did not start:\n{self.log_text()}") from None
+        return self
+
+
+def parse_unit(path: Path) -> dict[str, str]:
+    """The unit's settings; Environment=K=V lines become "env:K" entries."""
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or line.startswith("#"):
+            continue
+        if key == "Environment":
+            k, _, v = value.partition("=")
+            out[f"env:{k}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class Deployment:
+    root: Path
+    prefix: Path
+    etc: Path
+    unit_dir: Path
+    relaylab: Path  # the `relaylab` on PATH (bin-dir symlink)
+    install_output: str
+
+    @property
+    def policy(self) -> Path:
+        return self.etc / "relaylab.yaml"
+
+    def unit(self, service: str) -> Path:
+        return self.unit_dir / f"relaylab-{service}.service"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run([str(self.relaylab), *args], check=check)
+
+
+def install(root: Path, user: str = USER) -> subprocess.CompletedProcess[str]:
+    return _run(["bash", str(INSTALL), "--root", str(root), "--user", user])
+
+
+def uninstall(root: Path, user: str = USER) -> subprocess.CompletedProcess[str]:
+    return _run(["bash", str(INSTALL), "--uninstall", "--root", str(root), "--user", user])
+
+
+def drop_user(user: str) -> None:
+    """A leftover of an interrupted run (the install would not record it as its own)."""
+    if subprocess.run(["getent", "passwd", user], capture_output=True).returncode == 0:
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", user], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def deployed() -> Iterator[Deployment]:
+    drop_user(USER)
+    root = make_workdir("relaylab-deploy-")
+    res = install(root)
+    d = Deployment(root=root, prefix=root / "opt/relaylab", etc=root / "etc/relaylab",
+                   unit_dir=root / "etc/systemd/system", relaylab=root / "usr/local/bin/relaylab",
+                   install_output=res.stdout)
+    try:
+        yield d
+    finally:
+        uninstall(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deployment) -> None:
+    d = deployed
+    pw = pwd.getpwnam(USER)
+    assert pw.pw_shell == "/usr/sbin/nologin" and pw.pw_uid < 1000  # a system user
+
+    def owner_mode(p: Path) -> tuple[int, int, int]:
+        st = p.stat()
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    assert owner_mode(d.etc) == (0, pw.pw_gid, 0o750)
+    assert owner_mode(d.etc / "keys") == (0, pw.pw_gid, 0o2750)  # setgid: new keys get the group
+    assert owner_mode(d.policy) == (0, pw.pw_gid, 0o640)
+    assert owner_mode(d.etc / "keys/tracker.k2026a.secret") == (0, pw.pw_gid, 0o640)
+    # The venv is built with the system Python.
+    cfg = (d.prefix / "venv/pyvenv.cfg").read_text()
+    assert re.search(r"(?m)^home = /usr/bin$", cfg), cfg
+    assert d.relaylab.resolve() == (d.prefix / "venv/bin/relaylab").resolve()
+    assert d.cli("--help").stdout.startswith("usage: relaylab")
+
+    for service in SERVICES:
+        unit = parse_unit(d.unit(service))
+        assert unit["User"] == USER and unit["Group"] == USER
+        assert unit["ExecStart"] == f"{d.prefix}/venv/bin/relaylab {service}"
+        assert unit["env:RELAYLAB_CONFIG"] == str(d.policy)
+        assert unit["LimitNOFILE"] == "65536"
+        doc = unit["Documentation"]
+        assert doc.startswith("file://") and Path(doc.removeprefix("file://")).is_file(), doc
+    if shutil.which("systemd-analyze"):
+        res = _run(["systemd-analyze", "verify", *(str(d.unit(s)) for s in SERVICES)],
+                   check=False)
+        assert res.returncode == 0 and "relaylab" not in res.stderr, res.stderr
+
+
+def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
+    deployed: Deployment, redis_server: RedisServer
+) -> None:
+    d = deployed
+    # -- keys, made by root as the README says, land readable by the service user ----
+    rsa_key, ed_key = d.etc / f"keys/{DOMAIN}.s1.key", d.etc / f"keys/{DOMAIN}.s2.key"
+    for key, alg in ((rsa_key, "rsa"), (ed_key, "ed25519")):
+        key.unlink(missing_ok=True)
+        d.cli("dkim", "keygen", "--domain", DOMAIN, "--selector", key.stem.split(".")[-1],
+              "--algorithm", alg, "--out", str(key))
+    # -- the policy, edited: this host's Redis and ports, one subaccount ------------------
+    ports = {s: free_port() for s in SERVICES}
+    policy = yaml.safe_load(d.policy.read_text())
+    policy["redis"]["url"] = redis_server.url
+    for s in SERVICES:
+        policy[s]["listen"] = f"127.0.0.1:{ports[s]}"
+    policy["milter"]["workers"] = 1
+    policy["tracker"]["workers"] = 1
+    policy["subaccounts"] = {"deploy-shop": {
+        "logins": [LOGIN], "plan": "shared", "traffic": "transactional",
+        "domains": {DOMAIN: {"dkim": [
+            {"selector": "s1", "key": f"keys/{rsa_key.name}", "algorithm": "rsa-sha256"},
+            {"selector": "s2", "key": f"keys/{ed_key.name}", "algorithm": "ed25519-sha256"}]}}}}
+    d.policy.write_text(yaml.safe_dump(policy, sort_keys=False))
+    unit = str(d.unit("milter"))
+
+    # -- relaylab check: as the unit's User= --------------------------------------------
+    res = d.cli("check", "--config", str(d.policy), "--unit", unit)
+    assert f"files readable by {USER}: 4 of 4" in res.stdout, res.stdout + res.stderr
+
+    workdir = d.root / "run"
+    workdir.mkdir(exist_ok=True)
+    sink = SinkProcess(workdir / "sink")
+    procs = [UnitProcess(d.unit(s), workdir / f"{s}.log", ports[s]) for s in SERVICES]
+    pf = DebianDefaultPostfix(workdir / "postfix", sink.port, d.policy, d.relaylab)
+    try:
+        sink.start()
+        for p in procs:
+            p.start()
+        # The running services hold their ports: check still passes (before a reload).
+        d.cli("check", "--config", str(d.policy), "--unit", unit)
+        pf.start()
+
+        # -- the shipped lines on Debian's main.cf: no duplicate, no warning -----------
+        main_cf = (pf.conf_dir / "main.cf").read_text()
+        assert len(re.findall(r"(?m)^smtpd_relay_restrictions\s*=", main_cf)) == 1
+        assert _run(["postconf", "-c", str(pf.conf_dir), "-n"]).stderr == ""
+        assert pf.shipped_output.startswith("applied")
+
+        # -- authenticated mail: relayed, signed twice, counted --------------------------
+        message = (f"From: Shop <orders@{DOMAIN}>\r\nTo: bob@example.net\r\n"
+                   "Subject: deployed\r\nMessage-ID: <d1@shop.example.com>\r\n\r\nhello\r\n")
+        with SMTPSession(pf.submit_port) as s:
+            assert s.auth_plain(LOGIN, PASSWORD).code == 235
+            t = s.send(f"orders@{DOMAIN}", ["bob@example.net"], message.encode())
+            assert t.accepted, t.steps
+        (delivered,) = sink.wait_for(1, 30)
+        # Verified by the installed venv alone (PyNaCl is a runtime dependency).
+        records = {f"{k.stem.split('.')[-1]}._domainkey.{DOMAIN}": k for k in (rsa_key, ed_key)}
+        out = _run([str(d.prefix / "venv/bin/python"), "-c", VERIFY, str(delivered),
+                    *(f"{name}={key}" for name, key in records.items())]).stdout
+        assert out.split() == ["rsa-sha256:pass", "ed25519-sha256:pass"], out
+        assert f"queue_id={t.queue_id}" in procs[0].log_text()  # the milter saw it
+        usage = d.cli("limits", "show", "--config", str(d.policy), "deploy-shop").stdout
+        assert re.search(r"(?m)^deploy-shop\s+shared\s+1/60000\s", usage), usage  # policyd counted
+
+        # -- no AUTH, no relaying: neither on 25 nor on 587 ------------------------------
+        for port, text in ((pf.smtp_port, "Relay access denied"),  # reject_unauth_destination
+                           (pf.submit_port, "Access denied")):     # submission: AUTH or reject
+            with SMTPSession(port) as s:
+                assert s.mail(f"orders@{DOMAIN}").code == 250
+                rcpt = s.rcpt("bob@example.net")
+                assert rcpt.code == 554 and rcpt.text.startswith("5.7.1"), (port, rcpt)
+                assert text in rcpt.text, (port, rcpt)
+        assert len(sink.messages()) == 1
+    finally:
+        pf.stop()
+        for p in procs:
+            p.stop()
+        sink.stop()
+
+
+# Run by the installed venv's python: dkimpy's verdict for each signature, "alg:pass".
+VERIFY = """
+import sys, dkim
+from pathlib import Path
+from relaylab.dkim.keys import dns_record_value, load_private_key
+from relaylab.policy.model import DkimAlgorithm
+msg = Path(sys.argv[1]).read_bytes()
+records = {}
+for arg in sys.argv[2:]:
+    name, _, key = arg.partition("=")
+    for alg in DkimAlgorithm:
+        try:
+            records[name] = dns_record_value(load_private_key(Path(key), alg)).encode()
+        except Exception:
+            continue
+d = dkim.DKIM(msg)
+head = msg.split(b"\\r\\n\\r\\n", 1)[0]
+n = sum(1 for l in head.split(b"\\r\\n") if l.lower().startswith(b"dkim-signature:"))
+for i in range(n):
+    ok = d.verify(idx=i, dnsfunc=lambda q, timeout=5: records.get(q.decode().rstrip(".")))
+    print(f"{d.signature_fields[b'a'].decode()}:{'pass' if ok else 'fail'}")
+"""
+
+
+def test_check_fails_when_the_service_user_cannot_read_a_key(deployed: Deployment) -> None:
+    """Root can read everything; the milter's user may not: check as the unit's User=."""
+    key = deployed.etc / "keys/unreadable.key"
+    d = deployed
+    d.cli("dkim", "keygen", "--domain", "x.example", "--selector", "u", "--out", str(key),
+          "--force")
+    policy = yaml.safe_load(d.policy.read_text())
+    policy["subaccounts"] = {"x": {"logins": ["x@relay.test"], "traffic": "transactional",
+                                   "domains": {"x.example": {
+        "dkim": [{"selector": "u", "key": str(key)}]}}}}
+    bad = d.etc / "unreadable.yaml"
+    bad.write_text(yaml.safe_dump(policy))
+    os.chown(bad, 0, pwd.getpwnam(USER).pw_gid)
+    key.chmod(0o600)  # as keygen used to leave it, root:root 0600
+    try:
+        res = d.cli("check", "--config", str(bad), "--unit", str(d.unit("milter")), check=False)
+        assert res.returncode == 1
+        assert (f"error: DKIM key u._domainkey.x.example {key} is not readable by user {USER}: "
+                "Permission denied") in res.stderr
+        # As root (who runs `relaylab check`) the same policy is fine.
+        ok = d.cli("check", "--config", str(bad), "--as-user", "root", check=False)
+        assert "not readable" not in ok.stderr
+    finally:
+        key.unlink()
+        bad.unlink()
+
+
+def test_install_again_keeps_the_policy_and_fixes_key_permissions(deployed: Deployment) -> None:
+    d = deployed
+    edited = d.policy.read_text() + "# edited by the operator\n"
+    d.policy.write_text(edited)
+    stray = d.etc / "keys/copied-in.key"
+    stray.write_text("x")
+    stray.chmod(0o604)
+    os.chown(stray, 0, 0)
+    units = {s: d.unit(s).read_text() for s in SERVICES}
+    try:
+        res = install(d.root)
+        assert "kept the existing policy" in res.stdout
+        assert d.policy.read_text() == edited
+        assert {s: d.unit(s).read_text() for s in SERVICES} == units
+        st = stray.stat()
+        assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (pwd.getpwnam(USER).pw_gid, 0o640)
+    finally:
+        stray.unlink()
+
+
+def test_uninstall_removes_the_install_and_its_user_but_keeps_policy_and_keys() -> None:
+    user = "rl-deploy-e2e2"
+    drop_user(user)
+    root = make_workdir("relaylab-uninstall-")
+    try:
+        install(root, user)
+        res = uninstall(root, user)
+        assert f"kept {root}/etc/relaylab" in res.stdout
+        assert not (root / "opt/relaylab").exists()
+        assert not (root / "usr/local/bin/relaylab").exists()
+        assert list((root / "etc/systemd/system").iterdir()) == []
+        assert (root / "etc/relaylab/relaylab.yaml").is_file()
+        assert (root / "etc/relaylab/keys/tracker.k2026a.secret").is_file()
+        assert subprocess.run(["getent", "passwd", user], capture_output=True).returncode == 2
+    finally:
+        drop_user(user)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_install_refuses_unknown_arguments_with_usage_status() -> None:
+    res = subprocess.run(["bash", str(INSTALL), "--frobnicate"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown argument: --frobnicate" in res.stderr

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: Postfix instances need it" >&2; exit 1; }
 
 packages=(postfix sasl2-bin libsasl2-modules redis-server opendkim opendkim-tools
-          python3 python3-venv iproute2 procps swaks ca-certificates)
+          python3 python3-venv iproute2 procps swaks ca-certificates
+          passwd systemd)  # useradd and systemd-analyze: tests/e2e/test_deploy_e2e.py
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

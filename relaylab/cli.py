@@ -46,9 +46,9 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{len(startcheck.files_to_read(policy)) - len(findings)} of "
           f"{len(startcheck.files_to_read(policy))}")
     findings += startcheck.port_findings(startcheck.listen_ports(policy))
-    redis_warning = startcheck.redis_finding(policy.redis_url)
-    if redis_warning is not None:
-        findings.append(redis_warning)
+    for warning in (startcheck.tracker_finding(policy), startcheck.redis_finding(policy.redis_url)):
+        if warning is not None:
+            findings.append(warning)
     for f in findings:
         print(f, file=sys.stderr)
     return 1 if any(f.level == "error" for f in findings) else 0

@@ -23,11 +23,13 @@ from relaylab.policy.model import Policy
 __all__ = [
     "DEFAULT_UNIT",
     "Finding",
+    "files_to_read",
     "listen_ports",
     "port_findings",
     "read_findings",
     "readable_as",
     "redis_finding",
+    "tracker_finding",
     "unit_user",
 ]
 
@@ -146,6 +148,14 @@ def port_findings(ports: Iterable[tuple[str, str, int]]) -> list[Finding]:
         who = f" by pid {holder[0]} ({holder[1]})" if holder else ""
         out.append(Finding("error", f"{service}.listen {host}:{port} cannot be used{who}: {err}"))
     return out
+
+
+def tracker_finding(policy: Policy) -> Finding | None:
+    if policy.tracker.enabled:
+        return None
+    return Finding("warning", "tracker: no base_url or no keys: `relaylab tracker` (the "
+                              "relaylab-tracker unit) exits at start; leave it disabled or "
+                              "configure tracker:")
 
 
 def redis_finding(url: str, timeout: float = 3.0) -> Finding | None:

@@ -249,6 +249,9 @@ def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
         key.unlink(missing_ok=True)
         d.cli("dkim", "keygen", "--domain", DOMAIN, "--selector", key.stem.split(".")[-1],
               "--algorithm", alg, "--out", str(key))
+        st = key.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+            0, pwd.getpwnam(USER).pw_gid, 0o640)
     # -- the policy, edited: this host's Redis and ports, one subaccount ------------------
     ports = {s: free_port() for s in SERVICES}
     policy = yaml.safe_load(d.policy.read_text())

@@ -119,6 +119,8 @@ def test_check_warns_with_the_url_when_redis_does_not_answer_and_passes(
     assert main(["check", "--config", str(path), "--unit", str(tmp_path / "none")]) == 0
     err = capsys.readouterr().err
     assert f"warning: Redis at redis://127.0.0.1:{port}/0 does not answer" in err
+    # No tracker section: its unit would exit at start.
+    assert "warning: tracker: no base_url or no keys" in err
 
 
 def test_check_fails_when_another_program_holds_a_listen_port(

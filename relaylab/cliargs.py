@@ -17,7 +17,8 @@ __all__ = ["config_arg", "config_path", "listen_arg", "load_or_exit", "positive_
 
 def config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
-                   help="policy file (default: $RELAYLAB_CONFIG or conf/relaylab.yaml)")
+                   help="policy file (default: $RELAYLAB_CONFIG, else conf/relaylab.yaml if "
+                        "present, else /etc/relaylab/relaylab.yaml)")
 
 
 def config_path(args: argparse.Namespace) -> Path:

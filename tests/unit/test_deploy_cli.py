@@ -21,6 +21,7 @@ from relaylab import postfixconf
 from relaylab.cli import main
 from relaylab.devstack.demo import WORKDIR_MARKER, WorkdirRefused, prepare_workdir
 from relaylab.devstack.ports import free_port
+from relaylab.devstack.workdir import make_workdir
 from relaylab.dkim.keygen import write_private_key
 from relaylab.policy.loader import INSTALLED_PATH, default_config_path, load_policy
 from relaylab.startcheck import unit_user
@@ -145,16 +146,22 @@ def test_check_takes_the_user_from_the_units_user_line(tmp_path: Path) -> None:
 
 
 def test_check_as_a_user_who_cannot_read_the_key_fails_naming_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = policy_file(tmp_path)
-    tmp_path.chmod(0o755)
-    path.chmod(0o644)
-    (tmp_path / "keys").chmod(0o755)  # the key itself stays 0640 root:root
-    assert main(["check", "--config", str(path), "--as-user", "nobody"]) == 1
-    err = capsys.readouterr().err
-    assert (f"error: DKIM key e1._domainkey.shop.example.com {tmp_path}/keys/k.key is not "
-            "readable by user nobody: Permission denied") in err
+    """Root (running `relaylab check`) can read everything; the service user may not."""
+    d = make_workdir("relaylab-check-")  # 0755: only the key is out of nobody's reach
+    try:
+        path = policy_file(d)
+        path.chmod(0o644)
+        (d / "keys").chmod(0o755)  # the key itself stays 0640 root:root
+        assert main(["check", "--config", str(path), "--as-user", "nobody"]) == 1
+        err = capsys.readouterr().err
+        assert (f"error: DKIM key e1._domainkey.shop.example.com {d}/keys/k.key is not "
+                "readable by user nobody: Permission denied") in err
+        assert "the policy file" not in err
+        assert main(["check", "--config", str(path), "--as-user", "root"]) == 0
+    finally:
+        shutil.rmtree(d)
 
 
 # ---------------------------------------------------------------- default config path

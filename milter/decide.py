@@ -62,6 +62,15 @@ def from_domain(headers: list[Header]) -> str | None:
     return addrs[0].rpartition("@")[2].strip().lower().rstrip(".") or None
 
 
+def header_cap_reply(msg: MessageState) -> tuple[int, tuple[int, int, int], str]:
+    """552 5.3.4, as for an oversized message: the sender must not retry it as it is."""
+    if msg.header_count > msg.max_headers:
+        return (552, (5, 3, 4), f"Message header has too many fields "
+                f"({msg.header_count} > {msg.max_headers})")
+    return (552, (5, 3, 4), f"Message header too large "
+            f"({msg.header_bytes} > {msg.max_header_bytes} bytes)")
+
+
 def tagging_ops(policy: Policy, sub: Subaccount, headers: list[Header], message_id: str
                 ) -> list[HeaderOp]:
     ops = set_header(headers, "Precedence", sub.traffic.precedence)
@@ -96,6 +105,11 @@ def decide(
                            fields={**fields, "reason": "unknown_login"})
         return Outcome(Verdict.CONTINUE, fields={**fields, "actions": "pass_unknown_login"})
     fields["subaccount"] = sub.name
+    if msg.headers_over_cap:
+        return Outcome(Verdict.REJECT, reply=header_cap_reply(msg),
+                       fields={**fields, "reason": "too_many_headers"
+                               if msg.header_count > msg.max_headers else "header_too_large",
+                               "headers": msg.header_count, "header_bytes": msg.header_bytes})
     message_id = new_message_id()
     fields["message_id"] = message_id
     ops = tagging_ops(policy, sub, msg.headers, message_id)

@@ -64,25 +64,50 @@ def _wire_value(value: str) -> bytes:
 
 
 def apply(headers: Sequence[Header], ops: Sequence[HeaderOp]) -> list[Header]:
-    out = list(headers)
+    """The header block after `ops`, applied in order as Postfix applies them.
+
+    Linear in headers + ops for the ops we plan (deletes of the nth occurrence from the
+    last one back, changes, appends): each name's live positions are kept in a list, and
+    a deleted field leaves a hole instead of shifting the rest. An insert (only the DKIM
+    signatures, at the top) re-indexes the block.
+    """
+    out: list[Header | None] = list(headers)
+    by_name: dict[bytes, list[int]] = {}  # lower-case name -> live positions, in order
+
+    def index() -> None:
+        by_name.clear()
+        for i, h in enumerate(out):
+            if h is not None:
+                by_name.setdefault(h[0].lower(), []).append(i)
+
+    index()
     for op in ops:
+        if isinstance(op, InsertHeader):
+            live: list[Header | None] = [h for h in out if h is not None]
+            live.insert(min(op.index, len(live)), (op.name.encode(), _wire_value(op.value)))
+            out[:] = live
+            index()
+            continue
+        name = op.name.encode()
+        positions = by_name.setdefault(name.lower(), [])
         if isinstance(op, AppendHeader):
-            out.append((op.name.encode(), _wire_value(op.value)))
-        elif isinstance(op, InsertHeader):
-            out.insert(min(op.index, len(out)), (op.name.encode(), _wire_value(op.value)))
+            positions.append(len(out))
+            out.append((name, _wire_value(op.value)))
+            continue
+        if op.nth > len(positions):
+            if op.value:  # as Postfix does: changing a missing header appends it
+                positions.append(len(out))
+                out.append((name, _wire_value(op.value)))
+            continue
+        i = positions[op.nth - 1]
+        if op.value:
+            old = out[i]
+            assert old is not None
+            out[i] = (old[0], _wire_value(op.value))
         else:
-            key = op.name.lower().encode()
-            positions = [i for i, (n, _) in enumerate(out) if n.lower() == key]
-            if op.nth > len(positions):
-                if op.value:  # as Postfix does: changing a missing header appends it
-                    out.append((op.name.encode(), _wire_value(op.value)))
-                continue
-            i = positions[op.nth - 1]
-            if op.value:
-                out[i] = (out[i][0], _wire_value(op.value))
-            else:
-                del out[i]
-    return out
+            out[i] = None
+            del positions[op.nth - 1]  # O(1) for the last occurrence, the order we plan
+    return [h for h in out if h is not None]
 
 
 def for_signing(headers: Sequence[Header]) -> list[Header]:

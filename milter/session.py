@@ -75,10 +75,13 @@ class MilterSession:
 
     def on_mail_from(self, address: str) -> None:
         macros = self._take_macros(_Stage.MAIL_FROM)
+        settings = self._services.policy().milter
         self._msg = MessageState(
             login=macros.get("{auth_authen}") or None,
             queue_id=macros.get("i") or None,
             mail_from=address,
+            max_headers=settings.max_headers,
+            max_header_bytes=settings.max_header_bytes,
         )
         if self._slot is None and self._msg.login and "{client_port}" in macros:
             sub = self._services.policy().subaccount_for_login(self._msg.login)
@@ -134,7 +137,7 @@ class MilterSession:
     def on_header(self, header: hdr.Header) -> None:
         if self._msg is None:  # Postfix always sends MAIL first; be safe anyway
             self._msg = MessageState()
-        self._msg.headers.append(header)
+        self._msg.add_header(header)
 
     def on_body_chunk(self, chunk: bytes) -> None:
         if self._msg is not None:

@@ -20,10 +20,28 @@ class MessageState:
     body_chunks: list[bytes] = attrs.field(factory=list)
     body_size: int = 0
     started: float = attrs.field(factory=time.monotonic)
+    # The policy's caps (milter.max_headers/max_header_bytes) when the message started.
+    # Fields past either are counted, not kept: such a message is refused at its end, so
+    # what it costs us stays bounded however many fields it has.
+    max_headers: int = 1000
+    max_header_bytes: int = 1 << 20
+    header_count: int = 0
+    header_bytes: int = 0  # name ":" value CRLF of every field, kept or not
+
+    def add_header(self, header: Header) -> None:
+        self.header_count += 1
+        self.header_bytes += len(header[0]) + len(header[1]) + 3
+        if not self.headers_over_cap:
+            self.headers.append(header)
+
+    @property
+    def headers_over_cap(self) -> bool:
+        return self.header_count > self.max_headers or self.header_bytes > self.max_header_bytes
 
     def add_body(self, chunk: bytes) -> None:
-        self.body_chunks.append(chunk)
         self.body_size += len(chunk)
+        if not self.headers_over_cap:  # to be refused: only its size matters
+            self.body_chunks.append(chunk)
 
     @property
     def body(self) -> bytes:
@@ -31,4 +49,4 @@ class MessageState:
 
     @property
     def size(self) -> int:
-        return self.body_size + sum(len(n) + len(v) + 3 for n, v in self.headers)
+        return self.body_size + self.header_bytes

@@ -315,12 +315,20 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
 
 def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
     m = w.mapping(node, "milter", {"listen", "workers", "unauthenticated", "missing_key",
-                                   "message_id_header", "subaccount_header", "on_redis_error"})
+                                   "message_id_header", "subaccount_header", "on_redis_error",
+                                   "max_headers", "max_header_bytes"})
     kw: dict[str, object] = {}
     if "listen" in m and (listen := w.listen(m["listen"][1], "milter.listen")):
         kw["listen_host"], kw["listen_port"] = listen
     if "workers" in m:
         kw["workers"] = w.integer(m["workers"][1], "milter.workers", minimum=1)
+    # Lower bounds that a real message's header always fits in (a signed reply with a
+    # long References chain has ~40 fields, ~8 KiB).
+    if "max_headers" in m:
+        kw["max_headers"] = w.integer(m["max_headers"][1], "milter.max_headers", minimum=50)
+    if "max_header_bytes" in m:
+        kw["max_header_bytes"] = w.integer(m["max_header_bytes"][1], "milter.max_header_bytes",
+                                           minimum=16384)
     if "unauthenticated" in m:
         kw["unauthenticated"] = w.choice(m["unauthenticated"][1], "milter.unauthenticated",
                                          UnauthenticatedAction)

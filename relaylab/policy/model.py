@@ -118,6 +118,11 @@ class MilterSettings:
     # Redis unreachable during the RCPT suppression check: "tempfail" (451 4.3.0, the
     # sender retries) or "pass" (deliver unchecked). Logged once per outage either way.
     redis_error_action: str = "tempfail"
+    # What one message's header may cost (like Postfix's hopcount_limit/header_size_limit):
+    # a subaccount's message with more header fields, or more header bytes, is refused
+    # with 552 5.3.4. Real mail has 20-60 fields and well under 64 KiB.
+    max_headers: int = 1000
+    max_header_bytes: int = 1 << 20
 
 
 class RedisErrorAction(enum.Enum):

@@ -213,6 +213,47 @@ def test_configured_headers_never_produce_duplicates(env: Env) -> None:
 # ---------------------------------------------------------------- who may send
 
 
+def capped(extra: list[Header], max_headers: int = 1000, max_header_bytes: int = 1 << 20
+           ) -> MessageState:
+    """message() with its fields fed in one by one, as the session does, under caps."""
+    base = message("shop@relay.example.net", extra=extra)
+    msg = MessageState(login=base.login, queue_id=base.queue_id, mail_from=base.mail_from,
+                       max_headers=max_headers, max_header_bytes=max_header_bytes)
+    for h in base.headers:
+        msg.add_header(h)
+    for chunk in base.body_chunks:
+        msg.add_body(chunk)
+    return msg
+
+
+def test_40000_duplicate_headers_are_refused_552_and_not_kept(env: Env) -> None:
+    """Issue 16.2: the message is refused before any edit is planned, and the milter
+    keeps only the fields within the cap while it arrives."""
+    msg = capped([(b"Precedence", b" bulk")] * 40_000)
+    assert len(msg.headers) == 1000 and msg.body_chunks == []
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.REJECT and out.ops == ()
+    assert out.reply == (552, (5, 3, 4), "Message header has too many fields (40006 > 1000)")
+    assert out.fields["reason"] == "too_many_headers" and out.fields["headers"] == 40006
+
+
+def test_header_bytes_over_the_cap_are_refused_552(env: Env) -> None:
+    msg = capped([(b"X-Big", b" " + b"a" * 70_000)], max_header_bytes=65_536)
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.REJECT
+    assert out.reply is not None and out.reply[:2] == (552, (5, 3, 4))
+    assert out.reply[2].startswith("Message header too large (70")
+    assert out.fields["reason"] == "header_too_large"
+
+
+def test_header_at_the_caps_is_signed_as_usual(env: Env) -> None:
+    msg = capped([(b"X-Trace", b" hop")] * 994)  # 6 + 994 = 1000 fields
+    assert msg.header_count == 1000
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.CONTINUE and "sign" in out.fields["actions"]
+    assert verify(env, final_message(msg, out), 0)
+
+
 def test_unauthenticated_with_pass_continues_untouched(env: Env) -> None:
     out = env.decide(env.policy(unauthenticated="pass"), message(None))
     assert out.verdict is Verdict.CONTINUE

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import pytest
 
 from milter.headers import (
     AppendHeader,
     ChangeHeader,
     Header,
+    HeaderOp,
     InsertHeader,
     apply,
     first_value,
@@ -123,3 +127,84 @@ def test_first_value_is_case_insensitive_and_takes_the_first() -> None:
     headers = [(b"from", b" a@x.example"), (b"From", b" b@y.example")]
     assert first_value(headers, "FROM") == b" a@x.example"
     assert first_value(headers, "Sender") is None
+
+
+class CountedName(bytes):
+    """A header name that counts how often the header code looks at it (lower-cases it,
+    the step every name comparison starts with), and fails the test once past `budget`."""
+
+    calls = 0
+    budget = 0
+
+    def lower(self) -> bytes:
+        CountedName.calls += 1
+        if CountedName.calls > CountedName.budget:
+            raise AssertionError(f"more than {CountedName.budget} header name look-ups")
+        return bytes(self).lower()
+
+
+def planning_lookups(duplicates: int) -> int:
+    """Name look-ups to plan and simulate the milter's edits (Precedence set, two
+    headers added) on a message with `duplicates` Precedence headers."""
+    headers: list[Header] = [(CountedName(b"From"), b" a@shop.example.com")]
+    headers += [(CountedName(b"Precedence"), b" bulk")] * duplicates
+    headers.append((CountedName(b"Subject"), b" hi"))
+    n = len(headers)
+    CountedName.calls, CountedName.budget = 0, 10 * n  # linear, with room to spare
+    ops = set_header(headers, "Precedence", "list")
+    ops += set_header(headers, "X-Relaylab-Message-ID", "0" * 32)
+    ops += set_header(headers, "X-Relaylab-Subaccount", "shop")
+    out = apply(headers, ops)
+    calls, CountedName.budget = CountedName.calls, 1 << 62
+    assert len(ops) == duplicates + 2
+    assert [v for k, v in out if k.lower() == b"precedence"] == [b" list"]
+    assert len(out) == 5
+    return calls
+
+
+def test_header_edits_for_40000_duplicates_cost_linear_name_lookups() -> None:
+    """Issue 16.2: apply() used to scan every header for every edit (40,000 deletes x
+    40,000 headers). Counted, not timed: 4x the duplicates must cost ~4x the look-ups."""
+    small, big = planning_lookups(10_000), planning_lookups(40_000)
+    assert big <= 10 * 40_002
+    assert 3.8 <= big / small <= 4.2, (small, big)
+
+
+def naive_apply(headers: Sequence[Header], ops: Sequence[HeaderOp]) -> list[Header]:
+    """The obvious quadratic simulation, as the reference for apply()."""
+    out = list(headers)
+    for op in ops:
+        new = (op.name.encode(), b" " + op.value.encode())
+        if isinstance(op, AppendHeader):
+            out.append(new)
+        elif isinstance(op, InsertHeader):
+            out.insert(min(op.index, len(out)), new)
+        else:
+            positions = [i for i, (n, _) in enumerate(out) if n.lower() == op.name.lower().encode()]
+            if op.nth > len(positions):
+                if op.value:
+                    out.append(new)
+            elif op.value:
+                out[positions[op.nth - 1]] = (out[positions[op.nth - 1]][0], new[1])
+            else:
+                del out[positions[op.nth - 1]]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_apply_equals_the_naive_simulation_for_any_op_sequence(seed: int) -> None:
+    rnd = random.Random(seed)
+    names = ["Precedence", "PRECEDENCE", "To", "X-A", "DKIM-Signature"]
+    headers: list[Header] = [(rnd.choice(names).encode(), f" v{i}".encode())
+                             for i in range(rnd.randrange(0, 12))]
+    ops: list[HeaderOp] = []
+    for j in range(rnd.randrange(1, 15)):
+        name, kind = rnd.choice(names), rnd.randrange(4)
+        value = rnd.choice(["", f"new{j}"])
+        if kind == 0:
+            ops.append(AppendHeader(name, f"app{j}"))
+        elif kind == 1:
+            ops.append(InsertHeader(rnd.randrange(0, 14), name, f"ins{j}"))
+        else:
+            ops.append(ChangeHeader(name, rnd.randrange(1, 6), value))
+    assert apply(headers, ops) == naive_apply(headers, ops)

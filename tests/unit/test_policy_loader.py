@@ -127,6 +127,22 @@ def test_milter_workers_must_be_at_least_one(tmp_path: Path, keys: Keys) -> None
     assert load_policy(two).milter.workers == 2
 
 
+def test_milter_header_caps_default_and_are_checked_with_file_line_and_key(
+        tmp_path: Path, keys: Keys) -> None:
+    default = load_policy(write(tmp_path, VALID_HEAD, keys)).milter
+    assert (default.max_headers, default.max_header_bytes) == (1000, 1 << 20)
+    path = write(tmp_path, VALID_HEAD + "milter:\n  max_headers: 10\n"
+                 "  max_header_bytes: \"1MiB\"\n", keys)
+    found = problems(path)
+    assert [(p.file, p.line, p.key) for p in found] == [
+        (path, 11, "milter.max_headers"), (path, 12, "milter.max_header_bytes")]
+    assert "must be >= 50" in found[0].message and "expected an integer" in found[1].message
+    ok = write(tmp_path, VALID_HEAD + "milter:\n  max_headers: 5000\n"
+               "  max_header_bytes: 4_194_304\n", keys, name="ok.yaml")
+    m = load_policy(ok).milter
+    assert (m.max_headers, m.max_header_bytes) == (5000, 4 << 20)
+
+
 def test_logins_must_be_a_list(tmp_path: Path, keys: Keys) -> None:
     path = write(tmp_path, VALID_HEAD.replace("[shop@relay.example.net]", "shop@relay.example.net"), keys)
     found = problems(path)

@@ -16,6 +16,7 @@ import attrs
 
 from milter import tracking
 from milter.headers import (
+    AppendHeader,
     Header,
     HeaderOp,
     InsertHeader,
@@ -23,7 +24,9 @@ from milter.headers import (
     first_value,
     for_signing,
     set_header,
+    text_value,
 )
+from milter.rewrite.longlines import reencode_long_lines
 from milter.state import MessageState
 from relaylab.dkim import signer
 from relaylab.dkim.keys import KeyLoadError, KeyStore
@@ -152,6 +155,20 @@ def decide(
         return Outcome(Verdict.TEMPFAIL,
                        reply=(451, (4, 7, 5), "DKIM signing key unavailable, try again later"),
                        fields={**fields, "reason": "key_unusable", "detail": str(e)})
+    # Postfix breaks lines over 998 bytes after we sign: re-encode such parts first.
+    reencoded = reencode_long_lines(text_value(msg.headers, "Content-Type"),
+                                    text_value(msg.headers, "Content-Transfer-Encoding"), body)
+    if reencoded is not None:
+        if reencoded.body is not None:
+            body = new_body = reencoded.body
+            fields["reencoded"] = ",".join(reencoded.parts)
+            actions.append("reencode")
+            if reencoded.top_cte:  # a single-part message: its own header says how
+                ops += set_header(msg.headers, "Content-Transfer-Encoding", reencoded.top_cte)
+                if first_value(msg.headers, "MIME-Version") is None:
+                    ops.append(AppendHeader("MIME-Version", "1.0"))
+        if reencoded.notes:
+            fields["reencode_notes"] = "; ".join(reencoded.notes)
     final = for_signing(apply(msg.headers, ops))
     values = signer.sign(final, body, signing_keys, timestamp=int(now()), linesep=b"\n")
     # Insert in reverse so the first configured key's signature ends up on top.

@@ -126,3 +126,9 @@ def first_value(headers: Sequence[Header], name: str) -> bytes | None:
         if n.lower() == key:
             return v
     return None
+
+
+def text_value(headers: Sequence[Header], name: str) -> str | None:
+    """The first `name` value as text (latin-1: every byte kept), for the MIME parser."""
+    raw = first_value(headers, name)
+    return None if raw is None else raw.decode("latin-1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from milter.headers import Header, HeaderOp, first_value, set_header
+from milter.headers import Header, HeaderOp, first_value, set_header, text_value
 from milter.rewrite import RewriteConfig, RewriteResult, rewrite_body
 from relaylab.policy.model import Subaccount
 from relaylab.tracking.tokens import TokenSigner
@@ -16,11 +16,6 @@ from relaylab.tracking.tokens import TokenSigner
 __all__ = ["rewrite", "unsubscribe_ops"]
 
 _URI_RE = re.compile(rb"<\s*(https?://[^>\s]+)\s*>", re.IGNORECASE)
-
-
-def _header_text(headers: list[Header], name: str) -> str | None:
-    raw = first_value(headers, name)
-    return None if raw is None else raw.decode("latin-1")
 
 
 def unsubscribe_ops(sub: Subaccount, headers: list[Header], tokens: TokenSigner | None,
@@ -63,5 +58,5 @@ def rewrite(sub: Subaccount, headers: list[Header], body: bytes, tokens: TokenSi
         skip_prefixes=(tokens.base_url + "/",),
         skip_urls=skip_urls,
     )
-    return rewrite_body(_header_text(headers, "Content-Type"),
-                        _header_text(headers, "Content-Transfer-Encoding"), body, cfg)
+    return rewrite_body(text_value(headers, "Content-Type"),
+                        text_value(headers, "Content-Transfer-Encoding"), body, cfg)

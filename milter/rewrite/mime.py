@@ -29,6 +29,7 @@ _SECTION = re.compile(r"([^*]+)(?:\*(\d+))?(\*)?")
 _QUOTED_PAIR = re.compile(r"\\(.)")
 _COMMENT = re.compile(r"\([^()]*\)")
 _WANTED = ("content-type", "content-transfer-encoding", "content-disposition")
+_ENCLOSED = frozenset({"message/rfc822", "message/global"})  # a whole message inside
 
 
 @attrs.frozen
@@ -42,6 +43,7 @@ class Part:
     start: int
     end: int  # excludes the line break that belongs to the next delimiter
     eol: bytes  # the line ending the part's headers (or the message) use
+    head: int | None = None  # where the part's header block starts; None: the message's own
 
 
 def unfold(value: str) -> str:
@@ -199,22 +201,35 @@ def _trim_eol(body: bytes, start: int, end: int) -> int:
     return end
 
 
-def locate_parts(content_type: str | None, transfer_encoding: str | None, body: bytes) -> list[Part]:
-    """Leaf parts worth looking at, in order; message/* and multipart/signed or /encrypted
-    subtrees are not entered (rewriting them would change an attached message or break a
-    signature). Raises RewriteError for MIME the rewriter should not touch."""
+def locate_parts(content_type: str | None, transfer_encoding: str | None, body: bytes,
+                 *, enter_messages: bool = False) -> list[Part]:
+    """Leaf parts worth looking at, in order; multipart/signed or /encrypted subtrees are
+    not entered (changing them would break a signature), nor message/* unless
+    `enter_messages` (then an attached message/rfc822 is walked like a part: its header
+    block, then its body). Raises RewriteError for MIME the caller should not touch."""
     leaves: list[Part] = []
     ctype, params = parse_content_type(content_type)
     eol = detect_eol(body)
-    _walk(body, 0, len(body), ctype, params, parse_cte(transfer_encoding), False, eol, 0, leaves)
+    _walk(body, 0, len(body), ctype, params, parse_cte(transfer_encoding), False, eol, 0, leaves,
+          None, enter_messages)
     return leaves
 
 
 def _walk(body: bytes, start: int, end: int, ctype: str, params: dict[str, str], cte: str,
-          attachment: bool, eol: bytes, depth: int, leaves: list[Part]) -> None:
+          attachment: bool, eol: bytes, depth: int, leaves: list[Part], head: int | None = None,
+          enter_messages: bool = False) -> None:
     if not ctype.startswith("multipart/"):
-        if not ctype.startswith("message/"):
-            leaves.append(Part(ctype, params.get("charset"), cte, attachment, start, end, eol))
+        if ctype in _ENCLOSED and enter_messages and cte in IDENTITY:
+            if depth >= MAX_DEPTH:
+                raise RewriteError(f"message nesting deeper than {MAX_DEPTH}")
+            fields, body_start, head_eol = _read_headers(body, start, end)
+            sub_type, sub_params = parse_content_type(fields.get("content-type"))
+            _walk(body, body_start, end, sub_type, sub_params,
+                  parse_cte(fields.get("content-transfer-encoding")), attachment,
+                  head_eol or eol, depth + 1, leaves, start, enter_messages)
+        elif not ctype.startswith("message/"):
+            leaves.append(Part(ctype, params.get("charset"), cte, attachment, start, end, eol,
+                               head))
         return
     if depth >= MAX_DEPTH:
         raise RewriteError(f"multipart nesting deeper than {MAX_DEPTH}")
@@ -239,7 +254,7 @@ def _walk(body: bytes, start: int, end: int, ctype: str, params: dict[str, str],
         _walk(body, body_start, part_end, sub_type, sub_params,
               parse_cte(fields.get("content-transfer-encoding")),
               is_attachment(fields.get("content-disposition"), sub_params),
-              head_eol or eol, depth + 1, leaves)
+              head_eol or eol, depth + 1, leaves, part_start, enter_messages)
 
 
 # -- transfer encodings ------------------------------------------------------------------

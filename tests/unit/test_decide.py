@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import email
+import email.policy
+
 import attrs
 import dkim
 import pytest
@@ -14,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from milter.decide import Outcome, Verdict, decide, from_domain
-from milter.headers import ChangeHeader, Header, InsertHeader, apply, for_signing
+from milter.headers import AppendHeader, ChangeHeader, Header, InsertHeader, apply, for_signing
 from milter.state import MessageState
 from relaylab.dkim.keys import KeyStore, PrivateKey, dns_record_value
 from relaylab.policy.loader import ConfigError, load_policy
@@ -127,7 +130,8 @@ def final_headers(msg: MessageState, outcome: Outcome) -> list[Header]:
 def final_message(msg: MessageState, outcome: Outcome) -> bytes:
     """The message as Postfix sends it on: "Name:value" lines with CRLF, then the body."""
     headers = for_signing(final_headers(msg, outcome))
-    return b"".join(n + b":" + v for n, v in headers) + b"\r\n" + msg.body
+    body = msg.body if outcome.body is None else outcome.body
+    return b"".join(n + b":" + v for n, v in headers) + b"\r\n" + body
 
 
 def values(headers: list[Header], name: str) -> list[bytes]:
@@ -397,3 +401,65 @@ def test_from_with_display_name_and_several_addresses_has_no_single_domain(env: 
 def test_folded_from_header_still_gives_its_domain() -> None:
     assert from_domain([(b"From", b' "Shop\n\tOrders" <orders@shop.example.com>')]) == "shop.example.com"
 
+
+
+# ---------------------------------------------------------------- lines over 998 bytes
+
+
+def postfix_sends(data: bytes) -> bytes:
+    """What Postfix's SMTP client makes of a message: lines longer than
+    smtp_line_length_limit (998) broken by inserting CRLF SPACE."""
+    out = []
+    for line in data.split(b"\r\n"):
+        while len(line) > 998:
+            out.append(line[:998])
+            line = b" " + line[998:]
+        out.append(line)
+    return b"\r\n".join(out)
+
+
+def long_line_message(extra: list[Header]) -> MessageState:
+    msg = message("shop@relay.example.net", extra=extra)
+    msg.body_chunks, msg.body_size = [], 0
+    msg.add_body(b"<p>" + b"caf\xc3\xa9 " * 1000 + b"</p>\r\nbye\r\n")
+    return msg
+
+
+@pytest.mark.parametrize("mime", [True, False])
+def test_single_part_with_a_long_line_is_re_encoded_and_signed_as_postfix_sends_it(
+        env: Env, mime: bool) -> None:
+    """Issue 14.4: Postfix breaks the 6,000-byte line after we signed; we re-encode it
+    first, and change the top-level Content-Transfer-Encoding the signature covers."""
+    extra: list[Header] = [(b"MIME-Version", b" 1.0"),
+                           (b"Content-Type", b" text/html; charset=utf-8"),
+                           (b"Content-Transfer-Encoding", b" 8bit")] if mime else []
+    msg = long_line_message(extra)
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.CONTINUE and out.body is not None
+    assert out.fields["reencoded"] == ("text/html" if mime else "text/plain") + ":quoted-printable"
+    assert "reencode" in out.fields["actions"].split(",")
+    if mime:
+        assert ChangeHeader("Content-Transfer-Encoding", 1, "quoted-printable") in out.ops
+    else:
+        assert AppendHeader("Content-Transfer-Encoding", "quoted-printable") in out.ops
+        assert AppendHeader("MIME-Version", "1.0") in out.ops
+    data = final_message(msg, out)
+    assert postfix_sends(data) == data  # nothing left for Postfix to break
+    assert verify(env, data, 0) and verify(env, data, 1)
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed.get_all("Content-Transfer-Encoding") == ["quoted-printable"]
+    assert parsed.get_payload(decode=True) == msg.body
+
+
+def test_message_with_lines_of_998_bytes_keeps_its_body(env: Env) -> None:
+    msg = message("shop@relay.example.net")
+    msg.add_body(b"x" * 998 + b"\r\n")
+    out = env.decide(env.policy(), msg)
+    assert out.body is None and "reencoded" not in out.fields
+
+
+def test_long_lines_of_unsigned_mail_are_left_to_postfix(env: Env) -> None:
+    msg = long_line_message([])
+    msg.headers[1] = (b"From", b" someone@elsewhere.example")
+    out = env.decide(env.policy(), msg)
+    assert out.body is None and "reencoded" not in out.fields

@@ -12,6 +12,7 @@ from email.message import EmailMessage
 import pytest
 
 from milter.rewrite import RewriteConfig, RewriteResult, rewrite_body
+from milter.rewrite.longlines import reencode_long_lines
 from milter.rewrite.mime import locate_parts
 
 HTML = '<html><body><p>Hello</p><a href="https://a.example/x?y=1&amp;z=2">link</a></body></html>\r\n'
@@ -290,3 +291,94 @@ def test_lf_only_multipart_keeps_lf_only() -> None:
     body = multipart("x", html_part(cte="quoted-printable")).replace(b"\r\n", b"\n")
     result = rewrite_body('multipart/mixed; boundary="x"', None, body, cfg())
     assert result.body is not None and b"\r" not in result.body and result.rewritten == 1
+
+
+# -- re-encoding lines over 998 bytes before signing (issue 14.4) ------------------------
+
+def lines_of(data: bytes) -> list[bytes]:
+    return data.split(b"\r\n")
+
+
+def parsed(top_headers: str, body: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(top_headers.replace("\n", "\r\n").encode() + b"\r\n" + body,
+                                   policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def test_no_line_over_998_bytes_means_nothing_to_re_encode() -> None:
+    body = b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n"
+    assert reencode_long_lines("text/plain", "8bit", body) is None
+    assert reencode_long_lines("text/plain", "8bit", body.replace(b"x", b"x", 1) + b"z" * 999) is not None
+
+
+def test_single_part_8bit_text_with_a_2000_byte_line_becomes_quoted_printable() -> None:
+    text = "za\u017c\u00f3\u0142\u0107 ".encode() * 200 + b"\r\nshort line\r\n"  # 2,000+ bytes
+    r = reencode_long_lines("text/plain; charset=utf-8", "8bit", text)
+    assert r is not None and r.body is not None
+    assert r.top_cte == "quoted-printable" and r.parts == ("text/plain:quoted-printable",)
+    # (binascii.b2a_qp lets a line ending in an encoded blank reach 78: still far from 998)
+    assert max(map(len, lines_of(r.body))) <= 78
+    assert binascii.a2b_qp(r.body) == text  # the same bytes: the charset stays true
+    assert r.body.endswith(b"short line\r\n") and r.notes == ()
+
+
+def test_multipart_re_encodes_only_the_long_lined_parts_and_their_cte_field() -> None:
+    long_text = b"word " * 400 + b"\r\nend"
+    image = part("Content-Type: image/png\nContent-Transfer-Encoding: base64\n",
+                 base64.encodebytes(bytes(range(256)) * 8).replace(b"\n", b"\r\n").rstrip())
+    blob = bytes(b for b in range(256) if b not in b"\r\n") * 6  # binary, no line break
+    inner = part("From: a@b.example\nSubject: fwd\nContent-Type: text/html; charset=utf-8\n"
+                 "Content-Transfer-Encoding: 8bit\n", b"<p>" + b"x" * 3000 + b"</p>")
+    body = multipart(
+        "b1",
+        part("Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding:\n 8bit\n", long_text),
+        image,
+        part("Content-Type: application/octet-stream\n", blob),
+        part("Content-Type: message/rfc822\n", inner),
+        part("Content-Type: text/plain\n", b"short\r\n"),
+    )
+    r = reencode_long_lines('multipart/mixed; boundary="b1"', None, body)
+    assert r is not None and r.body is not None and r.top_cte is None
+    assert r.parts == ("text/plain:quoted-printable", "application/octet-stream:base64",
+                       "text/html:quoted-printable")
+    assert max(map(len, lines_of(r.body))) <= 998
+    assert image in r.body and b"--b1\r\nContent-Type: text/plain\r\n\r\nshort\r\n" in r.body
+    msg = parsed('Content-Type: multipart/mixed; boundary="b1"\nMIME-Version: 1.0', r.body)
+    text, png, octets, attached, short = msg.iter_parts()
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"  # the folded field replaced
+    assert text.get_all("Content-Transfer-Encoding") == ["quoted-printable"]
+    assert text.get_payload(decode=True) == long_text
+    assert png.get_payload(decode=True) == bytes(range(256)) * 8
+    assert octets["Content-Transfer-Encoding"] == "base64"  # added: there was none
+    assert octets.get_payload(decode=True) == blob
+    (enclosed,) = attached.iter_parts()
+    assert enclosed["Subject"] == "fwd" and enclosed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert enclosed.get_payload(decode=True) == b"<p>" + b"x" * 3000 + b"</p>"
+
+
+def test_unwrapped_base64_and_overlong_qp_are_re_wrapped_in_their_own_encoding() -> None:
+    data = bytes(range(256)) * 10
+    b64 = part("Content-Type: application/pdf\nContent-Transfer-Encoding: base64\n",
+               base64.b64encode(data))
+    qp = part("Content-Type: text/plain\nContent-Transfer-Encoding: quoted-printable\n",
+              b"a=3D" * 400)
+    body = multipart("b2", b64, qp)
+    r = reencode_long_lines('multipart/mixed; boundary="b2"', None, body)
+    assert r is not None and r.body is not None
+    assert r.parts == ("application/pdf:base64", "text/plain:quoted-printable")
+    assert r.body.count(b"Content-Transfer-Encoding") == 2
+    a, b = parsed('Content-Type: multipart/mixed; boundary="b2"\nMIME-Version: 1.0',
+                  r.body).iter_parts()
+    assert a.get_payload(decode=True) == data and b.get_payload(decode=True) == b"a=" * 400
+    assert max(map(len, lines_of(r.body))) <= 78
+
+
+def test_long_lines_that_cannot_be_re_encoded_are_left_with_a_note() -> None:
+    uu = reencode_long_lines("application/octet-stream", "x-uuencode", b"M" * 2000)
+    assert uu is not None and uu.body is None and "x-uuencode" in uu.notes[0]
+    signed = multipart("s", part("Content-Type: text/plain\n", b"y" * 1200), b"sig")
+    r = reencode_long_lines('multipart/signed; boundary="s"; protocol="x"', None, signed)
+    assert r is not None and r.body is None and r.notes
+    broken = reencode_long_lines('multipart/mixed; boundary="nope"', None, b"z" * 1200)
+    assert broken is not None and broken.body is None and "without any boundary" in broken.notes[0]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 import time
 
+import dkim
 import pytest
-from mailutil import body_of, header_values, wait_one
+from mailutil import body_of, header_values, long_line_message, wait_one
 
 from relaylab.devstack.opendkim import opendkim_verify
 from relaylab.devstack.smtp import SMTPSession
@@ -79,6 +82,39 @@ def test_body_leaves_byte_identical(clean_sink: RelayStack) -> None:
     out = wait_one(st)
     assert body_of(out) == body
     assert st.verify_dkim(out) == [True, True]
+
+
+def dkimpy_verdicts(st: RelayStack, message: bytes) -> list[bool]:
+    try:
+        return st.verify_dkim(message)
+    except dkim.ValidationError:  # e.g. "body hash mismatch"
+        return [False]
+
+
+@pytest.mark.parametrize("multipart", [True, False], ids=["multipart", "single-part"])
+def test_lines_over_998_bytes_are_re_encoded_so_signatures_verify_after_postfix(
+        clean_sink: RelayStack, multipart: bool) -> None:
+    """Issue 14.4: Postfix breaks lines over smtp_line_length_limit (998) after the
+    milter signed; a 5,000-byte HTML line and a 2,000-byte text line must arrive signed
+    for what Postfix sent (dkimpy and OpenDKIM)."""
+    st = clean_sink
+    assert st.postfix.main_cf().get("smtp_line_length_limit", "998") == "998"
+    message, parts = long_line_message(st.accounts[TX].domain, multipart=multipart)
+    qid = submit(st, TX, message)
+    out = wait_one(st)
+    assert max(len(line) for line in out.split(b"\r\n")) <= 998
+    assert dkimpy_verdicts(st, out) == [True, True]
+    ok, detail = opendkim_verify(out, st.dns_records())
+    assert ok, detail
+    assert "rl1r" in detail and "rl1e" in detail
+    delivered = email.message_from_bytes(out, policy=email.policy.default)
+    leaves = [p for p in delivered.walk() if not p.is_multipart()]
+    assert [(p.get_content_type(), p["Content-Transfer-Encoding"], p.get_payload(decode=True))
+            for p in leaves] == [(t, "quoted-printable", c) for t, c in parts]
+    if not multipart:
+        assert header_values(out, "MIME-Version") == [b"1.0"]
+    expected = ",".join(f"{t}:quoted-printable" for t, _ in parts)
+    assert f"reencoded={expected} " in milter_line(st, qid)
 
 
 def test_five_messages_in_one_session_each_get_their_own_changes(clean_sink: RelayStack

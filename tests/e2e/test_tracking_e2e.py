@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 import redis
-from mailutil import header_values, wait_one
+from mailutil import LONG_HTML, header_values, long_line_message, wait_one
 
+from relaylab.devstack.opendkim import opendkim_verify
 from relaylab.devstack.smtp import SMTPSession
 from relaylab.devstack.stack import RelayStack
 
@@ -240,6 +241,25 @@ def test_quoted_printable_html_is_re_encoded_with_short_lines(st: RelayStack) ->
     assert max(len(line) for line in body.split(b"\r\n")) <= 76
     assert b"Zo=C3=AB" in body  # still quoted-printable UTF-8
     assert quopri.decodestring(body).count(b"/c/") == 3
+
+
+def test_long_lines_of_a_tracked_newsletter_are_re_encoded_and_signed_as_sent(st: RelayStack
+                                                                             ) -> None:
+    """Issue 14.4 with tracking on: the pixel and the rewrite come first, then the parts
+    with lines over 998 bytes are re-encoded, then the message is signed."""
+    message, _ = long_line_message("news.example.com")
+    assert send(st, message, [READER])[0] == 250
+    delivered = wait_one(st)
+    assert max(len(line) for line in delivered.split(b"\r\n")) <= 998
+    assert st.verify_dkim(delivered) == [True]
+    ok, detail = opendkim_verify(delivered, st.dns_records())
+    assert ok, detail
+    html = html_of(delivered)
+    assert LONG_HTML.rpartition("</table>")[0] in html  # the long line itself, decoded
+    assert "/o/" in html  # the open pixel
+    line = st.milter.wait_for_log("reencoded=")
+    assert "reencoded=text/plain:quoted-printable,text/html:quoted-printable " in line
+    assert "subaccount=shop-newsletter" in line and "pixels=1" in line
 
 
 def test_tracker_keeps_redirecting_while_redis_is_down(st: RelayStack) -> None:

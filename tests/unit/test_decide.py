@@ -4,11 +4,10 @@ the resulting message with dkimpy."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import email
 import email.policy
+import os
+from pathlib import Path
 
 import attrs
 import dkim

@@ -345,7 +345,7 @@ def test_multipart_re_encodes_only_the_long_lined_parts_and_their_cte_field() ->
     assert max(map(len, lines_of(r.body))) <= 998
     assert image in r.body and b"--b1\r\nContent-Type: text/plain\r\n\r\nshort\r\n" in r.body
     msg = parsed('Content-Type: multipart/mixed; boundary="b1"\nMIME-Version: 1.0', r.body)
-    text, png, octets, attached, short = msg.iter_parts()
+    text, png, octets, attached, _short = msg.iter_parts()
     assert text["Content-Transfer-Encoding"] == "quoted-printable"  # the folded field replaced
     assert text.get_all("Content-Transfer-Encoding") == ["quoted-printable"]
     assert text.get_payload(decode=True) == long_text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+import threading
 import time
 
 import dkim
@@ -12,7 +13,7 @@ import pytest
 from mailutil import body_of, header_values, long_line_message, wait_one
 
 from relaylab.devstack.opendkim import opendkim_verify
-from relaylab.devstack.smtp import SMTPSession
+from relaylab.devstack.smtp import SMTPSession, Transaction
 from relaylab.devstack.stack import RelayStack
 
 TX, NEWS = 0, 1  # indexes into DEMO_ACCOUNTS: transactional, marketing
@@ -194,3 +195,42 @@ def test_from_domain_without_key_is_delivered_unsigned_with_a_log_line(
     assert header_values(out, "DKIM-Signature") == []
     assert header_values(out, "Precedence") == [b"list" if account == TX else b"bulk"]
     assert "unsigned:no_key_for_domain" in milter_line(st, qid)
+
+
+def test_40000_duplicate_headers_are_refused_552_while_a_normal_message_is_delivered(
+        clean_sink: RelayStack) -> None:
+    """Issue 16.2: the heavy message is refused with a clear reply and a log line, and
+    does not hold up the message sent next to it. Postfix's header_size_limit (102400)
+    bounds each field, not their number: all 40,005 fields reach the milter."""
+    st = clean_sink
+    a = st.accounts[TX]
+    heavy = make_message(a.domain, subject="heavy", extra="Precedence: bulk\r\n" * 40_000)
+    done: list[Transaction] = []
+
+    def send_heavy() -> None:
+        with SMTPSession(st.postfix.submit_port, timeout=60) as s:
+            assert s.auth_plain(a.login, a.password).code == 235
+            done.append(s.send(f"app@{a.domain}", ["bob@example.net"], heavy))
+
+    sender = threading.Thread(target=send_heavy)
+    sender.start()
+    try:
+        started = time.monotonic()
+        qid = submit(st, TX, make_message(a.domain, subject="normal"))
+        out = wait_one(st)
+        assert header_values(out, "Subject") == [b"normal"]
+        assert st.verify_dkim(out) == [True, True]
+        assert time.monotonic() - started < 10
+        assert "verdict=continue" in milter_line(st, qid)
+    finally:
+        sender.join(60)
+    (t,) = done
+    assert not t.accepted
+    assert (t.last.code, t.last.text) == (
+        552, "5.3.4 Message header has too many fields (40005 > 1000)"), t.steps
+    line = st.milter.wait_for_log("reason=too_many_headers")
+    assert "event=refused" in line and "verdict=reject" in line and "headers=40005" in line
+    assert 'reply="552 5.3.4 Message header has too many fields (40005 > 1000)"' in line
+    assert re.search(r"queue_id=\w+ ", line)
+    time.sleep(0.5)
+    assert len(st.sink.messages()) == 1  # the heavy one never left

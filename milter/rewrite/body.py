@@ -7,6 +7,7 @@ from milter.rewrite.charsets import Transcoded, resolve, to_utf8
 from milter.rewrite.edits import SMTP_LINE_LIMIT, Edit, add_pixel, apply, fit_lines, longest_line
 from milter.rewrite.html import HtmlRewriter, escape_attr
 from milter.rewrite.links import Links
+from milter.rewrite.longlines import has_long_lines
 from milter.rewrite.mime import QP, Part, decode_transfer, detect_eol, encode_transfer, locate_parts
 from milter.rewrite.model import RewriteConfig, RewriteError, RewriteResult, Tally
 from milter.rewrite.text import TextRewriter
@@ -80,7 +81,9 @@ def _rewrite_part(body: bytes, part: Part, is_html: bool, links: Links, pixel: b
             return None
         work, value_codec = transcoded.utf8, "utf-8"
     out_codec = "ascii" if part.cte == "7bit" else value_codec
-    limited = part.cte in _LINE_LIMITED
+    # A part that already has lines over the SMTP limit is re-encoded before signing
+    # (milter/rewrite/longlines.py): the limit no longer binds its edits.
+    limited = part.cte in _LINE_LIMITED and not has_long_lines(raw)
     rewriter: HtmlRewriter | TextRewriter
     if is_html:
         rewriter = HtmlRewriter(links, value_codec, out_codec)

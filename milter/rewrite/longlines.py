@@ -54,9 +54,16 @@ def reencode_long_lines(content_type: str | None, transfer_encoding: str | None,
     if not has_long_lines(body, limit):
         return None
     try:
-        leaves = locate_parts(content_type, transfer_encoding, body, enter_messages=True)
+        return _reencode(content_type, transfer_encoding, body, limit)
     except RewriteError as e:
         return Reencoded(None, (), None, (f"lines over {limit} bytes left: {e}",))
+    except Exception as e:  # a bug here must not stop the mail: it goes out as it came
+        return Reencoded(None, (), None, (f"internal error: {type(e).__name__}: {e}",))
+
+
+def _reencode(content_type: str | None, transfer_encoding: str | None, body: bytes,
+              limit: int) -> Reencoded:
+    leaves = locate_parts(content_type, transfer_encoding, body, enter_messages=True)
     edits: list[Edit] = []
     done: list[str] = []
     notes: list[str] = []

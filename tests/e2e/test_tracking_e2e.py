@@ -20,7 +20,7 @@ import redis
 from mailutil import LONG_HTML, header_values, long_line_message, wait_one
 
 from relaylab.devstack.opendkim import opendkim_verify
-from relaylab.devstack.smtp import SMTPSession
+from relaylab.devstack.smtp import SMTPSession, parse_queue_id
 from relaylab.devstack.stack import RelayStack
 
 NEWS = "shop-newsletter"
@@ -248,7 +248,9 @@ def test_long_lines_of_a_tracked_newsletter_are_re_encoded_and_signed_as_sent(st
     """Issue 14.4 with tracking on: the pixel and the rewrite come first, then the parts
     with lines over 998 bytes are re-encoded, then the message is signed."""
     message, _ = long_line_message("news.example.com")
-    assert send(st, message, [READER])[0] == 250
+    code, reply = send(st, message, [READER])
+    qid = parse_queue_id(reply)
+    assert code == 250 and qid
     delivered = wait_one(st)
     assert max(len(line) for line in delivered.split(b"\r\n")) <= 998
     assert st.verify_dkim(delivered) == [True]
@@ -260,7 +262,7 @@ def test_long_lines_of_a_tracked_newsletter_are_re_encoded_and_signed_as_sent(st
     assert len(links) == 66 and all(h.startswith(st.tracker.base_url + "/c/") for h in links)
     assert LONG_HTML.count("<tr><td>Item</td>") == html.count("<tr><td>Item</td>") == 66
     assert "/o/" in html  # the open pixel
-    line = st.milter.wait_for_log("reencoded=")
+    line = st.milter.wait_for_log(f"queue_id={qid} ")
     assert "reencoded=text/plain:quoted-printable,text/html:quoted-printable " in line
     assert "subaccount=shop-newsletter" in line and "pixels=1" in line and "links=66 " in line
 

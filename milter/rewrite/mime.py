@@ -278,9 +278,27 @@ def decode_transfer(raw: bytes, cte: str) -> bytes | None:
     return None
 
 
+def _b2a_qp(data: bytes, istext: bool) -> bytes:
+    """binascii.b2a_qp, with RFC 2045's 76-character lines kept: it lets a line whose last
+    character it encodes (a trailing blank as "=20") reach 78; such a line gets one more
+    soft break, never inside an "=XX"."""
+    enc = binascii.b2a_qp(data, istext=istext)
+    if len(enc) <= 76 or not any(len(line) > 76 for line in enc.split(LF)):
+        return enc
+    out = []
+    for line in enc.split(LF):
+        while len(line) > 76:
+            cut = 75  # 75 characters and the '='
+            cut -= 1 if line[cut - 1] == 61 else 2 if line[cut - 2] == 61 else 0
+            out.append(line[:cut] + b"=")
+            line = line[cut:]
+        out.append(line)
+    return LF.join(out)
+
+
 def _qp_line(line: bytes, eol: bytes) -> bytes:
     """One text line (no `eol` in it) as QP lines; a stray CR or LF is encoded (=0D, =0A)."""
-    enc = binascii.b2a_qp(line, istext=False)  # soft breaks come out as "=\n"
+    enc = _b2a_qp(line, istext=False)  # soft breaks come out as "=\n"
     return enc.replace(LF, eol) if eol != LF else enc
 
 
@@ -296,9 +314,9 @@ def encode_transfer(data: bytes, cte: str, raw: bytes, eol: bytes) -> bytes:
         if eol == CRLF:
             n = data.count(b"\n")
             if data.count(b"\r") == n == data.count(b"\r\n"):
-                return binascii.b2a_qp(data.replace(CRLF, LF), istext=True).replace(LF, CRLF)
+                return _b2a_qp(data.replace(CRLF, LF), istext=True).replace(LF, CRLF)
         elif b"\r" not in data:
-            return binascii.b2a_qp(data, istext=True)
+            return _b2a_qp(data, istext=True)
         return eol.join(_qp_line(line, eol) for line in data.split(eol))
     if cte == BASE64:
         b64 = binascii.b2a_base64(data, newline=False)

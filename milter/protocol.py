@@ -149,6 +149,8 @@ class MilterProtocol(asyncio.Protocol):
                 s.on_macros(data[:1], parse_macros(data[1:]))
             return True
         if char == b"L":
+            if s.header_over_cap(data):  # counted only: the message will be refused
+                return True
             try:
                 s.on_header(parse_header_field(data))
             except ValueError as e:

@@ -134,6 +134,16 @@ class MilterSession:
                       verdict=outcome.verdict.value, reply=format_reply(outcome), **outcome.fields)
         return encode_outcome(outcome)
 
+    def header_over_cap(self, packet: bytes) -> bool:
+        """Count a header packet (name NUL value NUL) without parsing it once the message
+        is over its header caps: a 40,000-field flood then costs little more than framing."""
+        msg = self._msg
+        if msg is None or not msg.headers_over_cap:
+            return False
+        msg.header_count += 1
+        msg.header_bytes += len(packet) + 1  # name ":" value CRLF, as add_header counts
+        return True
+
     def on_header(self, header: hdr.Header) -> None:
         if self._msg is None:  # Postfix always sends MAIL first; be safe anyway
             self._msg = MessageState()

@@ -155,6 +155,27 @@ def test_each_message_of_a_connection_gets_only_its_own_edits(services: Services
     assert all(len(m) == 5 for m in (m1, m2, m4))  # precedence, 2 ids, signature, continue
 
 
+def test_a_header_flood_is_counted_past_the_cap_and_refused_552_then_the_next_message_signed(
+        services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16.2 on the wire: 5,000 Precedence fields (and a body) are counted, not kept,
+    past milter.max_headers, the message is refused 552, and the connection goes on."""
+    caplog.set_level(logging.INFO, "relaylab.milter")
+    flood = (macros(b"M", i="QF", **{"{auth_authen}": "shop"})
+             + packet(b"M", b"<a@shop.example.com>\0") + packet(b"R", b"<b@example.net>\0")
+             + packet(b"L", b"From\0 <a@shop.example.com>\0")
+             + (macros(b"L") + packet(b"L", b"Precedence\0 bulk\0")) * 5000
+             + packet(b"B", b"body\r\n") + macros(b"E", i="QF") + packet(b"E"))
+    script = (packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)) + flood
+              + message(2, precedence=True) + packet(b"Q"))
+    out = replies(asyncio.run(converse(services, script)))
+    assert out[1] == b"c"  # RCPT
+    assert out[2] == b"y552 5.3.4 Message header has too many fields (5001 > 1000)\0"
+    assert out[3] == b"c" and any(b"DKIM-Signature" in r for r in out[4:])
+    (kv,) = [getattr(r, "kv", {}) for r in caplog.records if r.msg == "refused"]
+    assert (kv["reason"], kv["headers"], kv["header_bytes"]) == ("too_many_headers", 5001,
+                                                               28 + 5000 * 18)
+
+
 def test_garbage_closes_only_that_connection_and_is_logged(
         services: Services, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, "relaylab.milter")

@@ -77,8 +77,9 @@ def make_resolver(
 
 
 def configured_domains(policy: Policy) -> list[str]:
-    """Every sending domain of every subaccount, in policy order."""
-    return [d.name for s in policy.subaccounts for d in s.domains]
+    """Every sending domain of every subaccount, in policy order, each once (a domain may
+    sign for several subaccounts)."""
+    return list(dict.fromkeys(d.name for s in policy.subaccounts for d in s.domains))
 
 
 def check_domain(policy: Policy, domain: str, resolver: dns.resolver.Resolver) -> list[Verdict]:
@@ -92,10 +93,15 @@ def check_domain(policy: Policy, domain: str, resolver: dns.resolver.Resolver) -
 
 
 def _domain_keys(policy: Policy, domain: str) -> tuple[DkimKeyRef, ...]:
+    """The domain's keys over every subaccount signing for it, one per selector (the
+    loader makes subaccounts sharing a selector share its key file)."""
+    keys: dict[str, DkimKeyRef] = {}
     for sub in policy.subaccounts:
         d = sub.domain(domain)
-        if d is not None:
-            return d.keys
+        for ref in d.keys if d is not None else ():
+            keys.setdefault(ref.selector, ref)
+    if keys:
+        return tuple(keys.values())
     known = configured_domains(policy)
     listed = ", ".join(known) if known else "none"
     raise DnsCheckError(f"{domain} is not a sending domain of any subaccount in "

@@ -89,6 +89,7 @@ class _Walker:
     def __init__(self, file: Path) -> None:
         self.file = file
         self.problems: list[Problem] = []
+        self.key_problems: list[Problem] | None = None  # see load_policy
 
     def fail(self, node: yaml.Node, key: str, message: str) -> None:
         self.problems.append(Problem(self.file, node.start_mark.line + 1, key, message))
@@ -201,13 +202,19 @@ def _describe(node: yaml.Node) -> str:
     return _kind(node)
 
 
-def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> Policy:
+def load_policy(
+    path: Path | str | None = None, *, check_keys: bool = True, data: bytes | None = None,
+    key_problems: list[Problem] | None = None,
+) -> Policy:
     """Read, validate and return the policy; raise ConfigError listing every problem.
 
-    check_keys=False skips parsing DKIM key files (tools that never sign)."""
+    check_keys=False skips parsing DKIM key files (tools that never sign). `data`: the
+    file's content, already read (the reloader compares what it reads). `key_problems`:
+    a key file that cannot be read or parsed is appended there instead of failing the
+    load, and stays configured (the milter starts and tempfails that domain's mail)."""
     file = Path(path) if path is not None else default_config_path()
     try:
-        text = file.read_text(encoding="utf-8")
+        text = (file.read_bytes() if data is None else data).decode("utf-8")
     except OSError as e:
         raise ConfigError([Problem(file, 0, "-", f"cannot read config: {e.strerror or e}")]) from e
     except UnicodeDecodeError as e:
@@ -225,6 +232,7 @@ def load_policy(path: Path | str | None = None, *, check_keys: bool = True) -> P
     if root is None:
         raise ConfigError([Problem(file, 1, "-", "the file is empty")])
     w = _Walker(file)
+    w.key_problems = key_problems
     policy = _build(w, root, file, check_keys)
     if w.problems or policy is None:
         raise ConfigError(sorted(w.problems, key=lambda p: p.line))
@@ -269,7 +277,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
     subaccounts: list[Subaccount] = []
     by_login: dict[str, Subaccount] = {}
     login_seen: dict[str, str] = {}
-    domain_seen: dict[str, str] = {}
+    selector_seen: dict[tuple[str, str], tuple[str, DkimKeyRef]] = {}
     if "subaccounts" not in top:
         w.fail(root, "subaccounts", "missing: at least one subaccount is required")
     else:
@@ -289,11 +297,18 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
                 else:
                     login_seen[login.lower()] = name
                     by_login[login.lower()] = sub
+            # A domain may sign for several subaccounts (a shop's orders and its
+            # newsletter); a selector is one DNS record, so it must mean one key file.
             for dom in sub.domains:
-                if dom.name in domain_seen:
-                    w.fail(nodes[f"domain:{dom.name}"], f"subaccounts.{name}.domains.{dom.name}",
-                           f"domain is already configured for subaccount {domain_seen[dom.name]!r}")
-                domain_seen.setdefault(dom.name, name)
+                for ref in dom.keys:
+                    other = selector_seen.setdefault((dom.name, ref.selector), (name, ref))
+                    if other[0] != name and not _same_key(other[1], ref):
+                        w.fail(nodes[f"key:{dom.name}/{ref.selector}"],
+                               f"subaccounts.{name}.domains.{dom.name}.dkim",
+                               f"selector {ref.selector!r} of {dom.name} is already used by "
+                               f"subaccount {other[0]!r} with key file {other[1].path} "
+                               f"({other[1].algorithm.value}); one selector is one DNS record: "
+                               f"use the same key file or another selector")
             if sub.tracking.rewrites and not tracker.enabled and tracker_ok:
                 w.fail(nodes["tracking"], f"subaccounts.{name}.tracking",
                        "tracking needs the tracker section (base_url and keys)")
@@ -425,12 +440,18 @@ def _subaccount(
         elif plan_name is not None:
             plan = plans[plan_name]
     traffic = w.choice(s["traffic"][1], f"{key}.traffic", TrafficType)
-    domains = []
+    domains: list[SendingDomain] = []
     for dname, (dknode, dnode) in w.mapping(s["domains"][1], f"{key}.domains", None).items():
-        dom = _domain(w, f"{key}.domains.{dname}", dname, dknode, dnode, base, check_keys)
-        if dom is not None:
-            domains.append(dom)
-            nodes[f"domain:{dom.name}"] = dknode
+        dom = _domain(w, f"{key}.domains.{dname}", dname, dknode, dnode, base, check_keys, nodes)
+        if dom is None:
+            continue
+        if f"domain:{dom.name}" in nodes:  # Shop.Example.com and shop.example.com.
+            w.fail(dknode, f"{key}.domains.{dname}",
+                   f"domain {dom.name} is listed twice in this subaccount (names ignore case "
+                   f"and a trailing dot)")
+            continue
+        domains.append(dom)
+        nodes[f"domain:{dom.name}"] = dknode
     tracking = Tracking()
     if "tracking" in s:
         tracking = _tracking(w, f"{key}.tracking", s["tracking"][1])
@@ -471,8 +492,9 @@ def _subaccount(
 
 def _domain(
     w: _Walker, key: str, name: str, knode: yaml.Node, node: yaml.Node, base: Path,
-    check_keys: bool,
+    check_keys: bool, nodes: dict[str, yaml.Node],
 ) -> SendingDomain | None:
+    """The domain and its keys; each key's YAML node goes into `nodes` for later errors."""
     dname = name.lower().rstrip(".")
     if not _DOMAIN_RE.match(dname):
         w.fail(knode, key, f"not a valid domain name: {name!r}")
@@ -486,7 +508,7 @@ def _domain(
     if not isinstance(knodes, yaml.SequenceNode):
         w.fail(knodes, f"{key}.dkim", f"expected a list of keys, got {_kind(knodes)}")
         return None
-    keys = []
+    keys: list[DkimKeyRef] = []
     seen_algs: set[DkimAlgorithm] = set()
     for i, kn in enumerate(knodes.value):
         kkey = f"{key}.dkim[{i}]"
@@ -506,16 +528,31 @@ def _domain(
         if algorithm in seen_algs:
             w.fail(kn, kkey, f"a second {algorithm.value} key for {dname}; one key per algorithm")
             continue
+        if any(k.selector == selector for k in keys):
+            w.fail(k["selector"][1], f"{kkey}.selector",
+                   f"selector {selector!r} is used twice for {dname}; one selector is one DNS "
+                   f"record, so it can hold one key")
+            continue
         seen_algs.add(algorithm)
         path = Path(rel) if Path(rel).is_absolute() else (base / rel)
         if check_keys:
             try:
                 load_private_key(path, algorithm)
             except KeyLoadError as e:
-                w.fail(k["key"][1], f"{kkey}.key", str(e))
-                continue
+                if w.key_problems is None:
+                    w.fail(k["key"][1], f"{kkey}.key", str(e))
+                    continue
+                w.key_problems.append(
+                    Problem(w.file, k["key"][1].start_mark.line + 1, f"{kkey}.key", str(e)))
         keys.append(DkimKeyRef(domain=dname, selector=selector, algorithm=algorithm, path=path))
+        nodes[f"key:{dname}/{selector}"] = kn
     return SendingDomain(name=dname, keys=tuple(keys))
+
+
+def _same_key(a: DkimKeyRef, b: DkimKeyRef) -> bool:
+    """The same key file (compared by path, so that tools which never read keys agree)."""
+    return a.algorithm is b.algorithm and \
+        os.path.normpath(os.path.abspath(a.path)) == os.path.normpath(os.path.abspath(b.path))
 
 
 def _tracking(w: _Walker, key: str, node: yaml.Node) -> Tracking:

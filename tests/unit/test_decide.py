@@ -213,6 +213,35 @@ def test_configured_headers_never_produce_duplicates(env: Env) -> None:
     assert len(values(final, "X-Mailer")) == 1
 
 
+def test_two_subaccounts_sharing_a_domain_each_sign_with_their_own_keys(env: Env) -> None:
+    """The key is picked by subaccount and From: domain: the shop's newsletter signs its
+    mail from shop.example.com with its own selector, the orders with theirs."""
+    path = env.dir / "relaylab.yaml"
+    path.write_text(POLICY.format(unauthenticated="pass", missing_key="pass") + """\
+      shop.example.com:
+        dkim:
+          - {selector: e2, key: keys/news-ed.pem, algorithm: ed25519-sha256}
+""")
+    policy = load_policy(path)
+    signed = {}
+    for login in ("news@relay.example.net", "shop@relay.example.net"):
+        msg = message(login)
+        out = env.decide(policy, msg)
+        assert out.verdict is Verdict.CONTINUE
+        signed[out.fields["subaccount"]] = out.fields["dkim"]
+        data = final_message(msg, out)
+
+        def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+            if name == b"e2._domainkey.shop.example.com.":
+                return dns_record_value(env.news_key).encode()
+            return env.dnsfunc(name)
+
+        d = dkim.DKIM(data)
+        assert all(d.verify(idx=i, dnsfunc=dnsfunc) for i in range(data.count(b"DKIM-Signature:")))
+    assert signed == {"news": "shop.example.com/e2/ed25519-sha256",
+                      "shop": "shop.example.com/r1/rsa-sha256,shop.example.com/e1/ed25519-sha256"}
+
+
 # ---------------------------------------------------------------- who may send
 
 

@@ -406,6 +406,29 @@ def test_configured_domains(policy: Policy) -> None:
     assert configured_domains(policy) == [DOMAIN, "news.example.org"]
 
 
+def test_domain_of_two_subaccounts_is_listed_once_with_every_selector(
+    tmp_path: Path, server: DnsServer, resolver: dns.resolver.Resolver,
+    keys: tuple[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey],
+) -> None:
+    """news also signs for the shop's domain, with its own selector n1 and one shared."""
+    _policy(tmp_path, keys)
+    conf = tmp_path / "relaylab.yaml"
+    conf.write_text(conf.read_text() + f"""\
+      {DOMAIN}:
+        dkim:
+          - {{selector: n1, key: keys/rsa.pem}}
+          - {{selector: {ED_SEL}, key: keys/ed.pem, algorithm: ed25519-sha256}}
+""")
+    policy = load_policy(conf)
+    assert configured_domains(policy) == [DOMAIN, "news.example.org"]
+    server.records = {**good_records(keys), (f"n1._domainkey.{DOMAIN}", "TXT"):
+                      [f"v=DKIM1; k=rsa; p={public_key_b64(keys[0])}"]}
+    verdicts = check_domain(policy, DOMAIN, resolver)
+    assert [(v.item, v.status) for v in verdicts] == [
+        ("spf", "ok"), (f"dkim {RSA_SEL}", "ok"), (f"dkim {ED_SEL}", "ok"), ("dkim n1", "ok"),
+        ("dmarc", "ok")]
+
+
 def test_make_resolver_rejects_a_hostname() -> None:
     with pytest.raises(DnsCheckError, match="IP address"):
         make_resolver("ns1.example.com")

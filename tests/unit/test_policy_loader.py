@@ -256,22 +256,75 @@ SAME_DOMAIN_TWICE = VALID_HEAD + """\
     domains:
       Shop.Example.COM:
         dkim:
-          - {selector: r2, key: RSA_KEY}
+          - {selector: SELECTOR, key: KEYFILE, algorithm: ALGORITHM}
 """
 
 
-def test_same_domain_in_two_subaccounts(tmp_path: Path, keys: Keys) -> None:
-    path = write(tmp_path, SAME_DOMAIN_TWICE, keys)
-    p = only(problems(path))
-    assert p.file == path
-    assert p.key == "subaccounts.news.domains.shop.example.com"
-    assert "already configured for subaccount 'shop'" in p.message
+def shared_domain(tmp_path: Path, keys: Keys, selector: str, keyfile: str,
+                  algorithm: str = "rsa-sha256") -> Path:
+    text = SAME_DOMAIN_TWICE.replace("SELECTOR", selector).replace("KEYFILE", keyfile)
+    return write(tmp_path, text.replace("ALGORITHM", algorithm), keys)
 
 
-def test_same_domain_in_two_subaccounts_points_at_the_domain_line(tmp_path: Path, keys: Keys) -> None:
-    path = write(tmp_path, SAME_DOMAIN_TWICE, keys)
+def test_one_domain_in_two_subaccounts_each_with_its_own_selector(tmp_path: Path, keys: Keys
+                                                                   ) -> None:
+    """Orders (transactional) and newsletters (marketing) from the same shop domain."""
+    policy = load_policy(shared_domain(tmp_path, keys, "e2", "ED_KEY", "ed25519-sha256"))
+    shop, news = policy.subaccount("shop"), policy.subaccount("news")
+    assert shop is not None and news is not None
+    shop_dom, news_dom = shop.domain("shop.example.com"), news.domain("shop.example.com")
+    assert shop_dom is not None and news_dom is not None
+    assert [(k.selector, k.path) for k in shop_dom.keys] == [("r1", keys.rsa)]
+    assert [(k.selector, k.path) for k in news_dom.keys] == [("e2", keys.ed)]
+
+
+def test_one_domain_in_two_subaccounts_may_share_a_selector_with_the_same_key_file(
+        tmp_path: Path, keys: Keys) -> None:
+    policy = load_policy(shared_domain(tmp_path, keys, "r1", "RSA_KEY"))
+    assert [k.selector for k in policy.all_keys()] == ["r1", "r1"]
+
+
+def test_one_selector_with_another_key_file_in_another_subaccount_is_refused(
+        tmp_path: Path, keys: Keys) -> None:
+    other = tmp_path / "other-rsa.pem"
+    shutil.copy(keys.rsa, other)  # same content does not matter: a path is what tools compare
+    path = shared_domain(tmp_path, keys, "r1", str(other))
     p = only(problems(path))
-    assert p.line == line_of(path, "Shop.Example.COM:")
+    assert (p.file, p.line) == (path, line_of(path, "other-rsa.pem"))
+    assert p.key == "subaccounts.news.domains.shop.example.com.dkim"
+    assert "selector 'r1' of shop.example.com is already used by subaccount 'shop'" in p.message
+    assert str(keys.rsa) in p.message
+    # The same refusal without reading keys: `relaylab dns check` and policyd agree.
+    assert only(problems(path, check_keys=False)).message == p.message
+
+
+def test_one_selector_with_another_algorithm_in_another_subaccount_is_refused(
+        tmp_path: Path, keys: Keys) -> None:
+    path = shared_domain(tmp_path, keys, "r1", "ED_KEY", "ed25519-sha256")
+    p = only(problems(path))
+    assert p.line == line_of(path, "selector: r1, key:")
+    assert "already used by subaccount 'shop'" in p.message and "(rsa-sha256)" in p.message
+
+
+def test_one_domain_listed_twice_in_one_subaccount_is_refused(tmp_path: Path, keys: Keys
+                                                              ) -> None:
+    path = write(tmp_path, VALID_HEAD + """\
+      Shop.Example.COM.:
+        dkim:
+          - {selector: e1, key: ED_KEY, algorithm: ed25519-sha256}
+""", keys)
+    p = only(problems(path))
+    assert (p.line, p.key) == (line_of(path, "Shop.Example.COM.:"),
+                               "subaccounts.shop.domains.Shop.Example.COM.")
+    assert "listed twice in this subaccount" in p.message
+
+
+def test_one_selector_for_two_keys_of_a_domain_is_refused(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, VALID_HEAD + "          - {selector: r1, key: ED_KEY, "
+                 "algorithm: ed25519-sha256}\n", keys)
+    p = only(problems(path))
+    assert (p.line, p.key) == (10, "subaccounts.shop.domains.shop.example.com.dkim[1].selector")
+    assert "selector 'r1' is used twice for shop.example.com" in p.message
 
 
 def test_unknown_plan(tmp_path: Path, keys: Keys) -> None:

@@ -96,27 +96,47 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     from relaylab.dkim.keygen import (
         KeyWriteError,
         generate_key,
+        genkey_txt,
         record_name,
+        record_path,
         record_value,
         txt_record,
         write_private_key,
+        write_record,
     )
     from relaylab.policy.model import DkimAlgorithm
 
     algorithm = {"rsa": DkimAlgorithm.RSA_SHA256,
                  "ed25519": DkimAlgorithm.ED25519_SHA256}[args.algorithm]
     out: Path = args.out or Path("keys") / f"{args.domain}.{args.selector}.key"
+    txt = record_path(out)
+    if not args.force and os.path.lexists(txt):  # before a key exists without its record
+        print(f"relaylab: {txt} already exists (pass --force to replace it)", file=sys.stderr)
+        return 1
     try:
         key = generate_key(algorithm, args.bits)
         mode = write_private_key(key, out, overwrite=args.force)
     except (ValueError, KeyWriteError) as e:
         print(f"relaylab: {e}", file=sys.stderr)
         return 1
+    try:
+        write_record(args.domain, args.selector, key, txt, overwrite=args.force)
+    except KeyWriteError as e:
+        out.unlink()  # a key whose public half is lost is of no use
+        print(f"relaylab: {e} (the key was not kept)", file=sys.stderr)
+        return 1
+    if args.print_record == "zone":
+        print(genkey_txt(args.domain, args.selector, key), end="")
+        return 0
+    if args.print_record == "value":
+        print(record_value(key))
+        return 0
     size = f", {args.bits} bits" if args.algorithm == "rsa" else ""
     import grp
 
     group = grp.getgrgid(out.stat().st_gid).gr_name
-    print(f"wrote {out} ({algorithm.value}{size}, mode {mode:04o}, group {group})\n")
+    print(f"wrote {out} ({algorithm.value}{size}, mode {mode:04o}, group {group})")
+    print(f"wrote {txt} (the DNS record in the zone-file form of opendkim-genkey)\n")
     print("Publish this DNS record (zone file syntax):")
     print(txt_record(args.domain, args.selector, key))
     print("\nor, in a DNS provider's web form:")
@@ -205,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
     p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     p.add_argument("--out", type=Path, help="key file (default keys/DOMAIN.SELECTOR.key)")
-    p.add_argument("--force", action="store_true", help="replace an existing key file")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing key file and its .txt record")
+    p.add_argument("--print-record", nargs="?", const="zone", choices=["zone", "value"],
+                   help="print only the DNS record, for scripts: `zone` (default) as in the "
+                   ".txt file, `value` as the one-line TXT value")
     p.set_defaults(func=cmd_dkim_keygen)
 
     dns = sub.add_parser("dns", help="DNS checks").add_subparsers(dest="dns_command",

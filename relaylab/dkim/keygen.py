@@ -5,6 +5,8 @@ fsynced, and only then renamed into place, so a crash leaves either no key or a 
 one, never a half-written file. The services do not run as root: the file takes the group
 of its directory (scripts/install.sh makes /etc/relaylab/keys root:relaylab) and is made
 0640 for it; if that group cannot be set, it stays 0600.
+The DNS record goes beside it (record_path), in the zone-file form of opendkim-genkey's
+SELECTOR.txt, written the same way with mode 0644 (it is public).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +27,7 @@ DEFAULT_RSA_BITS = 2048
 MAX_RSA_BITS = 4096  # larger keys do not fit a TXT answer most DNS providers accept
 KEY_FILE_MODE = 0o640  # when the file has its directory's group, else PRIVATE_MODE
 PRIVATE_MODE = 0o600
+RECORD_FILE_MODE = 0o644
 KEY_DIR_MODE = 0o750
 MAX_CHARACTER_STRING = 255  # RFC 1035 3.3: one <character-string> is at most 255 octets
 
@@ -59,7 +63,30 @@ def write_private_key(key: PrivateKey, path: Path, overwrite: bool = False) -> i
     Refuses to replace an existing file (or symlink) unless ``overwrite`` is true; a
     missing parent directory is created with mode 0750. Raises KeyWriteError.
     """
-    path = Path(path)
+    return _write_file(Path(path), private_key_pem(key), _share_with_directory_group, overwrite)
+
+
+def write_record(domain: str, selector: str, key: PrivateKey, path: Path,
+                 overwrite: bool = False) -> None:
+    """Write genkey_txt() to `path` (mode 0644), atomically; raises KeyWriteError."""
+    _write_file(Path(path), genkey_txt(domain, selector, key).encode("ascii"),
+                lambda fd, parent: RECORD_FILE_MODE, overwrite)
+
+
+def record_path(key_path: Path) -> Path:
+    """Where the DNS record of `key_path` goes: beside it, ``.txt`` in place of ``.key``,
+    ``.pem`` or ``.private`` (shop.example.com.rl2026r.key -> shop.example.com.rl2026r.txt),
+    else appended."""
+    key_path = Path(key_path)
+    if key_path.suffix in (".key", ".pem", ".private"):
+        return key_path.with_suffix(".txt")
+    return key_path.with_name(key_path.name + ".txt")
+
+
+def _write_file(path: Path, data: bytes, choose_mode: Callable[[int, Path], int],
+                overwrite: bool) -> int:
+    """Write `data` to `path` atomically with the mode `choose_mode(fd, directory)`
+    settles on (created 0600 until then); returns that mode."""
     if path.is_dir():
         raise KeyWriteError(f"{path} is a directory")
     if not overwrite and os.path.lexists(path):
@@ -79,9 +106,8 @@ def write_private_key(key: PrivateKey, path: Path, overwrite: bool = False) -> i
         raise KeyWriteError(f"cannot create a file in {parent}: {e.strerror or e}") from None
     try:
         try:
-            mode = _share_with_directory_group(fd, parent)
+            mode = choose_mode(fd, parent)
             os.fchmod(fd, mode)  # exactly this whatever the umask
-            data = private_key_pem(key)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -194,6 +220,21 @@ def txt_record_oneline(domain: str, selector: str, key: PrivateKey) -> str:
     """
     strings = " ".join(f'"{s}"' for s in record_strings(key))
     return f"{record_name(domain, selector)}. IN TXT {strings}"
+
+
+def genkey_txt(domain: str, selector: str, key: PrivateKey) -> str:
+    """The record in the form of opendkim-genkey's SELECTOR.txt: the owner name relative
+    to the domain's zone, each <character-string> at most 255 bytes, and the comment that
+    names selector and domain (tools such as the test harness's verifier read it)::
+
+        rl2026r._domainkey\tIN\tTXT\t( "v=DKIM1; k=rsa; "
+        \t  "p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA..."
+        \t  "...IDAQAB" )  ; ----- DKIM key rl2026r for shop.example.com
+    """
+    strings = "\n\t  ".join(f'"{s}"' for s in record_strings(key))
+    domain = domain.lower().rstrip(".")
+    return (f"{selector}._domainkey\tIN\tTXT\t( {strings} )  "
+            f"; ----- DKIM key {selector} for {domain}\n")
 
 
 def _key_type(key: PrivateKey) -> str:

@@ -6,21 +6,29 @@ import re
 import stat
 from pathlib import Path
 
+import dkim
+import dns.rdatatype
+import dns.zone
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relaylab.cli import main
+from relaylab.devstack.opendkim import opendkim_verify, parse_txt_record
 from relaylab.dkim.keygen import (
     KeyWriteError,
     generate_key,
+    genkey_txt,
     record_name,
+    record_path,
     record_strings,
     record_value,
     txt_record,
     txt_record_oneline,
     write_private_key,
 )
-from relaylab.dkim.keys import dns_record_value, load_private_key, public_key_b64
-from relaylab.policy.model import DkimAlgorithm
+from relaylab.dkim.keys import SigningKey, dns_record_value, load_private_key, public_key_b64
+from relaylab.dkim.signer import sign
+from relaylab.policy.model import DkimAlgorithm, DkimKeyRef
 
 RSA = DkimAlgorithm.RSA_SHA256
 ED = DkimAlgorithm.ED25519_SHA256
@@ -189,3 +197,91 @@ def test_parent_that_is_a_file_is_a_clean_error(tmp_path: Path,
     (tmp_path / "keys").write_text("not a directory")
     with pytest.raises(KeyWriteError, match="cannot create directory"):
         write_private_key(ed_key, tmp_path / "keys" / "ed.pem")
+
+
+# ---------------------------------------------------------------- the .txt record file
+
+
+def zone_txt(domain: str, txt: str) -> tuple[str, list[bytes]]:
+    """Parse the .txt as a zone-file entry of `domain`'s zone (dnspython's zone parser):
+    its owner name and its <character-string>s."""
+    zone = dns.zone.from_text(
+        f"$ORIGIN {domain}.\n$TTL 300\n@ IN SOA ns hostmaster 1 7200 900 1209600 300\n"
+        f"@ IN NS ns\n{txt}", relativize=False, check_origin=True)
+    (owner, rdata), = [(name, rd) for name, ttl, rd in zone.iterate_rdatas(dns.rdatatype.TXT)]
+    return owner.to_text(), list(rdata.strings)
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_keygen_writes_the_record_beside_the_key_and_it_verifies_signatures(
+        tmp_path: Path, algorithm: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "keys" / "shop.example.com.rl26.key"
+    assert main(["dkim", "keygen", "--domain", "Shop.Example.com", "--selector", "rl26",
+                 "--algorithm", algorithm, "--out", str(out)]) == 0
+    txt = tmp_path / "keys" / "shop.example.com.rl26.txt"
+    assert str(txt) in capsys.readouterr().out
+    assert stat.S_IMODE(txt.stat().st_mode) == 0o644
+    text = txt.read_text()
+    # opendkim-genkey's layout: relative owner, "IN TXT ( ... )", the naming comment.
+    assert text.startswith(f'rl26._domainkey\tIN\tTXT\t( "v=DKIM1; k={algorithm}; "\n\t  "p=')
+    assert text.endswith(' )  ; ----- DKIM key rl26 for shop.example.com\n')
+
+    owner, strings = zone_txt("shop.example.com", text)
+    assert owner == "rl26._domainkey.shop.example.com."
+    assert all(len(s) <= 255 for s in strings)
+    assert len(strings) == (3 if algorithm == "rsa" else 2)  # 2048-bit p= needs two strings
+    rdata = b"".join(strings)
+    assert rdata == parse_txt_record(text)  # as the devstack reads opendkim-genkey's files
+
+    # A message signed with the new key verifies against that record, for dkimpy and for
+    # OpenDKIM's verifier; nothing else feeds them the public key.
+    alg = ED if algorithm == "ed25519" else RSA
+    key = SigningKey(DkimKeyRef("shop.example.com", "rl26", alg, out), load_private_key(out, alg))
+    headers = [(b"From", b" orders@shop.example.com"), (b"To", b" bob@example.net"),
+               (b"Subject", b" your order")]
+    body = b"Thank you.\r\n"
+    (sig,) = sign(headers, body, [key], timestamp=1_700_000_000)
+    message = b"DKIM-Signature: " + sig + b"\r\n" + b"".join(
+        n + b":" + v + b"\r\n" for n, v in headers) + b"\r\n" + body
+    records = {"rl26._domainkey.shop.example.com": rdata}
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+        return records.get(name.decode().rstrip("."))
+
+    assert dkim.verify(message, dnsfunc=dnsfunc)
+    ok, detail = opendkim_verify(message, records)
+    assert ok, detail
+
+
+def test_print_record_prints_only_the_record(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "k.pem"
+    assert main(["dkim", "keygen", "--domain", "shop.example.com", "--selector", "s1",
+                 "--algorithm", "ed25519", "--out", str(out), "--print-record"]) == 0
+    assert capsys.readouterr().out == (tmp_path / "k.txt").read_text()
+    key = load_private_key(out, ED)
+    out2 = tmp_path / "k2"
+    assert main(["dkim", "keygen", "--domain", "shop.example.com", "--selector", "s2",
+                 "--algorithm", "ed25519", "--out", str(out2), "--print-record", "value"]) == 0
+    assert capsys.readouterr().out == record_value(load_private_key(out2, ED)) + "\n"
+    assert (tmp_path / "k2.txt").read_text() == genkey_txt("shop.example.com", "s2",
+                                                           load_private_key(out2, ED))
+    assert record_value(key) != record_value(load_private_key(out2, ED))
+
+
+def test_keygen_refuses_an_existing_record_file_and_writes_no_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "s1.txt").write_text("old record")
+    assert main(["dkim", "keygen", "--domain", "shop.example.com", "--selector", "s1",
+                 "--algorithm", "ed25519", "--out", str(tmp_path / "s1.key")]) == 1
+    assert "s1.txt already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.txt"]
+    assert main(["dkim", "keygen", "--domain", "shop.example.com", "--selector", "s1",
+                 "--algorithm", "ed25519", "--out", str(tmp_path / "s1.key"), "--force"]) == 0
+    assert (tmp_path / "s1.txt").read_text().startswith("s1._domainkey\tIN\tTXT")
+
+
+def test_record_path_is_beside_the_key() -> None:
+    assert record_path(Path("/k/shop.example.com.rl1.key")) == Path("/k/shop.example.com.rl1.txt")
+    assert record_path(Path("/k/rl1.private")) == Path("/k/rl1.txt")
+    assert record_path(Path("/k/shop.example.com.rl1")) == Path("/k/shop.example.com.rl1.txt")

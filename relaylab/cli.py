@@ -76,12 +76,30 @@ def cmd_postfix_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the policy, then ask the running services to apply it (as SIGHUP does)."""
+    from relaylab.policy.reloader import request_reload
+
+    load_or_exit(args)  # a broken file is reported here and never requested
+    try:
+        trigger = request_reload(config_path(args))
+    except OSError as e:
+        print(f"relaylab: cannot write the reload request: {e}", file=sys.stderr)
+        return 1
+    print(f"reload requested ({trigger}); the milter, policyd and tracker apply it within "
+          f"a second, removals included (see their event=reloaded log lines)")
+    return 0
+
+
 def cmd_milter(args: argparse.Namespace) -> int:
     from milter.server import listen_socket, run
     from relaylab.logfmt import setup_logging
 
     setup_logging(args.log_level)
-    policy = load_or_exit(args)  # fail fast with the same report as `relaylab check`
+    # Fail fast with the same report as `relaylab check`, except for key files: one that
+    # this user cannot read or parse is logged by each worker and tempfails its domain,
+    # and the others are served (serve() below).
+    policy = load_or_exit(args, check_keys=False)
     host, port = args.listen or (policy.milter.listen_host, policy.milter.listen_port)
     try:
         sock = listen_socket(host, port)
@@ -211,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true",
                    help="run them (honours MAIL_CONFIG), then `postfix reload` yourself")
     p.set_defaults(func=cmd_postfix_config)
+
+    p = sub.add_parser("reload", help="check the policy file, then have the running "
+                       "services apply it (as SIGHUP does, removals included)")
+    config_arg(p)
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("milter", help="run the milter (Postfix smtpd_milters)")
     service_args(p, "milter", workers=True)

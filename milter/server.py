@@ -79,7 +79,7 @@ def run(config: Path, sock: socket.socket, workers: int) -> None:
 
 
 async def serve(config: Path, sock: socket.socket, *, worker: int = 0) -> None:
-    holder = PolicyHolder.load(config)
+    holder = PolicyHolder.load(config, start_without_bad_keys=True)
     services = Services(holder)
     services.prime_keys()
     holder.on_reload = services.prime_keys

@@ -31,7 +31,8 @@ def cmd_policyd(args: argparse.Namespace) -> int:
     from relaylab.logfmt import setup_logging
 
     setup_logging(args.log_level)
-    load_or_exit(args)  # fail fast with the same report as `relaylab check`
+    # Fail fast with the same report as `relaylab check`; DKIM keys are the milter's.
+    load_or_exit(args, check_keys=False)
     host, port = args.listen or (None, None)
     eventloop.run(serve(config_path(args), host, port))
     return 0

@@ -34,7 +34,7 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get at SIGTERM
 
 async def serve_worker(config: Path, host: str | None, port: int | None, *, worker: int = 0,
                        ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
-    holder = PolicyHolder.load(config)
+    holder = PolicyHolder.load(config, check_keys=False)  # the tracker never signs
     policy = holder.policy
     host = host or policy.tracker.listen_host
     port = port or policy.tracker.listen_port

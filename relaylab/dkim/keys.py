@@ -77,14 +77,18 @@ class SigningKey:
 
 @attrs.frozen
 class _Cached:
-    stamp: tuple[int, int, int, int]
+    stamp: tuple[int, int, int, int, int]
     key: SigningKey
 
 
 class KeyStore:
     """Parses each key file once (PEM parsing costs as much as hashing a message) and
     notices on the next message when a file is replaced, removed or corrupted: a stat per
-    key per message is the price of never signing with a key the operator has withdrawn."""
+    key per message is the price of never signing with a key the operator has withdrawn.
+
+    The stamp includes the inode's change time, which chmod and chown set too: a key
+    whose permissions changed is opened again, as this process's user, so a key the
+    service may no longer read tempfails its domain now, not at the next restart."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[Path, DkimAlgorithm], _Cached] = {}
@@ -94,7 +98,7 @@ class KeyStore:
             st = os.stat(ref.path)
         except OSError as e:
             raise KeyLoadError(f"cannot read key file {ref.path}: {e.strerror or e}") from None
-        stamp = (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
+        stamp = (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         cached = self._cache.get((ref.path, ref.algorithm))
         if cached is not None and cached.stamp == stamp and cached.key.ref == ref:
             return cached.key

@@ -4,9 +4,13 @@ the resulting message with dkimpy."""
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import os
+import pwd
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -18,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from milter.decide import Outcome, Verdict, decide, from_domain
 from milter.headers import AppendHeader, ChangeHeader, Header, InsertHeader, apply, for_signing
 from milter.state import MessageState
+from relaylab.devstack.workdir import make_workdir
 from relaylab.dkim.keys import KeyStore, PrivateKey, dns_record_value
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.policy.model import Policy
@@ -378,6 +383,57 @@ def test_replaced_key_file_is_used_for_the_next_message(env: Env) -> None:
     assert verify(env, data, 0)
     env.news_key = old_key
     assert not verify(env, data, 0)
+
+
+@contextlib.contextmanager
+def as_user(name: str) -> Iterator[None]:
+    """Run the block with `name`'s effective uid, as the milter runs (the systemd unit
+    says User=relaylab): root reads a chmod 000 file, the service's user does not."""
+    pw = pwd.getpwnam(name)
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_key_made_unreadable_for_the_service_tempfails_its_domain_only(env: Env) -> None:
+    """chmod 000 on a cached key: the next message of that domain tempfails (the key is
+    opened again, as the service's user) instead of signing on until a restart fails;
+    another domain's mail is signed as before."""
+    workdir = make_workdir("relaylab-test-keys-")  # pytest's tmp_path is root-only
+    try:
+        shutil.copytree(env.dir / "keys", workdir / "keys")
+        nobody = pwd.getpwnam("nobody")
+        for f in (workdir / "keys").iterdir():
+            os.chown(f, nobody.pw_uid, nobody.pw_gid)
+            f.chmod(0o600)
+        env.dir = workdir
+        policy = env.policy()
+
+        def shop() -> MessageState:
+            return message("shop@relay.example.net")
+
+        def news() -> MessageState:
+            return message("news@relay.example.net", from_=b" hello@news.example.com")
+
+        with as_user("nobody"):
+            assert has_signature(env.decide(policy, shop()))  # both keys cached now
+            assert has_signature(env.decide(policy, news()))
+        (workdir / "keys" / "shop-ed.pem").chmod(0o000)
+        with as_user("nobody"):
+            out = env.decide(policy, shop())
+            assert out.verdict is Verdict.TEMPFAIL and out.ops == ()
+            assert out.reply is not None and out.reply[:2] == (451, (4, 7, 5))
+            assert "shop-ed.pem: Permission denied" in out.fields["detail"]
+            assert has_signature(env.decide(policy, news()))
+        (workdir / "keys" / "shop-ed.pem").chmod(0o600)
+        with as_user("nobody"):
+            assert has_signature(env.decide(policy, shop()))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- signing

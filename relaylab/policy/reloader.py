@@ -84,14 +84,12 @@ def removals(old: Policy, new: Policy) -> list[str]:
 
 
 class PolicyHolder:
-    def __init__(self, path: Path, policy: Policy, *, check_keys: bool = True,
-                 applied: bytes | None = None) -> None:
+    def __init__(self, path: Path, policy: Policy, *, check_keys: bool = True) -> None:
         self.path = path
         self.policy = policy
         self.check_keys = check_keys
         self._stamp = self._file_stamp()
         self._trigger_stamp = file_stamp(trigger_path(path))
-        self._applied = applied  # the bytes `policy` was loaded from, when known
         self._task: asyncio.Task[None] | None = None
         self.on_reload: Callable[[], None] | None = None
 
@@ -103,17 +101,13 @@ class PolicyHolder:
         start_without_bad_keys: a key file that cannot be read or parsed does not stop
         the service (the milter): it is logged (`event=key_unusable`) and stays
         configured, so its domain's mail tempfails and every other domain is served."""
-        try:
-            data: bytes | None = path.read_bytes()
-        except OSError:
-            data = None  # the loader reports it
         bad: list[Problem] | None = [] if start_without_bad_keys else None
-        policy = load_policy(path, check_keys=check_keys, data=data, key_problems=bad)
+        policy = load_policy(path, check_keys=check_keys, key_problems=bad)
         for p in bad or ():
             log_event(log, "key_unusable", logging.ERROR, file=str(p.file), line=p.line,
                       key=p.key, problem=p.message,
                       effect="mail of this domain is tempfailed until the key is usable")
-        return cls(path, policy, check_keys=check_keys, applied=data)
+        return cls(path, policy, check_keys=check_keys)
 
     def _file_stamp(self) -> Stamp | None:
         return file_stamp(self.path)
@@ -149,7 +143,6 @@ class PolicyHolder:
                       apply="send SIGHUP or run relaylab reload to apply removals")
             return False
         self.policy = policy
-        self._applied = data
         if self.on_reload is not None:
             self.on_reload()
         fields: dict[str, object] = {"reason": reason, "file": str(self.path),
@@ -185,9 +178,8 @@ class PolicyHolder:
                 continue
             stamp, data = await self._settled(settle)
             self._stamp = stamp
-            if data is None or data == self._applied:
-                continue  # gone (kept: a missing file is no policy), or touched only
-            self._apply("file_changed", data, explicit=False)
+            if data is not None:  # a file that is gone leaves the running policy alone
+                self._apply("file_changed", data, explicit=False)
 
     async def _settled(self, settle: float) -> tuple[Stamp | None, bytes | None]:
         """The file's stamp and content once it has not changed for `settle` seconds

@@ -7,31 +7,43 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .ports import LOCALHOST, free_port, wait_listening
 from .process import ChildProcess
 
+# Run a service as root without the capabilities that bypass file permissions: file
+# modes then apply to it as to the unprivileged user the systemd units run it as
+# (User=relaylab; root reads a chmod 000 file). Used instead of switching to another
+# user because the interpreter may live where no other user can reach it (pyenv under
+# /root). setpriv is util-linux, on every Debian.
+WITHOUT_PERMISSION_OVERRIDE = (
+    "setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+    "--inh-caps", "-dac_override,-dac_read_search", "--")
+
 
 class ServiceProcess(ChildProcess):
-    """`relaylab SERVICE --config CONFIG --listen 127.0.0.1:PORT`, logging to `log_path`."""
+    """`relaylab SERVICE --config CONFIG --listen 127.0.0.1:PORT`, logging to `log_path`,
+    run through `exec_prefix` if set (e.g. WITHOUT_PERMISSION_OVERRIDE)."""
 
     service = "milter"
 
     def __init__(self, config: Path, log_path: Path, port: int | None = None,
-                 *, start_timeout: float = 15.0) -> None:
+                 *, start_timeout: float = 15.0, exec_prefix: Sequence[str] = ()) -> None:
         self.config = Path(config)
         self._log_path = Path(log_path)
         self.port = free_port() if port is None else port
         self.start_timeout = start_timeout
+        self.exec_prefix = tuple(exec_prefix)
 
     @property
     def log_path(self) -> Path:
         return self._log_path
 
     def start(self) -> ServiceProcess:
-        self._spawn([sys.executable, "-m", "relaylab", self.service, "--config", str(self.config),
-                     "--listen", f"{LOCALHOST}:{self.port}"],
+        self._spawn([*self.exec_prefix, sys.executable, "-m", "relaylab", self.service,
+                     "--config", str(self.config), "--listen", f"{LOCALHOST}:{self.port}"],
                     {**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             wait_listening(self.port, self.start_timeout)

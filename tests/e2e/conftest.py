@@ -10,6 +10,7 @@ import pytest
 
 from relaylab.devstack.stack import RelayStack
 from relaylab.devstack.workdir import make_workdir
+from relaylab.policy.reloader import request_reload
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,3 +35,15 @@ def stack() -> Iterator[RelayStack]:
 def clean_sink(stack: RelayStack) -> RelayStack:
     stack.sink.clear()
     return stack
+
+
+@pytest.fixture
+def restore_policy(clean_sink: RelayStack) -> Iterator[RelayStack]:
+    """The stack, with its policy file written back after the test and reloaded
+    explicitly, as `relaylab reload` does: undoing a test's additions is a removal, which
+    the file watcher alone would hold."""
+    yield clean_sink
+    mark = len(clean_sink.milter.log_text())
+    clean_sink.write_policy()
+    request_reload(clean_sink.config)
+    clean_sink.milter.wait_for_log("event=reloaded", after=mark)

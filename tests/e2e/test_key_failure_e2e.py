@@ -14,9 +14,10 @@ import pytest
 import redis
 from mailutil import header_values
 
+from relaylab.devstack.milter import WITHOUT_PERMISSION_OVERRIDE
 from relaylab.devstack.postfix import PostfixInstance, sasl_upstream
 from relaylab.devstack.smtp import SMTPSession
-from relaylab.devstack.stack import RelayStack
+from relaylab.devstack.stack import Account, RelayStack
 from relaylab.policy.model import DkimAlgorithm
 
 
@@ -127,3 +128,66 @@ def test_refused_messages_do_not_use_up_the_hourly_limit(clean_sink: RelayStack)
         st.policyd.wait_for_log("event=reloaded", after=pmark)
         r.flushdb()
         r.close()
+
+
+@pytest.fixture
+def milter_without_root_file_access(clean_sink: RelayStack) -> Iterator[RelayStack]:
+    """The stack's milter without root's power to read any file: the systemd unit runs
+    it as user relaylab, and file modes must apply to it as they do there."""
+    st = clean_sink
+    st.milter.stop()
+    st.milter.exec_prefix = WITHOUT_PERMISSION_OVERRIDE
+    try:
+        st.milter.start()
+        yield st
+    finally:
+        st.milter.stop()
+        st.milter.exec_prefix = ()
+        st.milter.start()
+
+
+def send(st: RelayStack, account: Account, subject: str) -> tuple[int, str]:
+    with SMTPSession(st.postfix.submit_port) as s:
+        assert s.auth_plain(account.login, account.password).code == 235
+        t = s.send(f"app@{account.domain}", ["bob@example.net"],
+                   f"From: hello@{account.domain}\r\nTo: bob@example.net\r\n"
+                   f"Subject: {subject}\r\n\r\nx\r\n".encode())
+    return t.last.code, t.last.text
+
+
+def test_key_made_unreadable_tempfails_its_domain_only_also_after_sighup_and_restart(
+        milter_without_root_file_access: RelayStack) -> None:
+    st = milter_without_root_file_access
+    tx, news = st.accounts[0], st.accounts[1]
+    assert send(st, tx, "before")[0] == 250  # the key is cached now
+    key = st.key_path(tx, DkimAlgorithm.ED25519_SHA256)
+    mark = len(st.milter.log_text())
+    key.chmod(0o000)
+    try:
+        code, text = send(st, tx, "unreadable")
+        assert code == 451 and "4.7.5" in text
+        refused = st.milter.wait_for_log("reason=key_unusable", after=mark)
+        assert f"{key}: Permission denied" in refused
+        assert send(st, news, "other domain")[0] == 250
+
+        st.milter.reload()  # SIGHUP: the reload is refused, the key stays unusable
+        assert f"{key}: Permission denied" in st.milter.wait_for_log(
+            "event=reload_rejected", after=mark)
+        assert send(st, tx, "after sighup")[0] == 451
+        assert send(st, news, "other domain after sighup")[0] == 250
+
+        st.milter.stop()  # a restart serves the other domains and names the bad key
+        mark = len(st.milter.log_text())
+        st.milter.start()
+        bad = st.milter.wait_for_log("event=key_unusable", after=mark)
+        assert "level=error" in bad and f"{key}: Permission denied" in bad
+        assert f"key=subaccounts.{tx.name}.domains.{tx.domain}.dkim[1].key" in bad
+        assert send(st, tx, "after restart")[0] == 451
+        assert send(st, news, "other domain after restart")[0] == 250
+    finally:
+        key.chmod(0o600)
+    assert send(st, tx, "fixed")[0] == 250  # no reload needed
+    outs = {header_values(m, "Subject")[0]: m
+            for m in (p.read_bytes() for p in st.sink.wait_for(5, 20))}
+    assert sorted(outs) == [b"before", b"fixed", b"other domain", b"other domain after restart",
+                            b"other domain after sighup"]

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
-import pytest
 from mailutil import header_values
 
+from relaylab.cli import main
 from relaylab.devstack.smtp import SMTPSession
 from relaylab.devstack.stack import RelayStack
 
 
 def log_size(st: RelayStack) -> int:
     return len(st.milter.log_text())
-
-
-@pytest.fixture
-def restore_policy(clean_sink: RelayStack) -> Iterator[RelayStack]:
-    yield clean_sink
-    mark = log_size(clean_sink)
-    clean_sink.write_policy()
-    clean_sink.milter.wait_for_log("event=reloaded", after=mark)
 
 
 def message(n: int) -> bytes:
@@ -81,3 +72,34 @@ def test_unauthenticated_reject_refuses_with_550(restore_policy: RelayStack) -> 
     assert t.last.code == 550 and "5.7.1" in t.last.text
     assert "Authentication required" in t.last.text
     assert st.sink.messages() == []
+
+
+def test_truncated_in_place_policy_keeps_the_missing_subaccount_signed(
+        restore_policy: RelayStack) -> None:
+    """An editor rewriting the file in place leaves a valid prefix without the last
+    subaccount: the watcher holds it, and that subaccount's mail stays signed and tagged,
+    until an explicit `relaylab reload` applies the removal."""
+    st = restore_policy
+    news = st.accounts[-1]
+    text = st.config.read_bytes()
+    mark = log_size(st)
+    with st.config.open("r+b") as f:  # same inode, cut before the last subaccount
+        f.truncate(text.index(f"  {news.name}:".encode()))
+    held = st.milter.wait_for_log("event=reload_held", after=mark)
+    assert {"level=warning", f"removed=subaccount:{news.name}"} <= set(held.split())
+    with SMTPSession(st.postfix.submit_port) as s:
+        assert s.auth_plain(news.login, news.password).code == 235
+        t = s.send(f"app@{news.domain}", ["bob@example.net"],
+                   f"From: hello@{news.domain}\r\nTo: bob@example.net\r\nSubject: held\r\n\r\n"
+                   f"still ours\r\n".encode())
+        assert t.accepted
+    (out,) = (p.read_bytes() for p in st.sink.wait_for(1, 20))
+    assert header_values(out, "X-Relaylab-Subaccount") == [news.name.encode()]
+    assert header_values(out, "Precedence") == [b"bulk"]
+    assert st.verify_dkim(out) == [True]
+    assert "event=reloaded" not in st.milter.log_text()[mark:]
+
+    mark = log_size(st)
+    assert main(["reload", "--config", str(st.config)]) == 0  # the operator meant it
+    done = st.milter.wait_for_log("event=reloaded reason=reload_request", after=mark)
+    assert {f"removed=subaccount:{news.name}", "subaccounts=1"} <= set(done.split())

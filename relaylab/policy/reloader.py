@@ -11,7 +11,8 @@ valid prefix of a policy is a valid policy with subaccounts missing. So a change
 only once the file has been left alone for `settle` seconds and reads back the same, and
 a watched change that would remove a subaccount, a login or a signing key is held, not
 applied (logged `event=reload_held removed=...`): removals need an explicit reload,
-SIGHUP or `relaylab reload` (which touches TRIGGER_SUFFIX next to the policy file).
+SIGHUP or `relaylab reload` (which replaces the trigger file, the policy file's name
+plus TRIGGER_SUFFIX).
 """
 
 from __future__ import annotations

@@ -8,19 +8,18 @@ import time
 from typing import Any
 
 from relaylab import eventloop
-from relaylab.cliargs import config_arg, config_path, load_or_exit, service_args
+from relaylab.cliargs import command, config_arg, config_path, load_or_exit, service_args
 
 
 def register(subparsers: Any) -> None:
     """Add the policyd and limits commands to the `relaylab` parser's subparsers."""
-    p = subparsers.add_parser("policyd", help="run the limits policy server "
-                                              "(Postfix check_policy_service)")
+    p = command(subparsers, "policyd", "run the limits policy server (Postfix check_policy_service)")
     service_args(p, "policyd")
     p.set_defaults(func=cmd_policyd)
 
-    limits = subparsers.add_parser("limits", help="sending limits").add_subparsers(
-        dest="limits_command", required=True)
-    p = limits.add_parser("show", help="current usage, limits and free session slots")
+    limits = command(subparsers, "limits", "sending limits").add_subparsers(
+        dest="limits_command", required=True, metavar="COMMAND")
+    p = command(limits, "show", "current usage, limits and free session slots")
     config_arg(p)
     p.add_argument("subaccount", nargs="?", help="only this subaccount (default: all)")
     p.set_defaults(func=cmd_limits_show)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import pwd
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relaylab.cliargs import config_arg, config_path, load_or_exit, service_args
+from relaylab.cliargs import (
+    closed_pipe_exit,
+    command,
+    config_arg,
+    config_path,
+    load_or_exit,
+    service_args,
+)
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.suppression.cli import register as register_suppression
 
@@ -206,12 +214,21 @@ def startcheck_default_unit() -> Path:
     return DEFAULT_UNIT
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("relaylab")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="relaylab", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--version", action="version", version=f"relaylab {version()}",
+                    help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="validate the policy file and what the services need "
-                                     "at start (files, ports, Redis)")
+    p = command(sub, "check", "validate the policy file and what the services need at start "
+                              "(files, ports, Redis)")
     config_arg(p)
     p.add_argument("--as-user", metavar="USER",
                    help="check that USER can read the key and secret files (default: the "
@@ -221,31 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.set_defaults(func=cmd_check)
 
-    pf = sub.add_parser("postfix", help="Postfix integration").add_subparsers(
-        dest="postfix_command", required=True)
-    p = pf.add_parser("config", help="print the postconf commands that point Postfix at the "
-                                     "milter and policyd (main.cf and master.cf)")
+    pf = command(sub, "postfix", "Postfix integration").add_subparsers(
+        dest="postfix_command", required=True, metavar="COMMAND")
+    p = command(pf, "config", "print the postconf commands that point Postfix at the milter "
+                              "and policyd (main.cf and master.cf)")
     config_arg(p)
     p.add_argument("--apply", action="store_true",
                    help="run them (honours MAIL_CONFIG), then `postfix reload` yourself")
     p.set_defaults(func=cmd_postfix_config)
 
-    p = sub.add_parser("reload", help="check the policy file, then have the running "
-                       "services apply it (as SIGHUP does, removals included)")
+    p = command(sub, "reload", "check the policy file, then have the running "
+                "services apply it (as SIGHUP does, removals included)")
     config_arg(p)
     p.set_defaults(func=cmd_reload)
 
-    p = sub.add_parser("milter", help="run the milter (Postfix smtpd_milters)")
+    p = command(sub, "milter", "run the milter (Postfix smtpd_milters)")
     service_args(p, "milter", workers=True)
     p.set_defaults(func=cmd_milter)
 
-    dkim = sub.add_parser("dkim", help="DKIM key management").add_subparsers(
-        dest="dkim_command", required=True)
-    p = dkim.add_parser("keygen", help="create a signing key and print its DNS record")
+    dkim = command(sub, "dkim", "DKIM key management").add_subparsers(
+        dest="dkim_command", required=True, metavar="COMMAND")
+    p = command(dkim, "keygen", "create a signing key and print its DNS record")
     config_arg(p)
-    p.add_argument("--domain", required=True)
-    p.add_argument("--selector", required=True)
-    p.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    p.add_argument("--domain", required=True, help="the sending domain the key signs for")
+    p.add_argument("--selector", required=True,
+                   help="the DKIM selector (the DNS name is SELECTOR._domainkey.DOMAIN)")
+    p.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa",
+                   help="rsa (rsa-sha256, default) or ed25519 (ed25519-sha256)")
     p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     p.add_argument("--out", type=Path, help="key file (default keys/DOMAIN.SELECTOR.key)")
     p.add_argument("--force", action="store_true",
@@ -255,15 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
                    ".txt file, `value` as the one-line TXT value")
     p.set_defaults(func=cmd_dkim_keygen)
 
-    dns = sub.add_parser("dns", help="DNS checks").add_subparsers(dest="dns_command",
-                                                                  required=True)
-    p = dns.add_parser("check", help="check SPF, DKIM and DMARC records of sending domains")
+    dns = command(sub, "dns", "DNS checks").add_subparsers(dest="dns_command", required=True,
+                                                           metavar="COMMAND")
+    p = command(dns, "check", "check SPF, DKIM and DMARC records of sending domains")
     config_arg(p)
     p.add_argument("domains", nargs="*", metavar="DOMAIN",
                    help="domains to check (default: every configured domain)")
     p.add_argument("--nameserver", help="ask this resolver IP instead of the system's")
-    p.add_argument("--port", type=int, default=53)
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--port", type=int, default=53, help="the resolver's port (default 53)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for each DNS answer (default 5)")
     p.add_argument("--strict", action="store_true", help="warnings fail too")
     p.set_defaults(func=cmd_dns_check)
 
@@ -275,16 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_tracker(sub)
 
-    p = sub.add_parser("demo", help="run the whole relay on loopback and send a demo message")
-    p.add_argument("--workdir", type=Path, default=Path("run/demo"))
+    p = command(sub, "demo", "run the whole relay on loopback and send a demo message")
+    p.add_argument("--workdir", type=Path, default=Path("run/demo"),
+                   help="where the throwaway servers keep their files (default run/demo)")
     p.add_argument("--once", action="store_true", help="exit after the demo message")
     p.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rc: int = args.func(args)
+    try:
+        try:
+            args = build_parser().parse_args(argv)  # --help and --version write here too
+            rc: int = args.func(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:  # `relaylab dkim keygen ... | head -1`
+        return closed_pipe_exit()
     return rc
 
 

@@ -5,14 +5,38 @@ services' own CLI modules (policyd/cli.py, tracker/cli.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from relaylab.policy.loader import ConfigError, default_config_path, load_policy, split_listen
 from relaylab.policy.model import Policy
 
-__all__ = ["config_arg", "config_path", "listen_arg", "load_or_exit", "positive_int",
-           "service_args"]
+__all__ = ["closed_pipe_exit", "command", "config_arg", "config_path", "listen_arg",
+           "load_or_exit", "positive_int", "service_args"]
+
+CLOSED_PIPE_EXIT = 1  # the reader went away (`relaylab ... | head`): not our output's fault
+
+
+def command(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose one-line `help_text` (in its parent's list) is also the
+    description its own --help starts with."""
+    p: argparse.ArgumentParser = subparsers.add_parser(name, help=help_text,
+                                                       description=help_text)
+    return p
+
+
+def closed_pipe_exit() -> int:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null, so that the
+    interpreter's final flush does not print a second error, and return the exit status."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return CLOSED_PIPE_EXIT
 
 
 def config_arg(p: argparse.ArgumentParser) -> None:
@@ -64,4 +88,6 @@ def service_args(p: argparse.ArgumentParser, section: str, *, workers: bool = Fa
     if workers:
         p.add_argument("--workers", type=positive_int,
                        help=f"processes sharing the socket, overrides {section}.workers")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=str.lower,
+                   choices=["debug", "info", "warning", "error"],
+                   help="least severe log lines written to stderr (default info)")

@@ -6,12 +6,12 @@ import argparse
 import sys
 from typing import Any
 
-from relaylab.cliargs import config_path, load_or_exit, service_args
+from relaylab.cliargs import command, config_path, load_or_exit, service_args
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("tracker", help="run the tracker (open pixel, click redirects, "
-                                              "one-click unsubscribe)")
+    p = command(subparsers, "tracker",
+                "run the tracker (open pixel, click redirects, one-click unsubscribe)")
     service_args(p, "tracker", workers=True)
     p.set_defaults(func=cmd_tracker)
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import redis
 
-from relaylab.cliargs import config_arg, config_path
+from relaylab.cliargs import closed_pipe_exit, config_arg, config_path
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.policy.model import Policy
 from relaylab.suppression.csvio import (
@@ -29,7 +29,7 @@ from relaylab.suppression.csvio import (
     ParseError,
     format_time,
     parse_time,
-    read_csv,
+    read_entries,
     write_csv,
     write_jsonl,
 )
@@ -72,15 +72,16 @@ class _Ctx:
 
 def register(subparsers: Subparsers) -> None:
     """Add the `blacklist` and `whitelist` commands to the `relaylab` parser."""
-    bl = subparsers.add_parser(
-        "blacklist", help="suppressed recipients: never mailed (bounced, complained, unsubscribed)"
-    ).add_subparsers(dest="blacklist_command", required=True)
+    text = "suppressed recipients: never mailed (bounced, complained, unsubscribed)"
+    bl = subparsers.add_parser("blacklist", help=text, description=text).add_subparsers(
+        dest="blacklist_command", required=True)
 
     p = _leaf(bl, "add", "blacklist an address or a whole domain")
     p.add_argument("target", metavar="ADDRESS_OR_DOMAIN",
                    help="user@example.com, example.com or @example.com")
-    p.add_argument("--reason", required=True, choices=[r.value for r in Reason])
-    p.add_argument("--comment", default="")
+    p.add_argument("--reason", required=True, choices=[r.value for r in Reason],
+                   help="why the recipient is suppressed")
+    p.add_argument("--comment", default="", help="free text stored with the entry")
     p.add_argument("--expires", metavar="DAYS|DATE",
                    help="the entry stops applying after DAYS days, or at DATE (2027-01-31 UTC, or ISO 8601)")
     p.add_argument("--force", action="store_true",
@@ -88,41 +89,49 @@ def register(subparsers: Subparsers) -> None:
     p.set_defaults(func=_command(cmd_blacklist_add))
 
     p = _leaf(bl, "remove", "remove an address or domain from the blacklist")
-    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN")
+    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN", help="the entry to remove")
     p.set_defaults(func=_command(_cmd_remove(ListKind.BLACKLIST)))
 
     p = _leaf(bl, "show", "show an entry and whether a whitelist overrides it")
-    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN")
+    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN", help="the entry to show")
     p.set_defaults(func=_command(cmd_blacklist_show))
 
     p = _leaf(bl, "list", "list entries as a table")
     p.add_argument("--limit", type=int, default=50, help="rows to show, 0 for all (default 50)")
     p.set_defaults(func=_command(_cmd_list(ListKind.BLACKLIST)))
 
-    p = _leaf(bl, "import", "add entries from CSV: address,reason,comment (header optional)")
-    p.add_argument("file", metavar="FILE", help="CSV file, or - for standard input")
+    p = _leaf(bl, "import", "add entries from CSV (address,reason,comment; header optional) "
+                            "or from JSON lines, as export writes them")
+    p.add_argument("file", metavar="FILE", help="CSV or JSON-lines file, or - for standard input")
+    p.add_argument("--format", choices=["csv", "jsonl"],
+                   help="the file's format (default: JSON lines if the first line starts "
+                        "with {, else CSV)")
     p.add_argument("--force", action="store_true",
                    help="allow lines that blacklist a public mailbox provider's whole domain")
     p.set_defaults(func=_command(cmd_blacklist_import))
 
     p = _leaf(bl, "export", "write every entry as CSV or JSON lines")
-    p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv",
+                   help="CSV with a header row, or one JSON object per line (default csv); "
+                        "import reads both back")
     p.add_argument("--output", "-o", type=Path, help="file (default: standard output)")
     p.set_defaults(func=_command(cmd_blacklist_export))
 
-    wl = subparsers.add_parser(
-        "whitelist", help="recipients always delivered even if blacklisted (not after unsubscribe)"
-    ).add_subparsers(dest="whitelist_command", required=True)
+    text = "recipients always delivered even if blacklisted (not after unsubscribe)"
+    wl = subparsers.add_parser("whitelist", help=text, description=text).add_subparsers(
+        dest="whitelist_command", required=True)
 
     p = _leaf(wl, "add", "whitelist an address or a domain (not a public mailbox provider's)")
-    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN")
+    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN",
+                   help="user@example.com, example.com or @example.com")
     p.add_argument("--reason", required=True, metavar="TEXT",
                    help="why it must always be delivered (stored with the entry)")
-    p.add_argument("--expires", metavar="DAYS|DATE")
+    p.add_argument("--expires", metavar="DAYS|DATE",
+                   help="the entry stops applying after DAYS days, or at DATE (2027-01-31 UTC, or ISO 8601)")
     p.set_defaults(func=_command(cmd_whitelist_add))
 
     p = _leaf(wl, "remove", "remove an address or domain from the whitelist")
-    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN")
+    p.add_argument("target", metavar="ADDRESS_OR_DOMAIN", help="the entry to remove")
     p.set_defaults(func=_command(_cmd_remove(ListKind.WHITELIST)))
 
     p = _leaf(wl, "list", "list entries as a table")
@@ -168,12 +177,8 @@ def _command(fn: Callable[[argparse.Namespace, _Ctx], int]) -> Callable[[argpars
         except CorruptEntry as e:
             print(f"relaylab: {e}", file=sys.stderr)
             return 1
-        except BrokenPipeError:
-            # `relaylab blacklist export | head`: stop quietly; point stdout at /dev/null so
-            # the interpreter's final flush does not print a second error.
-            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
+        except BrokenPipeError:  # `relaylab blacklist export | head`: stop quietly
+            return closed_pipe_exit()
 
     return run
 
@@ -313,17 +318,24 @@ def cmd_blacklist_show(args: argparse.Namespace, ctx: _Ctx) -> int:
 def _cmd_list(which: ListKind) -> Callable[[argparse.Namespace, _Ctx], int]:
     def cmd(args: argparse.Namespace, ctx: _Ctx) -> int:
         total = ctx.store.count(ctx.scope, which)
-        print(f"{'ADDRESS OR DOMAIN':<40} {'REASON':<14} {'SOURCE':<16} {'CREATED':<10} "
-              f"{'EXPIRES':<10} COMMENT")
+        if which is ListKind.BLACKLIST:
+            print(f"{'ADDRESS OR DOMAIN':<40} {'REASON':<14} {'SOURCE':<16} {'CREATED':<10} "
+                  f"{'EXPIRES':<10} COMMENT")
+        else:  # a whitelist entry's reason is the operator's text (its enum reason is "manual")
+            print(f"{'ADDRESS OR DOMAIN':<40} {'SOURCE':<16} {'CREATED':<10} {'EXPIRES':<10} REASON")
         shown = 0
         for e in ctx.store.iter_entries(ctx.scope, which):
             if args.limit and shown >= args.limit:
                 break
             expires = "-" if e.expires_at is None else _day(e.expires_at)
             comment = " ".join(e.comment.split())
-            comment = comment if len(comment) <= 60 else comment[:57] + "..."
-            print(f"{e.value:<40} {e.reason.value:<14} {e.source.value:<16} {_day(e.created_at):<10} "
-                  f"{expires:<10} {comment}")
+            if which is ListKind.WHITELIST:
+                print(f"{e.value:<40} {e.source.value:<16} {_day(e.created_at):<10} "
+                      f"{expires:<10} {comment}")
+            else:
+                comment = comment if len(comment) <= 60 else comment[:57] + "..."
+                print(f"{e.value:<40} {e.reason.value:<14} {e.source.value:<16} "
+                      f"{_day(e.created_at):<10} {expires:<10} {comment}")
             shown += 1
         print(f"{shown} of {total} entries on {ctx.where(which)}"
               + (" (--limit 0 shows all)" if shown < total else ""))
@@ -341,7 +353,7 @@ def cmd_blacklist_import(args: argparse.Namespace, ctx: _Ctx) -> int:
 
         def entries() -> Iterator[Entry]:
             nonlocal n_invalid, lines
-            for line_no, item in read_csv(text, now=now, local_part=LOCAL_PART):
+            for line_no, item in read_entries(text, args.format, now=now, local_part=LOCAL_PART):
                 lines += 1
                 progress.tick(lines)
                 if isinstance(item, Entry):
@@ -365,11 +377,12 @@ def cmd_blacklist_import(args: argparse.Namespace, ctx: _Ctx) -> int:
                   file=sys.stderr)
             return 130
         progress.done()
-    print(f"added {counts.added}, already present {counts.present}, invalid {n_invalid}")
+    # The bad lines first, the summary last: on a terminal the totals stay in view.
     for err in invalid:
         print(err)
     if n_invalid > len(invalid):
         print(f"... and {n_invalid - len(invalid)} more invalid lines")
+    print(f"added {counts.added}, already present {counts.present}, invalid {n_invalid}")
     return 1 if n_invalid else 0
 
 

@@ -1,33 +1,39 @@
-"""CSV import and CSV / JSON-lines export of suppression entries, streaming both ways.
+"""CSV and JSON-lines import and export of suppression entries, streaming both ways.
 
-Import format: `address,reason,comment` (comment optional), with or without a header
+CSV import format: `address,reason,comment` (comment optional), with or without a header
 row. With a header the columns may come in any order, and the extra columns that export
 writes (source, created_at, expires_at) are read back, so export -> import round-trips.
 A UTF-8 BOM, CRLF line ends, quoted fields (with commas or newlines) and blank lines are
-accepted. A bad line yields a ParseError and no entry at all: never a partial one.
+accepted. JSON lines are read back in the shape `write_jsonl` writes them (one object per
+line, times as epoch seconds or dates), so that export round-trips too. A bad line yields
+a ParseError and no entry at all: never a partial one.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
-from typing import TextIO
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Literal, TextIO
 
 import attrs
 
-from relaylab.suppression.model import Entry, Reason, Source
+from relaylab.suppression.model import Entry, Kind, Reason, Source
 from relaylab.suppression.normalize import InvalidAddress, LocalPartMode, parse_target
 
 __all__ = [
     "COLUMNS",
     "CsvFormatError",
     "ParseError",
+    "detect_format",
     "format_time",
     "parse_time",
     "read_csv",
+    "read_entries",
+    "read_jsonl",
     "write_csv",
     "write_jsonl",
 ]
@@ -37,6 +43,9 @@ _POSITIONAL = ("address", "reason", "comment")
 MAX_COMMENT = 1_000
 _REASONS = {r.value: r for r in Reason} | {r.value.replace("_", "-"): r for r in Reason}
 _SOURCES = {s.value: s for s in Source}
+_KINDS = {k.value: k for k in Kind}
+JSON_FIELDS = ("address", "kind", *COLUMNS[1:])  # what write_jsonl writes
+Format = Literal["csv", "jsonl"]
 
 
 @attrs.frozen
@@ -163,38 +172,128 @@ def _cell(row: list[str], i: int) -> str:
 
 def _entry(line_no: int, row: list[str], cols: _Columns, created: int, source: Source,
            local_part: LocalPartMode) -> Entry | ParseError:
-    def error(reason: str) -> ParseError:
-        return ParseError(line_no, ",".join(row), reason)
-
     if len(row) > len(cols.names):
-        return error(f"{len(row)} fields, expected at most {len(cols.names)} ({','.join(cols.names)}); "
-                     "quote a comment that contains commas")
-    target = _cell(row, cols.address)
+        return ParseError(line_no, ",".join(row),
+                          f"{len(row)} fields, expected at most {len(cols.names)} "
+                          f"({','.join(cols.names)}); quote a comment that contains commas")
+    cells = {name: _cell(row, getattr(cols, name)) for name in COLUMNS}
+    return _make_entry(line_no, ",".join(row), cells, created, source, local_part)
+
+
+def _make_entry(line_no: int, text: str, cells: Mapping[str, str], created: int,
+                source: Source, local_part: LocalPartMode, kind: Kind | None = None
+                ) -> Entry | ParseError:
+    """The entry named by `cells` (column -> stripped text, "" when absent), shared by the
+    CSV and JSON-lines readers so both apply the same rules. `kind`: what the line says
+    the target is (JSON lines carry it), checked against what the address parses as."""
+    def error(reason: str) -> ParseError:
+        return ParseError(line_no, text, reason)
+
+    target = cells.get("address", "")
     try:
-        kind, value = parse_target(target, local_part)
+        parsed_kind, value = parse_target(target, local_part)
     except InvalidAddress as e:
         return error(str(e) if target else "missing address")
-    reason_text = _cell(row, cols.reason)
+    if kind is not None and kind is not parsed_kind:
+        return error(f"{value!r} is {'an address' if parsed_kind is Kind.ADDRESS else 'a domain'}, "
+                     f"but the line says kind {kind.value!r}")
+    reason_text = cells.get("reason", "")
     reason = _REASONS.get(reason_text) or _REASONS.get(reason_text.lower())
     if reason is None:
         return error(f"missing reason for {value!r}" if not reason_text else
                      f"unknown reason {reason_text!r} (expected {', '.join(r.value for r in Reason)})")
-    comment = _cell(row, cols.comment)
+    comment = cells.get("comment", "")
     if len(comment) > MAX_COMMENT:
         return error(f"comment longer than {MAX_COMMENT} characters")
     src = source
-    if src_text := _cell(row, cols.source):
+    if src_text := cells.get("source", ""):
         src_found = _SOURCES.get(src_text.lower())
         if src_found is None:
             return error(f"unknown source {src_text!r} (expected {', '.join(_SOURCES)})")
         src = src_found
-    created_text, expires_text = _cell(row, cols.created_at), _cell(row, cols.expires_at)
+    created_text, expires_text = cells.get("created_at", ""), cells.get("expires_at", "")
     try:
         created_at = parse_time(created_text) if created_text else created
         expires_at = parse_time(expires_text) if expires_text else None
     except ValueError as e:
         return error(str(e))
-    return Entry(value, kind, reason, src, created_at, comment, expires_at)
+    return Entry(value, parsed_kind, reason, src, created_at, comment, expires_at)
+
+
+def read_jsonl(stream: Iterable[str], *, now: int | None = None, source: Source = Source.CLI,
+               local_part: LocalPartMode = "lowercase"
+               ) -> Iterator[tuple[int, Entry | ParseError]]:
+    """(line number, Entry or ParseError) per non-blank line of JSON objects, as
+    `write_jsonl` writes them: address and reason required; kind, comment, source,
+    created_at and expires_at optional (times as epoch seconds or date strings). An
+    unknown field is an error of that line, so a typo never drops data silently."""
+    created = int(time.time()) if now is None else now
+    for line_no, line in enumerate(stream, 1):
+        if line_no == 1:
+            line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        text = line.rstrip("\r\n")
+        yield line_no, _json_entry(line_no, text, created, source, local_part)
+
+
+def _json_entry(line_no: int, text: str, created: int, source: Source,
+                local_part: LocalPartMode) -> Entry | ParseError:
+    def error(reason: str) -> ParseError:
+        return ParseError(line_no, text, reason)
+
+    if "\ufffd" in text:
+        return error("not UTF-8 text")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return error(f"not JSON: {e}")
+    if not isinstance(obj, dict):
+        return error("expected a JSON object per line")
+    unknown = [k for k in obj if k not in JSON_FIELDS]
+    if unknown:
+        return error(f"unknown field(s) {', '.join(map(repr, unknown))} "
+                     f"(known: {', '.join(JSON_FIELDS)})")
+    cells: dict[str, str] = {}
+    for name, v in obj.items():
+        if v is None and name in ("comment", "expires_at", "source", "kind"):
+            continue
+        if name in ("created_at", "expires_at") and type(v) is int:
+            cells[name] = str(v)
+        elif isinstance(v, str):
+            cells[name] = v.strip()
+        else:
+            return error(f"{name}: expected a string{' or epoch seconds' if name.endswith('_at') else ''}, "
+                         f"got {json.dumps(v)}")
+    kind = None
+    if kind_text := cells.pop("kind", ""):
+        kind = _KINDS.get(kind_text.lower())
+        if kind is None:
+            return error(f"unknown kind {kind_text!r} (expected address, domain)")
+    return _make_entry(line_no, text, cells, created, source, local_part, kind)
+
+
+def detect_format(first_line: str) -> Format:
+    """JSON lines start with "{"; a CSV line starts with an address, a domain or a header."""
+    return "jsonl" if first_line.lstrip("\ufeff \t").startswith("{") else "csv"
+
+
+def read_entries(stream: Iterable[str], fmt: Format | None = None, *, now: int | None = None,
+                 source: Source = Source.CLI, local_part: LocalPartMode = "lowercase"
+                 ) -> Iterator[tuple[int, Entry | ParseError]]:
+    """read_csv or read_jsonl; with `fmt` None, whichever the first non-blank line shows.
+    Line numbers stay those of the whole stream."""
+    lines = iter(stream)
+    if fmt is None:
+        head: list[str] = []
+        for line in lines:
+            head.append(line)
+            if line.strip("\ufeff \t\r\n"):
+                break
+        fmt = detect_format(head[-1]) if head else "csv"
+        lines = itertools.chain(head, lines)
+    reader = read_jsonl if fmt == "jsonl" else read_csv
+    return reader(lines, now=now, source=source, local_part=local_part)
 
 
 def write_csv(entries: Iterable[Entry], out: TextIO) -> int:

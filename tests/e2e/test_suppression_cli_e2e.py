@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,19 +151,20 @@ def test_import_reports_bad_lines_and_applies_none_of_them(cli: Cli, r: redis.Re
                    "c@example.com,unsubscribe,\"comma, inside\"\n")
     rc, out, _ = cli("blacklist", "import", str(src), "--subaccount", "shop")
     assert rc == 1
+    # the bad lines first, the summary last (as the README shows it)
     assert out.splitlines() == [
-        "added 3, already present 1, invalid 3",
         "line 3: not an address: 'foo@@bar' (more than one @)",
         "line 4: missing reason for 'b@example.com'",
         "line 6: refused: gmail.com is a public mailbox provider's domain: blacklisting it would suppress "
         "every user of that provider (add single addresses, or use --force)",
+        "added 3, already present 1, invalid 3",
     ]
     assert fields(r, "rl:{sub:shop}:bl") == {"a:a@example.com", "d:example.org", "a:c@example.com"}
     raw: Any = r.hget("rl:{sub:shop}:bl", "a:a@example.com")
     assert json.loads(raw)["c"] == "first"  # the first line wins
 
     rc, out, _ = cli("blacklist", "import", str(src), "--subaccount", "shop", "--force")
-    assert out.splitlines()[0] == "added 1, already present 4, invalid 2"
+    assert out.splitlines()[-1] == "added 1, already present 4, invalid 2"
 
 
 def test_import_bad_header_imports_nothing(cli: Cli, r: redis.Redis, tmp_path: Path) -> None:
@@ -192,7 +194,7 @@ def test_export_round_trip(cli: Cli, r: redis.Redis, tmp_path: Path) -> None:
             f.write(f"user{i}@Example.com,hardbounce,\"bounce {i}, 550\"\n")
         f.write("bücher.de,spam_complaint,IDN\nłukasz@wp.pl,unsubscribe,multi\nline\n")
     rc, out, _ = cli("blacklist", "import", str(src), "--subaccount", "shop")
-    assert rc == 1 and out.startswith("added 3002, already present 0, invalid 1")  # "line" alone
+    assert rc == 1 and out.endswith("added 3002, already present 0, invalid 1\n")  # "line" alone
 
     exported = tmp_path / "out.csv"
     rc, _, err = cli("blacklist", "export", "--output", str(exported), "--subaccount", "shop")
@@ -207,6 +209,78 @@ def test_export_round_trip(cli: Cli, r: redis.Redis, tmp_path: Path) -> None:
     assert len(rows) == 3002
     assert {"address": "xn--bcher-kva.de", "kind": "domain", "reason": "spam_complaint", "comment": "IDN",
             "source": "cli"}.items() <= next(x for x in rows if x["kind"] == "domain").items()
+
+
+def test_jsonl_export_imports_back_unchanged(cli: Cli, r: redis.Redis, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("address,reason,comment,source,created_at,expires_at\n"
+                   "Ann@Example.com,hardbounce,\"550 5.1.1, unknown\",bounce,2026-11-20T10:00:00Z,\n"
+                   "bücher.de,spam_complaint,\"two\nlines\",cli,2026-11-21,2099-01-31\n"
+                   "łukasz@wp.pl,unsubscribe,\"say \"\"hi\"\"\",unsubscribe-link,1795000000,\n")
+    rc, out, _ = cli("blacklist", "import", str(src), "--subaccount", "shop")
+    assert rc == 0 and out == "added 3, already present 0, invalid 0\n"
+    exported = tmp_path / "all.jsonl"
+    rc, _, err = cli("blacklist", "export", "--format", "jsonl", "-o", str(exported), "--subaccount", "shop")
+    assert rc == 0 and "exported 3 entries" in err
+
+    rc, out, _ = cli("blacklist", "import", str(exported), "--subaccount", "news")
+    assert rc == 0 and out == "added 3, already present 0, invalid 0\n"
+    assert r.hgetall("rl:{sub:shop}:bl") == r.hgetall("rl:{sub:news}:bl")  # same entries, same values
+    # from standard input too (format told or not)
+    for fmt in ([], ["--format", "jsonl"]):
+        r.delete("rl:{global}:bl")
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(exported.read_bytes())))
+        rc, out, _ = cli("blacklist", "import", "-", *fmt, "--global")
+        assert rc == 0 and out == "added 3, already present 0, invalid 0\n"
+        assert r.hgetall("rl:{global}:bl") == r.hgetall("rl:{sub:shop}:bl")
+
+
+def test_jsonl_import_reports_bad_lines(cli: Cli, r: redis.Redis, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"address": "a@example.com", "reason": "manual"}\n'
+                   "\n"
+                   '{"address": "b@example.com", "reason": "manual", "colour": "red"}\n'
+                   '{"address": "example.org", "kind": "address", "reason": "manual"}\n'
+                   '{"address": "c@example.com", "reason": "manual", "created_at": true}\n'
+                   "not json\n"
+                   '{"address": "d@example.com", "reason": "hardbounce", "expires_at": null}\n')
+    rc, out, _ = cli("blacklist", "import", str(src), "--subaccount", "shop")
+    assert rc == 1
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines[:-1]] == ["line 3", "line 4", "line 5", "line 6"]
+    assert "unknown field(s) 'colour'" in lines[0] and "kind 'address'" in lines[1]
+    assert "created_at: expected a string or epoch seconds, got true" in lines[2]
+    assert lines[3].startswith("line 6: not JSON")
+    assert lines[-1] == "added 2, already present 0, invalid 4"
+    assert fields(r, "rl:{sub:shop}:bl") == {"a:a@example.com", "a:d@example.com"}
+    # a CSV file is not mistaken for JSON lines, nor the other way round when told
+    rc, out, _ = cli("blacklist", "import", str(src), "--format", "csv", "--subaccount", "news")
+    assert rc == 1 and out.endswith("added 0, already present 0, invalid 6\n")
+
+
+def test_whitelist_list_shows_the_written_reason(cli: Cli) -> None:
+    reason = "key customer: order confirmations must arrive, ticket OPS-1234 (approved by the CEO's office)"
+    rc, _, _ = cli("whitelist", "add", "ceo@partner.example", "--reason", reason, "--subaccount", "shop")
+    assert rc == 0
+    rc, out, _ = cli("whitelist", "list", "--subaccount", "shop")
+    header, row, total = out.splitlines()
+    assert rc == 0 and header.split()[-1] == "REASON" and "COMMENT" not in header
+    assert row.startswith("ceo@partner.example ") and row.endswith(" " + reason)  # whole, not cut
+    assert "manual" not in row  # the enum reason every whitelist entry has says nothing
+    assert total == "1 of 1 entries on the whitelist of subaccount shop"
+
+
+def test_export_into_a_closed_pipe_ends_quietly(cli: Cli, config: Path) -> None:
+    for i in range(3):
+        cli("blacklist", "add", f"u{i}@example.com", "--reason", "manual", "--global")
+    proc = subprocess.Popen([sys.executable, "-m", "relaylab", "blacklist", "export", "--global",
+                             "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # `| head -1` once head has its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1 and err == ""
 
 
 def test_whitelist_guardrails(cli: Cli, r: redis.Redis) -> None:

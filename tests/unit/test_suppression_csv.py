@@ -12,8 +12,10 @@ import pytest
 from relaylab.suppression.csvio import (
     CsvFormatError,
     ParseError,
+    detect_format,
     parse_time,
     read_csv,
+    read_entries,
     write_csv,
     write_jsonl,
 )
@@ -186,3 +188,15 @@ def test_export_streams() -> None:
     with pytest.raises(RuntimeError):
         write_csv(gen(), out)
     assert len(out.getvalue().splitlines()) == 3  # header + 2 rows already written
+
+
+def test_jsonl_is_recognised_and_read_back_as_written() -> None:
+    src = [Entry("bob@example.com", Kind.ADDRESS, Reason.HARDBOUNCE, Source.BOUNCE, NOW, "550, gone"),
+           Entry("xn--bcher-kva.de", Kind.DOMAIN, Reason.MANUAL, Source.CLI, NOW - 5, "", NOW + 86_400)]
+    out = io.StringIO()
+    write_jsonl(src, out)
+    text = "\n\n" + out.getvalue()  # leading blank lines: numbers stay those of the file
+    got = list(read_entries(io.StringIO(text), now=0))
+    assert got == [(3, src[0]), (4, src[1])]
+    assert detect_format('  {"address": "a@b.c"}') == "jsonl"
+    assert detect_format("address,reason") == "csv" and detect_format("{weird}@example.com,manual") == "jsonl"

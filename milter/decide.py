@@ -53,6 +53,8 @@ class Outcome:
     reply: tuple[int, tuple[int, int, int], str] | None = None  # (smtp code, enhanced, text)
     body: bytes | None = None  # the new body (tracking rewrote it), else unchanged
     fields: dict[str, Any] = attrs.field(factory=dict)  # for the per-message log line
+    # Passed, but the operator should look: the log line is a warning (unsigned mail).
+    warn: bool = False
 
 
 def from_domain(headers: list[Header]) -> str | None:
@@ -148,7 +150,7 @@ def decide(
                            fields={**fields, "reason": "no_key_for_domain"})
         actions.append("unsigned:no_key_for_domain")
         return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body,
-                       fields={**fields, "actions": ",".join(actions)})
+                       fields={**fields, "actions": ",".join(actions)}, warn=True)
     try:
         signing_keys = [keys.get(ref) for ref in sending.keys]
     except KeyLoadError as e:

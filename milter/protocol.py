@@ -27,12 +27,16 @@ from purepythonmilter.protocol.packet import encode_payload
 from milter.headers import parse_header_field
 from milter.services import Services
 from milter.session import CONTINUE_PACKET, MACROS, PROTOCOL_FLAGS, MilterSession
+from relaylab.connlimit import ConnectionCap
 from relaylab.logfmt import log_event
 
 log = logging.getLogger("relaylab.milter")
 
 
 _LENGTH = struct.Struct("!I")
+# A packet must arrive whole within this long once it has begun: Postfix writes each one
+# at once (its own milter_command_timeout defaults to 30s as well).
+PACKET_TIMEOUT = 30.0
 _OPTNEG = struct.Struct("!III")
 
 # The negotiation answer never changes: encode it once, not once per SMTP session.
@@ -58,26 +62,58 @@ class MilterProtocol(asyncio.Protocol):
     """One Postfix milter connection. Callbacks, not a task per connection: Postfix opens
     one per SMTP session, so connection setup and each read are on the hot path."""
 
-    def __init__(self, services: Services, registry: set[MilterProtocol]) -> None:
+    def __init__(self, services: Services, registry: set[MilterProtocol],
+                 cap: ConnectionCap | None = None) -> None:
+        self._services = services
         self._session = MilterSession(services)
         self._registry = registry
+        self._cap = cap
+        self._admitted = False
         self._framer = Framer()
         self._pending: collections.deque[bytes] = collections.deque()
         self._waiting = False  # a RCPT check is in flight: later commands wait their turn
         self._transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
+        # One timer per connection, re-armed lazily: data only moves `_last` forward.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._last = 0.0
+        self._packet_since = 0.0  # when the packet now arriving began (slow senders)
+        self._idle_timeout = 0.0
+        self.peer = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are asyncio.Transport-alike, not subclasses
         self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if self._cap is not None:
+            if not self._cap.admit(self.peer):
+                # Postfix applies milter_default_action (tempfail) to that SMTP session.
+                self._transport.abort()
+                return
+            self._admitted = True
         self._registry.add(self)
+        self._idle_timeout = float(self._services.policy().milter.idle_timeout)
+        self._last = self._loop.time()
+        self._arm(self._last + self._idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        self._last = now = self._loop.time()
+        was_partial, queued = self._framer.partial, len(self._pending)
         try:
             self._pending.extend(self._framer.feed(data))
         except ProtocolViolation as e:
             self._fail(e)
             return
+        if self._framer.partial and (not was_partial or len(self._pending) > queued):
+            # A new packet began: it must be whole within the packet timeout, however
+            # the bytes trickle in.
+            self._packet_since = now
+            deadline = now + min(PACKET_TIMEOUT, self._idle_timeout)
+            if self._timer_at > deadline:
+                self._arm(deadline)
         if not self._waiting:
             self._process()
 
@@ -130,11 +166,46 @@ class MilterProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             log_event(log, "connection_lost", logging.WARNING, detail=str(exc))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._pending.clear()
         self._session.close()
         self._registry.discard(self)
+        if self._admitted and self._cap is not None:
+            self._admitted = False
+            self._cap.release()
         if not self.closed.done():
             self.closed.set_result(None)
+
+    # -- timeouts ------------------------------------------------------------------------
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        now = self._loop.time()
+        if self._waiting:  # Postfix waits for our RCPT answer; Redis timeouts bound that
+            self._arm(now + self._idle_timeout)
+            return
+        partial = self._framer.partial
+        deadline = self._packet_since + min(PACKET_TIMEOUT, self._idle_timeout) if partial \
+            else self._last + self._idle_timeout
+        if now < deadline:
+            self._arm(deadline)
+            return
+        # Postfix closes the connection when its SMTP session ends: silence this long
+        # means a peer that is gone (or is not Postfix).
+        since = self._packet_since if partial else self._last
+        log_event(log, "packet_timeout" if partial else "idle_timeout", logging.WARNING,
+                  peer=self.peer, seconds=round(now - since, 1), action="close")
+        self.abort()
 
     def _dispatch(self, payload: bytes, out: list[bytes]) -> bool:
         """Handle one command, appending reply packets to `out`; False to close."""
@@ -143,9 +214,9 @@ class MilterProtocol(asyncio.Protocol):
         # The per-message hot path (Postfix sends a macro packet before every header and
         # body event, even an empty one) is parsed here without building library objects.
         if char == b"D":
-            # Only MAIL and end-of-message macros are read; Postfix also sends a macro
-            # packet before every header and body chunk, which we skip unparsed.
-            if data[:1] in b"ME" and len(data) > 1:
+            # Only MAIL, RCPT and end-of-message macros are read; Postfix also sends a
+            # macro packet before every header and body chunk, which we skip unparsed.
+            if data[:1] in b"MRE" and len(data) > 1:
                 s.on_macros(data[:1], parse_macros(data[1:]))
             return True
         if char == b"L":
@@ -193,6 +264,11 @@ class Framer:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+
+    @property
+    def partial(self) -> bool:
+        """Part of a packet has arrived, not the rest."""
+        return bool(self._buf)
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         buf = self._buf

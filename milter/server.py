@@ -17,6 +17,7 @@ from milter.leases import beat, keep_lease
 from milter.protocol import MilterProtocol
 from milter.services import Services
 from relaylab import eventloop
+from relaylab.connlimit import ConnectionCap, ensure_fd_limit
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.workers import run_workers
@@ -33,12 +34,16 @@ class MilterServer:
     port: int
     connections: set[MilterProtocol] = attrs.field(factory=set)
     _server: asyncio.Server | None = None
+    cap: ConnectionCap = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.cap = ConnectionCap(lambda: self.services.policy().milter.max_connections, log)
 
     async def start(self, sock: socket.socket | None = None) -> int:
         loop = asyncio.get_running_loop()
 
         def factory() -> MilterProtocol:
-            return MilterProtocol(self.services, self.connections)
+            return MilterProtocol(self.services, self.connections, self.cap)
 
         if sock is not None:
             self._server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
@@ -84,6 +89,7 @@ async def serve(config: Path, sock: socket.socket, *, worker: int = 0) -> None:
     services.prime_keys()
     holder.on_reload = services.prime_keys
     host, port = sock.getsockname()[:2]
+    ensure_fd_limit(holder.policy.milter.max_connections, log)
     server = MilterServer(services, host, port)
     # The lease exists before the first session names it; this also frees at once what
     # a predecessor killed more than a lease ago left behind.

@@ -49,6 +49,10 @@ MACROS: dict[definitions.MacroStage, set[str]] = {
     **{stage: set() for stage in _Stage if stage.value <= 6},
     # The connection macros name the SMTP session for policyd's session slots.
     _Stage.MAIL_FROM: {"{auth_authen}", "i", *MILTER_MACROS},
+    # The queue id, for the log line of a refused recipient. Postfix has one at RCPT only
+    # once it has opened the queue file: by default (smtpd_delay_open_until_valid_rcpt =
+    # yes) after the first accepted recipient, with "no" from MAIL FROM on.
+    _Stage.RCPT_TO: {"i"},
     _Stage.END_OF_MESSAGE: {"i"},
 }
 
@@ -64,6 +68,9 @@ class MilterSession:
         # (subaccount, session id) once an authenticated MAIL FROM named them: policyd
         # holds a concurrent-session slot under that name until we release it at close.
         self._slot: tuple[str, str] | None = None
+        # The SMTP session's name (client:port>server:port) from the first MAIL FROM: what
+        # a refused recipient's log line carries while Postfix has no queue id yet.
+        self._session_name = ""
 
     def on_macros(self, stage_char: bytes, macros: dict[str, str]) -> None:
         stage = commands.DefineMacro.command_char_to_stage.get(stage_char)
@@ -83,12 +90,14 @@ class MilterSession:
             max_headers=settings.max_headers,
             max_header_bytes=settings.max_header_bytes,
         )
-        if self._slot is None and self._msg.login and "{client_port}" in macros:
+        if not self._session_name and "{client_port}" in macros:
+            self._session_name = session_id(
+                macros.get("{client_addr}", ""), macros.get("{client_port}", ""),
+                macros.get("{daemon_addr}", ""), macros.get("{daemon_port}", ""))
+        if self._slot is None and self._msg.login and self._session_name:
             sub = self._services.policy().subaccount_for_login(self._msg.login)
             if sub is not None:
-                self._slot = (sub.name, session_id(
-                    macros.get("{client_addr}", ""), macros.get("{client_port}", ""),
-                    macros.get("{daemon_addr}", ""), macros.get("{daemon_port}", "")))
+                self._slot = (sub.name, self._session_name)
                 self._claim(*self._slot)
 
     def _claim(self, subaccount: str, session: str) -> None:
@@ -108,9 +117,12 @@ class MilterSession:
             self._services.shared.health.ok()
 
     async def on_rcpt_to(self, data: bytes) -> list[bytes]:
+        queue_id = self._take_macros(_Stage.RCPT_TO).get("i")
         msg = self._msg
         if msg is None:
             return [CONTINUE_PACKET]
+        if queue_id:
+            msg.queue_id = queue_id
         policy = self._services.policy()
         sub = policy.subaccount_for_login(msg.login) if msg.login else None
         if sub is None:  # suppression lists belong to subaccounts
@@ -130,8 +142,12 @@ class MilterSession:
             msg.recipients += 1
             msg.rcpt_addrs.append(recipient)
         else:
-            log_event(log, "recipient_refused", logging.WARNING, queue_id=msg.queue_id or "",
-                      verdict=outcome.verdict.value, reply=format_reply(outcome), **outcome.fields)
+            # Before Postfix has a queue id, the session names the refusal (Postfix logs
+            # such refusals as NOQUEUE, with the client's address).
+            where = {"queue_id": msg.queue_id} if msg.queue_id else {}
+            log_event(log, "recipient_refused", logging.WARNING, **where,
+                      session=self._session_name, verdict=outcome.verdict.value,
+                      reply=format_reply(outcome), **outcome.fields)
         return encode_outcome(outcome)
 
     def header_over_cap(self, packet: bytes) -> bool:
@@ -240,8 +256,9 @@ class MilterSession:
         now = time.monotonic()
         fields["duration_ms"] = round((now - started) * 1000, 2)
         fields["txn_ms"] = round((now - msg.started) * 1000, 1)
-        level = logging.INFO if outcome.verdict is Verdict.CONTINUE else logging.WARNING
-        log_event(log, "message" if level == logging.INFO else "refused", level, **fields)
+        passed = outcome.verdict is Verdict.CONTINUE
+        level = logging.INFO if passed and not outcome.warn else logging.WARNING
+        log_event(log, "message" if passed else "refused", level, **fields)
 
 
 def format_reply(outcome: Outcome) -> str:

@@ -22,6 +22,7 @@ from policyd.limits import LimitService, LimitStore, Pending
 from policyd.protocol import Broken, Frame, RequestParser, encode_action
 from policyd.request import BadRequest, PolicyRequest
 from policyd.verdict import DUNNO, Verdict
+from relaylab.connlimit import ConnectionCap, ensure_fd_limit
 from relaylab.limits.lua import ADMIT
 from relaylab.limits.refund import RECEIPT
 from relaylab.logfmt import log_event
@@ -55,6 +56,7 @@ class PolicyConnection(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._closing = False
+        self._admitted = False
         self.closed = False
         self.client = "?"
 
@@ -64,6 +66,11 @@ class PolicyConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self._server.cap.admit(self.client):
+            self._closing = True
+            self._transport.abort()  # Postfix applies the service's default_action
+            return
+        self._admitted = True
         self._last = self._loop.time()
         self._arm(self._last + self._server.idle_timeout)
         self._server.connections.add(self)
@@ -107,7 +114,10 @@ class PolicyConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._queue.clear()
-        self._server.connection_closed(self)
+        if self._admitted:
+            self._admitted = False
+            self._server.cap.release()
+            self._server.connection_closed(self)
 
     def pause_writing(self) -> None:  # the client does not read its answers
         self._write_paused = True
@@ -217,6 +227,7 @@ class PolicyServer:
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
         self.connections: set[PolicyConnection] = set()
+        self.cap = ConnectionCap(lambda: service.holder.policy.policyd.max_connections, log)
         self._server: asyncio.Server | None = None
         self._all_closed: asyncio.Event | None = None
 
@@ -306,6 +317,7 @@ async def serve(config: Path, host: str | None, port: int | None) -> None:
                       detail="redis.url and policyd.listen apply at the next start")
 
     holder.on_reload = on_reload
+    ensure_fd_limit(settings.max_connections, log)
     server = PolicyServer(service, host or settings.listen_host,
                           port if port is not None else settings.listen_port)
     bound = await server.start()

@@ -30,6 +30,7 @@ from relaylab.suppression.normalize import InvalidAddress
 from relaylab.suppression.store import SuppressionStore
 from relaylab.tracking.tokens import Claims, Kind, TokenSigner
 from tracker import pages
+from tracker.connections import track_requests
 from tracker.events import DEFAULT_RETENTION_DAYS, Event, EventWriter
 from tracker.machines import classify
 
@@ -101,7 +102,7 @@ class _Derived:
 class Tracker:
     def __init__(self, holder: PolicyHolder, events: RespClient, store: SuppressionStore) -> None:
         self._holder = holder
-        self._writer = EventWriter(events)
+        self._writer = EventWriter(events, log_events=lambda: holder.policy.tracker.log_events)
         self._store = store
         self.health = RedisHealth(log)
         self._derived: _Derived | None = None
@@ -140,9 +141,6 @@ class Tracker:
                       subaccount=claims.subaccount, message_id=claims.message_id, detail=str(e))
             return False
         self.health.ok()
-        if log.isEnabledFor(logging.DEBUG):
-            log_event(log, event_type, logging.DEBUG, subaccount=claims.subaccount,
-                      message_id=claims.message_id, machine=event.machine)
         return True
 
     async def open(self, request: web.Request) -> web.StreamResponse:
@@ -209,7 +207,8 @@ def not_found() -> web.Response:
 
 
 def make_app(tracker: Tracker) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)  # a one-click POST is a few bytes
+    # a one-click POST is a few bytes; track_requests: the connection's header deadline
+    app = web.Application(client_max_size=64 * 1024, middlewares=[track_requests])
     app.router.add_get("/o/{token}", tracker.open)
     app.router.add_get("/c/{token}", tracker.click)
     app.router.add_get("/u/{token}", tracker.unsubscribe_page)

@@ -9,15 +9,19 @@ of clicks a second (redis-py costs ~200 us of CPU a call).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import attrs
 
+from relaylab.logfmt import log_event
 from relaylab.resp import RespClient, encode_command
 from relaylab.suppression.keys import daily_key, events_key, events_minid
 
 __all__ = ["Event", "EventWriter"]
+
+log = logging.getLogger("relaylab.tracker")
 
 MAX_USER_AGENT = 512  # a header can be 8 KB; the stream keeps what identifies the client
 DEFAULT_RETENTION_DAYS = 7  # a token of a subaccount since removed from the policy
@@ -52,11 +56,18 @@ class Event:
 
 
 class EventWriter:
-    def __init__(self, client: RespClient, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: RespClient, clock: Callable[[], float] = time.time,
+                 log_events: Callable[[], bool] = lambda: True) -> None:
         self._client = client
         self._clock = clock
+        self._log_events = log_events  # tracker.log_events, read per event (reloads apply)
 
     async def write(self, event: Event, retention_days: int) -> None:
-        """Record the event; raises RedisUnavailable / RedisReplyError."""
+        """Record the event, and log it in one line once Redis has it; raises
+        RedisUnavailable / RedisReplyError (the caller logs the loss)."""
         # They leave in one write, with those of other requests.
         await self._client.execute_all(event.commands(retention_days, self._clock()))
+        if self._log_events():
+            log_event(log, event.type, subaccount=event.subaccount, message_id=event.message_id,
+                      recipient=event.recipient, url=event.url, ip=event.client_ip,
+                      machine=event.machine)

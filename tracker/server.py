@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from relaylab import eventloop
+from relaylab.connlimit import ensure_fd_limit
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
@@ -25,6 +26,7 @@ from relaylab.resp import RespClient
 from relaylab.suppression.store import SuppressionStore
 from relaylab.workers import run_workers
 from tracker.app import Tracker, make_app
+from tracker.connections import GuardedSite
 
 log = logging.getLogger("relaylab.tracker")
 
@@ -44,7 +46,8 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     runner = web.AppRunner(make_app(tracker), access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=1024)
+    ensure_fd_limit(policy.tracker.max_connections, log)
+    site = GuardedSite(runner, host, port, lambda: holder.policy.tracker)
     await site.start()
     holder.start()
     stop = stop or asyncio.Event()

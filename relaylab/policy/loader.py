@@ -331,8 +331,10 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
 def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
     m = w.mapping(node, "milter", {"listen", "workers", "unauthenticated", "missing_key",
                                    "message_id_header", "subaccount_header", "on_redis_error",
-                                   "max_headers", "max_header_bytes"})
+                                   "max_headers", "max_header_bytes", "idle_timeout",
+                                   "max_connections"})
     kw: dict[str, object] = {}
+    _connection_limits(w, m, "milter", kw, ("idle_timeout", "max_connections"))
     if "listen" in m and (listen := w.listen(m["listen"][1], "milter.listen")):
         kw["listen_host"], kw["listen_port"] = listen
     if "workers" in m:
@@ -374,8 +376,9 @@ def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
 
 def _policyd(w: _Walker, node: yaml.Node) -> PolicydSettings:
     m = w.mapping(node, "policyd", {"listen", "on_redis_error", "count_mode", "usage_header",
-                                    "session_ttl"})
+                                    "session_ttl", "max_connections"})
     kw: dict[str, object] = {}
+    _connection_limits(w, m, "policyd", kw, ("max_connections",))
     if "listen" in m and (listen := w.listen(m["listen"][1], "policyd.listen")):
         kw["listen_host"], kw["listen_port"] = listen
     if "on_redis_error" in m:
@@ -389,6 +392,14 @@ def _policyd(w: _Walker, node: yaml.Node) -> PolicydSettings:
         # Postfix's own smtpd_timeout is 300s; a slot should outlive a quiet command.
         kw["session_ttl"] = w.integer(m["session_ttl"][1], "policyd.session_ttl", minimum=10)
     return PolicydSettings(**{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
+
+
+def _connection_limits(w: _Walker, m: dict[str, tuple[yaml.Node, yaml.Node]], section: str,
+                       kw: dict[str, object], names: tuple[str, ...]) -> None:
+    """Timeouts (whole seconds) and connection caps: integers of at least 1."""
+    for name in names:
+        if name in m:
+            kw[name] = w.integer(m[name][1], f"{section}.{name}", minimum=1)
 
 
 def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
@@ -578,8 +589,14 @@ MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys shorter than the hash weaken it
 
 
 def _tracker(w: _Walker, node: yaml.Node, base: Path) -> TrackerSettings:
-    m = w.mapping(node, "tracker", {"base_url", "listen", "workers", "keys", "trusted_proxies"})
+    m = w.mapping(node, "tracker", {"base_url", "listen", "workers", "keys", "trusted_proxies",
+                                    "log_events", "keepalive_timeout", "header_timeout",
+                                    "max_connections"})
     kw: dict[str, object] = {}
+    _connection_limits(w, m, "tracker", kw,
+                       ("keepalive_timeout", "header_timeout", "max_connections"))
+    if "log_events" in m:
+        kw["log_events"] = w.boolean(m["log_events"][1], "tracker.log_events")
     if "base_url" in m:
         url = w.string(m["base_url"][1], "tracker.base_url")
         if url is not None:

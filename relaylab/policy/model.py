@@ -123,6 +123,14 @@ class MilterSettings:
     # with 552 5.3.4. Real mail has 20-60 fields and well under 64 KiB.
     max_headers: int = 1000
     max_header_bytes: int = 1 << 20
+    # Seconds a connection may stay silent before it is closed. Postfix keeps a milter
+    # connection for its whole SMTP session, quiet between commands for up to its
+    # smtpd_timeout (300s), and sends a message to the milter only once it has it all, so
+    # this must outlast the slowest DATA transfer accepted.
+    idle_timeout: int = 1800
+    # Open connections per worker; more are closed at once (logged), and Postfix applies
+    # milter_default_action to those SMTP sessions.
+    max_connections: int = 1000
 
 
 class RedisErrorAction(enum.Enum):
@@ -143,6 +151,7 @@ class PolicydSettings:
     count_mode: CountMode = CountMode.MESSAGE
     usage_header: bool = False  # PREPEND X-Relaylab-Usage at the DATA stage
     session_ttl: int = 600  # seconds a session slot outlives its last policy request
+    max_connections: int = 1000  # open connections; more are closed at once (logged)
 
 
 @attrs.frozen
@@ -166,6 +175,14 @@ class TrackerSettings:
     keys: tuple[TrackerKey, ...] = ()
     # Peers whose X-Forwarded-For is believed (the TLS proxy in front of the tracker).
     trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    log_events: bool = True  # one log line per recorded open, click and unsubscribe
+    # Seconds an idle keep-alive connection stays open (longer than the proxy's own
+    # upstream keep-alive, so that the proxy, not us, closes it).
+    keepalive_timeout: int = 75
+    # Seconds a request's headers may take to arrive, from their first byte (slow
+    # senders hold a connection each).
+    header_timeout: int = 15
+    max_connections: int = 1000  # open connections per worker; more are closed (logged)
 
     @property
     def enabled(self) -> bool:

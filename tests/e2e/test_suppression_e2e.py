@@ -70,7 +70,39 @@ def test_blacklisted_recipient_refused_others_delivered(lists: RelayStack) -> No
     events = [f for _, f in r.xrange(f"rl:{{sub:{SUB}}}:events")]
     assert [(e["type"], e["recipient"], e["reason"]) for e in events] == [
         ("dropped", BLOCKED, "hardbounce")]
-    st.milter.wait_for_log("event=recipient_refused queue_id=")
+    st.milter.wait_for_log("event=recipient_refused session=127.0.0.1:")
+
+
+def test_refused_recipient_log_line_names_the_queue_id_once_postfix_has_one(lists: RelayStack
+                                                                            ) -> None:
+    """With smtpd_delay_open_until_valid_rcpt = yes (Postfix's default, and the stack's)
+    the queue file, and so the queue id, exists only after the first accepted recipient:
+    a refusal before that is named by the SMTP session, one after it by the queue id."""
+    st = lists
+    mark = len(st.milter.log_text())
+    a = st.accounts[0]
+    with SMTPSession(st.postfix.submit_port) as s:
+        client_port = s._smtp.sock.getsockname()[1]
+        assert s.auth_plain(a.login, a.password).code == 235
+        assert s.mail("app@shop.example.com").code == 250
+        assert s.rcpt(BLOCKED).code == 550
+        assert s.rcpt(CLEAN).code == 250
+        assert s.rcpt("other@blocked-domain.example").code == 550
+        _, final = s.data(MESSAGE)
+    assert final is not None and final.code == 250
+    queue_id = final.text.rsplit(" ", 1)[-1]
+    session = f"session=127.0.0.1:{client_port}>127.0.0.1:{st.postfix.submit_port} "
+    st.milter.wait_for_log("recipient=other@blocked-domain.example", after=mark)
+    refused = [line for line in st.milter.log_text()[mark:].splitlines()
+               if "event=recipient_refused" in line]
+    assert len(refused) == 2
+    assert "queue_id=" not in refused[0] and session in refused[0]
+    assert f"recipient={BLOCKED} " in refused[0]
+    assert f" queue_id={queue_id} " in refused[1] and session in refused[1]
+    # the dropped event in the activity log carries it too
+    r = redis.Redis.from_url(st.redis.url, decode_responses=True)
+    events = [f for _, f in r.xrange(f"rl:{{sub:{SUB}}}:events")]
+    assert [e["queue_id"] for e in events if e["type"] == "dropped"] == ["", queue_id]
 
 
 def test_shadow_mode_delivers_all_and_logs_the_one(lists: RelayStack) -> None:

@@ -65,6 +65,7 @@ def test_negotiates_only_the_events_and_macros_it_uses() -> None:
         wanted[stage] = names
     assert wanted[definitions.MacroStage.MAIL_FROM.value] == (
         b"i {auth_authen} {client_addr} {client_port} {daemon_addr} {daemon_port}")
+    assert wanted[definitions.MacroStage.RCPT_TO.value] == b"i"  # refusals name the queue id
     assert wanted[definitions.MacroStage.END_OF_MESSAGE.value] == b"i"
     assert wanted[definitions.MacroStage.CONNECT.value] == b""
 

@@ -699,3 +699,40 @@ def test_cli_workers_must_be_a_positive_integer(
             main([service, "--config", str(path), "--workers", value])
         assert excinfo.value.code == 2
         assert f"expects an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+# ------------------------------------------- connection limits and the tracker's event log
+
+
+def test_connection_limits_and_event_log_load_with_defaults(tmp_path: Path, keys: Keys) -> None:
+    p = load_policy(write(tmp_path, VALID_HEAD, keys))
+    assert (p.milter.idle_timeout, p.milter.max_connections) == (1800, 1000)
+    assert p.policyd.max_connections == 1000
+    t = p.tracker
+    assert (t.log_events, t.keepalive_timeout, t.header_timeout, t.max_connections) == (True, 75, 15, 1000)
+    set_ = write(tmp_path, VALID_HEAD + "milter:\n  idle_timeout: 600\n  max_connections: 20\n"
+                 "policyd:\n  max_connections: 30\n"
+                 "tracker:\n  log_events: false\n  keepalive_timeout: 5\n  header_timeout: 2\n"
+                 "  max_connections: 40\n", keys, name="set.yaml")
+    p = load_policy(set_)
+    assert (p.milter.idle_timeout, p.milter.max_connections, p.policyd.max_connections) == (600, 20, 30)
+    t = p.tracker
+    assert (t.log_events, t.keepalive_timeout, t.header_timeout, t.max_connections) == (False, 5, 2, 40)
+
+
+@pytest.mark.parametrize(("section", "text", "message"), [
+    ("milter", "  idle_timeout: 0\n", "must be >= 1"),
+    ("milter", "  max_connections: lots\n", "expected an integer"),
+    ("milter", '  idle_timeout: "600"\n', "expected an integer"),
+    ("policyd", "  max_connections: -1\n", "must be >= 1"),
+    ("tracker", "  header_timeout: 1.5\n", "expected an integer"),
+    ("tracker", "  keepalive_timeout: 0\n", "must be >= 1"),
+    ("tracker", "  log_events: yes please\n", "expected true or false"),
+])
+def test_connection_limits_are_checked_at_load(tmp_path: Path, keys: Keys, section: str, text: str,
+                                               message: str) -> None:
+    path = write(tmp_path, VALID_HEAD + f"{section}:\n{text}", keys)
+    p = only(problems(path))
+    key = text.split(":")[0].strip()
+    assert (p.file, p.line, p.key) == (path, 11, f"{section}.{key}")
+    assert message in p.message

@@ -249,3 +249,36 @@ def test_shutdown_answers_what_was_read_then_closes(policy: Path) -> None:
     busy, idle = asyncio.run(go())
     assert busy == b"action=DUNNO\n\n" * 3
     assert idle == b""
+
+
+def test_connections_over_the_cap_are_closed_and_logged_once(
+        tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    policy = write_policy(tmp_path, redis_server.url, "{max_connections: 3}")
+
+    async def go() -> tuple[list[bytes], list[str]]:
+        async with running(policy) as (server, port):
+            held = [await connect(port) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            refused = []
+            for _ in range(2):  # closed at once, without reading a byte
+                r, w = await connect(port)
+                async with asyncio.timeout(5):
+                    refused.append(await r.read())
+                w.close()
+            assert server.cap.open == 3
+            for _, w in held:
+                w.close()
+            await asyncio.sleep(0.1)
+            r, w = await connect(port)  # room again: served
+            w.write(request("CONNECT"))
+            got = await answers(r, 1)
+            w.close()
+            return refused, got
+
+    caplog.set_level(logging.INFO)
+    refused, got = asyncio.run(go())
+    assert refused == [b"", b""] and got == ["action=DUNNO"]
+    capped = events(caplog, "connections_capped")
+    assert len(capped) == 1 and capped[0]["max_connections"] == 3
+    # said once there is some room again (90 % of the cap)
+    assert events(caplog, "connections_uncapped") == [{"open": 2, "refused": 2}]

@@ -48,7 +48,7 @@ class ConnectionCap:
     def release(self) -> None:
         self.open -= 1
         # Some room before saying so: a server held at its cap logs twice, not per close.
-        if self.capped and self.open <= self._limit() * 9 // 10:
+        if self.capped and self.open < max(1, self._limit() * 9 // 10):
             self.capped = False
             log_event(self._log, "connections_uncapped", logging.WARNING, open=self.open,
                       refused=self.refused)

@@ -53,6 +53,7 @@ class PolicyConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._last = 0.0
+        self._request_since = 0.0  # the first byte of the request now arriving
         self._paused = False
         self._write_paused = False
         self._closing = False
@@ -81,7 +82,9 @@ class PolicyConnection(asyncio.Protocol):
         self._last = now = self._loop.time()
         queue = self._queue
         answer = self._server.answer_frame
+        was_partial, framed = self._parser.partial, False
         for frame in self._parser.feed(data):
+            framed = True
             if isinstance(frame, Broken):
                 log_event(log, "protocol_error", logging.ERROR, client=self.client,
                           detail=frame.reason, action="close")
@@ -95,8 +98,11 @@ class PolicyConnection(asyncio.Protocol):
         # the reply's callback writes).
         if queue and (not isinstance(head := queue[0], Pending) or head.done):
             self._flush()
-        if self._parser.partial and self._timer_at > now + self._server.request_timeout:
-            self._arm(now + self._server.request_timeout)
+        if self._parser.partial and (framed or not was_partial):
+            # A new request began: whole within request_timeout, however it trickles in.
+            self._request_since = now
+            if self._timer_at > now + self._server.request_timeout:
+                self._arm(now + self._server.request_timeout)
         if len(queue) >= MAX_IN_FLIGHT and not self._paused:
             self._paused = True
             self._transport_pause(True)
@@ -200,7 +206,7 @@ class PolicyConnection(asyncio.Protocol):
             return
         now = self._loop.time()
         if self._parser.partial:
-            deadline = self._last + self._server.request_timeout
+            deadline = self._request_since + self._server.request_timeout
             if now >= deadline:
                 log_event(log, "request_timeout", logging.ERROR, client=self.client,
                           detail=f"request incomplete after {self._server.request_timeout:g}s",

@@ -183,6 +183,29 @@ def test_a_client_that_stalls_mid_request_is_cut(policy: Path,
     assert events(caplog, "request_timeout")
 
 
+def test_a_request_that_trickles_in_is_cut_from_its_first_byte(
+        policy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> tuple[bool, float]:
+        async with running(policy, request_timeout=0.5) as (_, port):
+            r, w = await connect(port)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for b in request():  # a byte every 0.1 s: never silent for 0.5 s
+                w.write(bytes([b]))
+                try:
+                    async with asyncio.timeout(0.1):
+                        if await r.read() == b"":
+                            break
+                except TimeoutError:
+                    continue
+            elapsed = loop.time() - t0
+            return r.at_eof(), elapsed
+
+    closed, elapsed = asyncio.run(go())
+    assert closed and 0.45 <= elapsed < 1.5
+    assert events(caplog, "request_timeout")
+
+
 def test_a_request_without_its_empty_line_then_eof_is_logged(
         policy: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> bytes:

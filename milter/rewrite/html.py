@@ -1,11 +1,9 @@
 """href rewriting in one HTML text, as bytes of an ASCII-compatible charset.
 
-The scanner follows the HTML5 tokenizer where it matters for links: tag and attribute
-boundaries (quoted, unquoted, case-insensitive names), comments, raw-text elements whose
-content is not markup. It only ever edits the value of an href attribute of <a>, <area>
-and VML elements (<v:roundrect> buttons); conditional comments (<!--[if mso]>) are read
-as markup, because Outlook renders their content. Anything it cannot tokenize the way a
-browser would is an error, so a message is never rewritten on a guess.
+markup.find_hrefs() finds the href values of links the way a browser tokenizes the page
+(see there, also for Outlook's conditional comments); this module decides, tracks and
+escapes them. It only ever edits the value of an href attribute of <a>, <area> and VML
+elements, so every other byte stays as it was.
 """
 
 from __future__ import annotations
@@ -16,55 +14,9 @@ from html.entities import html5
 
 from milter.rewrite.edits import Edit
 from milter.rewrite.links import Links
+from milter.rewrite.markup import Href, find_hrefs
 from milter.rewrite.model import RewriteError, Tally
 
-_WS = rb"[\t\n\f\r ]"
-_NAME_END = rb"(?=[\t\n\f\r />])"
-
-
-def _ci(word: bytes) -> bytes:
-    """`word` as a case-insensitive pattern (cheaper than re.IGNORECASE on every byte)."""
-    return b"".join(b"[%c%c]" % (c, c ^ 32) if 97 <= c <= 122 else re.escape(bytes([c])) for c in word)
-
-
-# Tags and attributes, split as the HTML5 tokenizer does; possessive quantifiers so a
-# malformed tag fails fast instead of backtracking.
-_SEP = rb"[\t\n\f\r /]++"
-_NAME = rb"[^\t\n\f\r />][^\t\n\f\r />=]*+"
-_HREF_NAME = _ci(b"href") + rb"(?=[\t\n\f\r />=])"
-
-
-def _value(group: bytes) -> bytes:
-    """An optional '= value'; `group` b"(" captures double/single/unquoted, b"(?:" not."""
-    return (rb"(?:" + _WS + rb"*+=" + _WS + rb"*+(?:\"" + group + rb"[^\"]*+)\"|'" + group + rb"[^']*+)'|"
-            + group + rb"[^\t\n\f\r >\"'][^\t\n\f\r >]*+))?)?")
-
-
-_NOTRACK_NAME = _ci(b"data-notrack") + rb"(?=[\t\n\f\r />=])"
-# Attributes other than href and data-notrack: those two stop the fast path.
-_OTHER_ATTRS = (rb"(?:" + _SEP + rb"|(?!" + _HREF_NAME + rb"|" + _NOTRACK_NAME + rb")" + _NAME
-                + _value(b"(?:") + rb")*+")
-_ANY_ATTRS = rb"(?:" + _SEP + rb"|" + _NAME + _value(b"(?:") + rb")*+"
-_LINK_TAG = rb"(?:" + _ci(b"area") + b"|" + _ci(b"a") + b"|" + _ci(b"v:") + rb"[^\t\n\f\r />]*+)" + _NAME_END
-_RAW_TEXT = (b"script", b"style", b"title", b"textarea", b"xmp")  # their content is not markup
-# A comment after its '<', whole: "<!-->" and "<!--->" (the <!--[if !mso]><!--> idiom) are complete
-# ones; of a conditional comment only the opening "<!--[if ...]>" is, because Outlook
-# renders what it holds, so that is markup to us.
-_COMMENT = (rb"!--(?:-?>|\[" + _ci(b"if") + rb"[^\]>]{0,200}\]>|(?:[^-]++|-(?!-!?>))*+--!?>)")
-# The next place where something matters: a link-bearing tag, a comment (skipped in the
-# same match), a raw-text element; or, group 4, a comment that never ends. The lookahead
-# lets the engine pass other tags without trying each branch.
-_FIND = re.compile(rb"<(?=[aAvV!sStTxX])(?:(" + _LINK_TAG + rb")|(" + _COMMENT + rb")|("
-                   + b"|".join(map(_ci, _RAW_TEXT)) + rb")" + _NAME_END + rb"|(!--))")
-# A link-bearing tag from its '<' with at most one href and no data-notrack, the common
-# case, all in one match. Groups: 1 "href", 2/3/4 its value ("", '', unquoted).
-_TAG = re.compile(rb"<[^\t\n\f\r />]++" + _OTHER_ATTRS
-                  + rb"(?:(" + _HREF_NAME + rb")" + _value(b"(") + _OTHER_ATTRS + rb")?>")
-# Any start tag: where one with data-notrack or several hrefs ends.
-_ANY_TAG = re.compile(rb"<[^\t\n\f\r />]++" + _ANY_ATTRS + rb">")
-_RAW_END = {n: re.compile(rb"</" + _ci(n) + _NAME_END) for n in _RAW_TEXT}
-# Groups: 1 name, 2/3/4 value.
-_ATTR = re.compile(rb"(" + _NAME + rb")" + _value(b"("))
 _NEEDS_QUOTES = re.compile(r"[\t\n\f\r \"'=`]")
 
 # Character references in an attribute value. Python's html.unescape() follows the rules
@@ -123,69 +75,15 @@ class HtmlRewriter:
         self._links = links
         self._in = value_codec  # how href bytes decode
         self._out = out_codec  # how new values encode ("ascii" in 7bit parts)
-        self._found: list[tuple[int, int, bytes, bool]] = []  # value span, quote (b"": none), notrack
+        self._found: list[Href] = []
         self.edits: list[Edit] = []
         self.tally = Tally()
 
     def scan(self, data: bytes) -> None:
-        found = self._found
-        pos = 0
-        find = _FIND.search
-        tag_match = _TAG.match
-        while (m := find(data, pos)) is not None:
-            which = m.lastindex  # one call, where m.start(n) >= 0 tests would take three
-            if which == 1:
-                start = m.start()
-                tag = tag_match(data, start)
-                if tag is None:
-                    # data-notrack or a second href (or a tag that does not end)
-                    whole = _ANY_TAG.match(data, start)
-                    if whole is None:
-                        raise RewriteError("unterminated link tag (unbalanced quotes?)")
-                    pos = whole.end()
-                    self._tag(data, m.end(1), pos - 1)
-                    continue
-                pos = tag.end()
-                which = tag.lastindex
-                if which == 2:
-                    vs, ve = tag.span(2)
-                    found.append((vs, ve, b'"', False))
-                elif which is not None:
-                    self._value(tag, False)
-            elif which == 2:
-                pos = m.end()
-            elif which == 4:
-                raise RewriteError("unterminated comment")
-            else:
-                name = m.group(3).lower()
-                end = _RAW_END[name].search(data, m.end())
-                if end is None:
-                    raise RewriteError(f"unclosed <{name.decode('latin-1')}>")
-                pos = end.end()
-
-    def _tag(self, data: bytes, start: int, end: int) -> None:
-        """Every href of the tag whose attributes are data[start:end], one by one."""
-        hrefs: list[re.Match[bytes]] = []
-        notrack = False
-        for a in _ATTR.finditer(data, start, end):
-            ns, ne = a.span(1)
-            if ne - ns == 4 and data[ns:ne].lower() == b"href":
-                hrefs.append(a)
-            elif ne - ns == 12 and data[ns:ne].lower() == b"data-notrack":
-                notrack = True
-        for a in hrefs:
-            self._value(a, notrack)
-
-    def _value(self, m: re.Match[bytes], notrack: bool, g: int = 2) -> None:
-        """The href whose value is group g, g+1 or g+2 of `m` (double, single, no quotes)."""
-        if m.start(g) >= 0:
-            self._found.append((m.start(g), m.end(g), b'"', notrack))
-        elif m.start(g + 1) >= 0:
-            self._found.append((m.start(g + 1), m.end(g + 1), b"'", notrack))
-        elif m.start(g + 2) >= 0:
-            self._found.append((m.start(g + 2), m.end(g + 2), b"", notrack))
-        else:
-            self.tally.skip("empty")  # href without a value
+        found, empty = find_hrefs(data)
+        self._found.extend(found)
+        if empty:
+            self.tally.skip("empty", empty)  # hrefs without a value
 
     def rewrite(self, data: bytes) -> None:
         """Decide every href found, have the kept ones tracked, and write the edits."""

@@ -298,3 +298,90 @@ def test_rewrite_of_a_large_page_matches_a_reference_substitution() -> None:
     expected = re.sub(r'href="([^"]*)"',
                       lambda m: f'href="{tracked(m.group(1).replace("&amp;", "&"))}"', page)
     assert out == expected
+
+
+# Issue 14, point 1: link markup is a link only where a browser's tokenizer reads it as one.
+
+def test_link_markup_inside_another_tags_attribute_value_is_not_a_link() -> None:
+    page = ('<img alt=\'see <a href="https://x.example/">\' src="https://cdn.example/i.png">'
+            '<p title="<a href=https://y.example/>">t</p>'
+            '<a href="https://ok.example/">ok</a>')
+    result, out = rewrite(page)
+    assert out == page.replace("https://ok.example/", tracked("https://ok.example/"))
+    assert (result.rewritten, result.skipped) == (1, 0)
+
+
+def test_unquoted_values_and_odd_attribute_syntax_are_read_as_a_browser_does() -> None:
+    page = ('<p data-x=<a/href=https://d.example/1>x</p>'  # the value is "<a/href=https://d.example/1"
+            '<td x="1"y=\'<a href="https://d.example/2">\'>'  # no space between attributes
+            "<td = '<a href='https://d.example/3'>'>"  # "=" starts a name: that href is <td>'s
+            '<p a"b=\'<a href="https://d.example/4">\'>'  # a quote in an attribute name
+            '<a class=x href=https://ok.example/u?a=1 title=t>u</a>'
+            '<a title="x>y"/href=\'https://ok.example/s\'>s</a>')  # '/' separates attributes
+    result, out = rewrite(page)
+    assert out == (page.replace("https://ok.example/u?a=1", tracked("https://ok.example/u?a=1"))
+                   .replace("https://ok.example/s", tracked("https://ok.example/s")))
+    assert (result.rewritten, result.skipped) == (2, 0)
+
+
+def test_comments_bogus_comments_and_end_tags_hold_no_links() -> None:
+    page = ('<!-- <a href="https://d.example/1"> --><!--<a href=https://d.example/2>--!>'
+            '<?php <a href="https://d.example/3"> ?><!DOCTYPE <a href=https://d.example/4>>'
+            '</ <a href=https://d.example/5>></a href="https://d.example/6">'
+            '<!--><a href="https://ok.example/1">1</a><!---><a href="https://ok.example/2">2</a>')
+    result, out = rewrite(page)
+    assert out == (page.replace("https://ok.example/1", tracked("https://ok.example/1"))
+                   .replace("https://ok.example/2", tracked("https://ok.example/2")))
+    assert (result.rewritten, result.skipped) == (2, 0)
+
+
+def test_raw_text_elements_hold_no_links_up_to_their_real_end_tag() -> None:
+    page = ('<title lang="</title>"><a href="https://d.example/1"></title>'
+            '<style>p{}</style x=\'<a href="https://d.example/2">\'>'
+            '<textarea><a href="https://d.example/3"></TEXTAREA >'
+            '<script><!--<script></script><a href="https://d.example/4"></script>-->'
+            '<xmp><a href="https://d.example/5"></xmp><iframe><a href="https://d.example/6"></iframe>'
+            '<noembed><a href="https://d.example/7"></noembed><noframes><a href="https://d.example/8"></noframes>'
+            '<a href="https://ok.example/">ok</a>')
+    result, out = rewrite(page)
+    assert out == page.replace("https://ok.example/", tracked("https://ok.example/"))
+    assert (result.rewritten, result.skipped) == (1, 0)
+
+
+def test_cdata_sections_hide_links_in_svg_and_math_but_not_in_html() -> None:
+    page = ('<svg><![CDATA[<a href="https://d.example/1">]]><a href="https://ok.example/svg">s</a></svg>'
+            '<math><mi><mglyph><![CDATA[ x > <a href="https://d.example/2"> ]]></mglyph></mi></math>'
+            # in HTML "<![CDATA[" opens a bogus comment that the first '>' ends
+            '<![CDATA[ x > <a href="https://ok.example/html">h</a> ]]>')
+    result, out = rewrite(page)
+    assert out == (page.replace("https://ok.example/svg", tracked("https://ok.example/svg"))
+                   .replace("https://ok.example/html", tracked("https://ok.example/html")))
+    assert (result.rewritten, result.skipped) == (2, 0)
+
+
+def test_style_in_svg_is_markup_but_style_under_foreign_object_is_raw_text() -> None:
+    page = ('<svg><style><a href="https://ok.example/s">s</a></style>'
+            '<foreignObject><style><a href="https://d.example/"></style></foreignObject>'
+            '<p>the p ends the svg</p><style><a href="https://d.example/2"></style>')
+    result, out = rewrite(page)
+    assert out == page.replace("https://ok.example/s", tracked("https://ok.example/s"))
+    assert (result.rewritten, result.skipped) == (1, 0)
+
+
+def test_an_end_tag_that_may_close_an_unclosed_svg_is_an_error_only_if_links_depend_on_it() -> None:
+    # Whether </div> closes the <svg> depends on a <div> being open around it: read both ways.
+    same = '<td><svg><circle/></td><a href="https://ok.example/">ok</a>'
+    result, out = rewrite(same)
+    assert result.error is None and out == same.replace("https://ok.example/", tracked("https://ok.example/"))
+    differ = '<div><svg><circle/></div><style>/* <a href="https://d.example/"> */</style>'
+    result, _ = rewrite(differ)
+    assert result.body is None and result.error is not None and "may close it or not" in result.error
+
+
+def test_link_markup_inside_a_vml_buttons_attribute_in_a_conditional_comment_is_not_a_link() -> None:
+    # What <!--[if mso]> holds is read as markup (Outlook renders it), with the same tokenizer.
+    page = ('<!--[if mso]><v:roundrect alt=\'<a href="https://d.example/">\' href="https://ok.example/">'
+            '<w:anchorlock/></v:roundrect><![endif]-->')
+    result, out = rewrite(page)
+    assert out == page.replace("https://ok.example/", tracked("https://ok.example/"))
+    assert (result.rewritten, result.skipped) == (1, 0)

@@ -60,11 +60,13 @@ _TAG_NAME = rb"[A-Za-z][^\t\n\f\r />]*+"
 
 
 def _value(group: bytes) -> bytes:
-    """An optional '= value'; `group` b"(" captures double/single/unquoted, b"(?:" not.
-    Possessive like everything in a tag: the tokenizer never reconsiders a value it read,
-    and a regex that could give one up would find another, wrong, way through the tag."""
+    """An attribute's '= value', if it has one; `group` b"(" captures double/single/unquoted,
+    b"(?:" not. As in the tokenizer, once '=' is read a value (or the tag's '>') must follow:
+    a quote that never closes fails the tag, it does not make '="' the start of a new name.
+    Possessive too: a regex that could give up a value would find another way through the
+    tag, which the tokenizer never does."""
     return (rb"(?:" + _WS + rb"*+=" + _WS + rb"*+(?:\"" + group + rb"[^\"]*+)\"|'" + group + rb"[^']*+)'|"
-            + group + rb"[^\t\n\f\r >\"'][^\t\n\f\r >]*+))?)?+")
+            + group + rb"[^\t\n\f\r >\"'][^\t\n\f\r >]*+)|(?=>))|(?!" + _WS + rb"*+=))")
 
 
 # All attributes of a tag, up to its '>' (the separators before '>' are left out).
@@ -158,7 +160,7 @@ _VOID = frozenset({
     b"area", b"base", b"basefont", b"bgsound", b"br", b"col", b"embed", b"frame", b"hr", b"image",
     b"img", b"input", b"keygen", b"link", b"meta", b"param", b"source", b"track", b"wbr"})
 _RAW_SET = frozenset(RAW_TEXT)
-_MAX_FORKS = 4  # second readings per scan, and how deep they nest
+_MAX_FORKS = 4  # second readings of one text, in all: each reads the rest of it once more
 
 Element = tuple[int, bytes, int]  # namespace, lower-case name, kind
 
@@ -172,11 +174,11 @@ def find_hrefs(data: bytes) -> tuple[list[Href], int]:
 
 
 class _Scanner:
-    __slots__ = ("data", "depth", "empty", "forks", "found")
+    __slots__ = ("budget", "data", "empty", "forks", "found")
 
-    def __init__(self, data: bytes, depth: int = 0) -> None:
+    def __init__(self, data: bytes, budget: list[int] | None = None) -> None:
         self.data = data
-        self.depth = depth  # how many forks deep this scan is
+        self.budget = [_MAX_FORKS] if budget is None else budget  # second readings left, shared
         self.found: list[Href] = []
         self.empty = 0
         # (len(found), empty) where a second reading started, and what that one found
@@ -340,9 +342,10 @@ class _Scanner:
         """At an end tag that closes the foreign content or is ignored, depending on the
         elements open outside it: this scan goes on as if it were ignored, a second one
         from `pos` as if it closed it; check() compares them at the end."""
-        if len(self.forks) >= _MAX_FORKS or self.depth >= _MAX_FORKS:
+        if not self.budget[0]:
             raise RewriteError("too many end tags inside <svg>/<math> that may close it or not")
-        other = _Scanner(self.data, self.depth + 1)
+        self.budget[0] -= 1
+        other = _Scanner(self.data, self.budget)
         try:
             other.html(pos)
             other.check()

@@ -231,6 +231,9 @@ def test_nothing_to_do_returns_no_body_and_no_error() -> None:
     ('<a href="https://a.example/>x</a> <a href="https://b.example/">y</a>', "'<' or '>' inside an href"),
     ("<p>x</p><!-- never closed <a href='https://a.example/'>", "unterminated comment"),
     ("<style>p { color: red }", "unclosed <style>"),
+    # a quote that never closes: to a browser the rest is that attribute's value, no link
+    ("<p title='x <a href=\"https://a.example/\">y</a>", "unterminated <p> tag"),
+    ('<svg><![CDATA[ <a href="https://a.example/">', "unterminated CDATA section"),
 ])
 def test_malformed_html_is_an_error_and_the_message_is_left_alone(page: str, error: str) -> None:
     result, _ = rewrite(page, pixel_url=PIXEL)

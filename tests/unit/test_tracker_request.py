@@ -1,5 +1,6 @@
-"""Tracker request details: the visitor's address behind proxies, and what an event
-writes to Redis (stream entry trimmed to the plan's retention, day counters)."""
+"""Tracker request details: the visitor's address behind proxies, the redirect's Location,
+and what an event writes to Redis (stream entry trimmed to the plan's retention, day
+counters)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import ipaddress
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from trackerutil import ODD_URLS
 
 from relaylab.resp import ReplyParser
-from tracker.app import client_ip
+from tracker.app import client_ip, safe_location
 from tracker.events import Event
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -43,6 +45,22 @@ def request(peer: str, forwarded: str | None = None):  # type: ignore[no-untyped
 def test_client_ip_believes_forwarded_for_only_from_trusted_proxies(
         peer: str, forwarded: str | None, expected: str) -> None:
     assert client_ip(request(peer, forwarded), LOOPBACK) == expected
+
+
+@pytest.mark.parametrize("url", ODD_URLS)
+def test_location_is_the_destination_byte_for_byte(url: str) -> None:
+    assert safe_location(url) == url
+
+
+@pytest.mark.parametrize(("url", "location"), [
+    ("https://exämple.com/ü?q=ä#é", "https://xn--exmple-cua.com/%C3%BC?q=%C3%A4#%C3%A9"),
+    ("https://u@EXÄMPLE.com:8080/?", "https://u@xn--exmple-cua.com:8080/?"),  # user, port, "?" kept
+    ("https://shop.example.com/a b?c d#e f", "https://shop.example.com/a%20b?c%20d#e%20f"),
+    ('https://shop.example.com/"<x>"', "https://shop.example.com/%22%3Cx%3E%22"),
+    (" https://shop.example.com/p?\t\n", "https://shop.example.com/p?"),  # as a browser cleans it
+])
+def test_location_encodes_only_what_a_uri_cannot_carry(url: str, location: str) -> None:
+    assert safe_location(url) == location
 
 
 def test_event_is_a_trimmed_stream_entry_and_day_counters() -> None:

@@ -59,6 +59,60 @@ ODD_URLS = [
 ]
 
 
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def other_spellings(token: str) -> Iterator[str]:
+    """Every other text a genuine token could be mistaken for: each character replaced by
+    every base64url character, a dot, '=', '%', or its other case; each one removed;
+    padding, percent-escapes and whitespace added to every part and the whole."""
+    seen = {token}
+    parts = token.split(".")
+
+    def new(text: str) -> Iterator[str]:
+        if text not in seen:
+            seen.add(text)
+            yield text
+
+    for i, ch in enumerate(token):
+        for repl in (*B64URL, ".", "=", "%", ch.swapcase()):
+            yield from new(token[:i] + repl + token[i + 1:])
+        yield from new(token[:i] + token[i + 1:])
+        yield from new(token[:i] + f"%{ord(ch):02X}" + token[i + 1:])
+    for n, _ in enumerate(parts):
+        for pad in ("=", "==", "===", "%3D", "%3d", "%3D%3D", " ", "\n", "."):
+            yield from new(".".join([*parts[:n], parts[n] + pad, *parts[n + 1:]]))
+        padded = parts[n] + "=" * (-len(parts[n]) % 4)
+        yield from new(".".join([*parts[:n], padded, *parts[n + 1:]]))
+    for extra in (" " + token, token + " ", "." + token, token.swapcase(), token.upper(),
+                  token.lower()):
+        yield from new(extra)
+
+
+def other_paths(kind: str, token: str) -> Iterator[str]:
+    """The request paths that must not open `token` over HTTP: its other spellings (those
+    an HTTP path can carry), each character percent-encoded, the path spelt otherwise."""
+    seen = {f"/{kind}/{token}"}
+
+    def new(path: str) -> Iterator[str]:
+        if path not in seen:
+            seen.add(path)
+            yield path
+
+    for spelling in other_spellings(token):
+        if all(c > " " for c in spelling) and "%" not in spelling.replace("%3D", "") \
+                .replace("%3d", ""):
+            yield from new(f"/{kind}/{spelling}")
+    for i, ch in enumerate(token):
+        for escape in (f"%{ord(ch):02X}", f"%{ord(ch):02x}"):
+            yield from new(f"/{kind}/{token[:i]}{escape}{token[i + 1:]}")
+    for path in (f"/{kind}/{token}/", f"//{kind}/{token}", f"/{kind}//{token}",
+                 f"/{kind}/./{token}", f"/x/../{kind}/{token}", f"/%{ord(kind):02X}/{token}",
+                 f"/{kind.upper()}/{token}", f"/{kind}/{token}%00", f"/{kind}/{token}%20",
+                 f"/{kind}/{token}%2F"):
+        yield from new(path)
+
+
 class Answer:
     def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes,
                  seconds: float) -> None:
@@ -90,6 +144,44 @@ def request(port: int, path: str, method: str = "GET", body: bytes | None = None
         return Answer(resp.status, resp.getheaders(), data, time.monotonic() - start)
     finally:
         conn.close()
+
+
+class Session:
+    """Requests on one keep-alive connection (reopened if the tracker closes it)."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(self, path: str, method: str = "GET", body: bytes | None = None) -> Answer:
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection("127.0.0.1", self.port,
+                                                        timeout=self.timeout)
+            start = time.monotonic()
+            try:
+                self._conn.putrequest(method, path, skip_accept_encoding=True)
+                self._conn.putheader("User-Agent", BROWSER)
+                if body is not None:
+                    self._conn.putheader("Content-Length", str(len(body)))
+                self._conn.endheaders(body)
+                resp = self._conn.getresponse()
+                data = resp.read()
+            except (ConnectionError, http.client.RemoteDisconnected):
+                self.close()
+                if attempt == 2:
+                    raise
+                continue
+            if resp.will_close:
+                self.close()
+            return Answer(resp.status, resp.getheaders(), data, time.monotonic() - start)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class StandaloneTracker:

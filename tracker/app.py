@@ -150,7 +150,11 @@ class Tracker:
 
     def _claims(self, request: web.Request, kind: Kind) -> Claims | None:
         signer = self._current().signer
-        claims = signer.verify(kind, request.match_info["token"]) if signer else None
+        token = request.match_info["token"]
+        # The path as sent, not as decoded: "%41" for "A" spells the same token otherwise.
+        sent = request.raw_path.partition("?")[0]
+        canonical = sent == f"/{kind.value}/{token}"
+        claims = signer.verify(kind, token) if signer and canonical else None
         if claims is None:
             log_event(log, "invalid_token", kind=kind.name.lower(), path=request.path[:200],
                       ip=request.remote or "", status=404)

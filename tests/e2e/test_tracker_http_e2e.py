@@ -7,9 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from trackerutil import ODD_URLS, SUB, StandaloneTracker, request, standalone_tracker
+from trackerutil import (
+    ODD_URLS,
+    SUB,
+    Session,
+    StandaloneTracker,
+    other_paths,
+    request,
+    standalone_tracker,
+)
 
 from relaylab.devstack.process import wait_until
+from relaylab.tracking.tokens import Claims, Kind
 
 
 @pytest.fixture
@@ -27,3 +36,30 @@ def test_redirects_lead_to_the_destination_byte_for_byte(tk: StandaloneTracker) 
     # Each click recorded, with the destination as it was written too.
     wait_until(lambda: len(tk.events()) == len(ODD_URLS), timeout=10)
     assert [e["url"] for e in tk.events()] == ODD_URLS
+
+
+@pytest.mark.parametrize("kind", ["c", "o", "u"])
+def test_no_other_spelling_of_a_token_opens_or_records(tk: StandaloneTracker, kind: str) -> None:
+    """Issue 14.3: every other spelling of a genuine token (each character changed,
+    percent-encoded or in its other case, base64 padding or escaped padding added, the
+    path spelt otherwise) gets the 404 page and records nothing."""
+    claims = Claims(Kind(kind), SUB, "m1", "bob@example.com", ODD_URLS[0] if kind == "c" else "")
+    token = tk.signer.token(claims)
+    session = Session(tk.port)
+    opened = []
+    for n, path in enumerate(other_paths(kind, token)):
+        method = "POST" if kind == "u" and n % 2 else "GET"  # an unsubscribe is a POST
+        answer = session.request(path, method, b"List-Unsubscribe=One-Click"
+                                 if method == "POST" else None)
+        if answer.status != 404 or answer.header("Location") is not None:
+            opened.append((path, method, answer.status))
+    tried = n + 1
+    assert opened == []
+    assert tried > 200
+    assert tk.events() == [] and tk.client.dbsize() == 0  # no event, no blacklist entry
+    # The genuine token, spelt the one way, does open: the 404s were the spellings.
+    genuine = session.request(f"/{kind}/{token}", "POST" if kind == "u" else "GET",
+                              b"List-Unsubscribe=One-Click" if kind == "u" else None)
+    assert genuine.status == {"c": 302, "o": 200, "u": 200}[kind]
+    wait_until(lambda: len(tk.events()) == 1, timeout=10)
+    session.close()

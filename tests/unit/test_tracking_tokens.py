@@ -6,6 +6,7 @@ import base64
 import json
 
 import pytest
+from trackerutil import other_spellings
 
 from relaylab.tracking.tokens import MAX_URL_LENGTH, Claims, Kind, TokenSigner
 
@@ -51,6 +52,20 @@ def test_every_single_character_edit_is_rejected() -> None:
     for i, ch in enumerate(token):
         for repl in {"A", "_", "."} - {ch}:
             assert s.verify(Kind.CLICK, token[:i] + repl + token[i + 1:]) is None, (i, repl)
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_no_other_spelling_of_a_token_opens(kind: Kind) -> None:
+    """Issue 14.3: a token has one text. Base64 leaves the last character of a part
+    unused bits and tolerates padding; none of that may spell the same token again."""
+    s = TokenSigner([K1, K2], "https://t.example.net")
+    url = s.url(Claims(kind, "shop", "m" * 32, "bob@example.com",
+                       DEST if kind is Kind.CLICK else ""))
+    token = token_of(url)
+    assert s.verify(kind, token) is not None
+    opened = [t for t in other_spellings(token) if s.verify(kind, t) is not None]
+    assert opened == []
+    assert len(set(other_spellings(token))) > 60 * len(token)  # the corpus is what it says
 
 
 @pytest.mark.parametrize("cut", [1, 5, 30])

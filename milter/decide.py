@@ -17,6 +17,7 @@ import attrs
 from milter import tracking
 from milter.headers import (
     AppendHeader,
+    ChangeHeader,
     Header,
     HeaderOp,
     InsertHeader,
@@ -26,6 +27,7 @@ from milter.headers import (
     set_header,
     text_value,
 )
+from milter.injected import TAGS_HEADER
 from milter.rewrite.longlines import reencode_long_lines
 from milter.state import MessageState
 from relaylab.dkim import signer
@@ -84,6 +86,9 @@ def tagging_ops(policy: Policy, sub: Subaccount, headers: list[Header], message_
         ops += set_header(headers, policy.milter.subaccount_header, sub.name)
     for name, value in sub.headers:
         ops += set_header(headers, name, value)
+    # The sender's tags are recorded in the events (milter/injected.py), not sent on.
+    tags = sum(1 for n, _ in headers if n.lower() == TAGS_HEADER.lower().encode())
+    ops += [ChangeHeader(TAGS_HEADER, nth, "") for nth in range(tags, 0, -1)]
     return ops
 
 

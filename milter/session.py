@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from milter import headers as hdr
 from milter.decide import Outcome, Verdict, decide
+from milter.injected import injected_commands, parse_tags
 from milter.services import Services
 from milter.state import MessageState
 from relaylab.limits.refund import CONFIRM, confirm_args, refund
@@ -187,6 +188,7 @@ class MilterSession:
             response = encode_outcome(outcome)
             if outcome.verdict is Verdict.CONTINUE:
                 self._confirm(msg)
+                self._record_injected(msg, outcome)
             else:
                 self._refund(msg)
             self._log(msg, outcome, started)
@@ -204,6 +206,34 @@ class MilterSession:
         client = self._services.shared.fast(policy)
         k, a = confirm_args(sub.name, msg.queue_id)
         client.evalsha(client.script_prefix(CONFIRM, k, []), a, self._redis_reply)
+
+    def _record_injected(self, msg: MessageState, outcome: Outcome) -> None:
+        """One `injected` event per accepted recipient, and the queue id's note for logd
+        (milter/injected.py), written in the same event-loop turn as the reply to Postfix:
+        Redis has the note long before Postfix has queued, delivered and logged the message
+        (a lost write is logged as event_lost)."""
+        message_id = outcome.fields.get("message_id")
+        policy = self._services.policy()
+        sub = policy.subaccount_for_login(msg.login) if msg.login else None
+        if sub is None or not message_id or not msg.rcpt_addrs:
+            return
+        commands = injected_commands(
+            subaccount=sub.name, retention_days=sub.plan.retention_days,
+            queue_id=msg.queue_id or "", message_id=message_id, mail_from=msg.mail_from,
+            recipients=msg.rcpt_addrs, headers=msg.headers, size=msg.size,
+            tags=parse_tags(msg.headers), now=time.time())
+        client = self._services.shared.fast(policy)
+        queue_id, lost = msg.queue_id, [False]
+
+        def on_reply(reply: Any) -> None:
+            self._redis_reply(reply)
+            if isinstance(reply, BaseException) and not lost[0]:
+                lost[0] = True
+                log_event(log, "event_lost", logging.WARNING, type="injected", queue_id=queue_id,
+                          subaccount=sub.name, message_id=message_id, detail=str(reply))
+
+        for command in commands:
+            client.submit(command, on_reply)
 
     def _refund(self, msg: MessageState) -> None:
         """policyd counted this message at END-OF-DATA, before our refusal: give it back."""

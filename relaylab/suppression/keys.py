@@ -21,6 +21,27 @@ rl:{sub:NAME}:events           stream  activity log: one entry per event      no
 rl:{sub:NAME}:daily:YYYYMMDD   hash    event type -> count for that UTC day   none: aggregate
                                                                               statistics are kept
                                                                               indefinitely
+rl:{sub:NAME}:hourly:          hash    event type -> count for that UTC hour  none (as daily)
+  YYYYMMDDHH
+rl:{sub:NAME}:uniq:TYPE:       HyperLogLog  distinct "message_id recipient"   none (as daily)
+  YYYYMMDD[HH]                         pairs with an open/click that day/hour
+rl:{q:QUEUEID}                 hash    the milter's note on an accepted       6 days (Postfix's
+                                       message for relaylab logd: s=sub-      default maximal
+                                       account, m=message id, r=recipients    queue lifetime is
+                                       (LF-separated), g=tags, f=from         5); logd deletes it
+                                                                              once Postfix logs
+                                                                              "removed"
+rl:{sub:NAME}:logd             string  position (see events/follow.py) of     none
+                                       the last log line whose events logd
+                                       wrote for NAME; written in the same
+                                       script as those events
+rl:{sub:NAME}:bounces          hash    "h:<address>" -> hard bounces so far;  none; a field is
+                                       "s:<address>" -> soft bounce times     deleted when the
+                                       (epoch s, space-separated, last D      address is
+                                       days) for automatic suppression        blacklisted
+rl:{logd}:checkpoint:NAME      hash    logd NAME's place in the log: file     none
+                                       dev/inode, offset, generation, the
+                                       first bytes of the file
 =============================  ======  =====================================  ==================
 
 One hash per list (rather than one key per entry) keeps a 1,000,000-entry list at a
@@ -35,7 +56,8 @@ import time
 
 from relaylab.suppression.model import GLOBAL, ListKind, Scope
 
-__all__ = ["daily_key", "events_key", "events_minid", "list_key", "scope_tag"]
+__all__ = ["bounces_key", "checkpoint_key", "daily_key", "events_key", "events_minid", "hourly_key",
+           "list_key", "logd_position_key", "queue_key", "scope_tag", "unique_key"]
 
 # Same rule as the policy loader: hash-tag braces can never appear in a name.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -65,3 +87,39 @@ def events_minid(now: float, retention_days: int) -> int:
 def daily_key(subaccount: str, now: float) -> str:
     """Counter hash for the UTC day containing `now` (epoch seconds)."""
     return f"rl:{scope_tag(subaccount)}:daily:{time.strftime('%Y%m%d', time.gmtime(now))}"
+
+
+def hourly_key(subaccount: str, now: float) -> str:
+    """Counter hash for the UTC hour containing `now`."""
+    return f"rl:{scope_tag(subaccount)}:hourly:{time.strftime('%Y%m%d%H', time.gmtime(now))}"
+
+
+def unique_key(subaccount: str, event_type: str, now: float, *, hourly: bool) -> str:
+    """HyperLogLog of the distinct (message, recipient) pairs with an `event_type` event
+    in the UTC day (or hour) containing `now`."""
+    fmt = "%Y%m%d%H" if hourly else "%Y%m%d"
+    return f"rl:{scope_tag(subaccount)}:uniq:{event_type}:{time.strftime(fmt, time.gmtime(now))}"
+
+
+_QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{5,32}\Z")
+
+
+def queue_key(queue_id: str) -> str:
+    """The milter's note on an accepted message, for relaylab logd (one slot per message)."""
+    if not _QUEUE_ID_RE.match(queue_id):
+        raise ValueError(f"not a Postfix queue id: {queue_id!r}")
+    return f"rl:{{q:{queue_id}}}"
+
+
+def logd_position_key(subaccount: str) -> str:
+    return f"rl:{scope_tag(subaccount)}:logd"
+
+
+def bounces_key(subaccount: str) -> str:
+    return f"rl:{scope_tag(subaccount)}:bounces"
+
+
+def checkpoint_key(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"not a valid logd name: {name!r}")
+    return f"rl:{{logd}}:checkpoint:{name}"

@@ -105,9 +105,10 @@ def hrefs(html: str) -> list[str]:
 
 
 def events(st: RelayStack, sub: str = NEWS) -> list[dict[str, str]]:
+    """The tracker's events (the milter's `injected` ones left out)."""
     r = redis.Redis.from_url(st.redis.url, decode_responses=True)
     try:
-        return [f for _, f in r.xrange(f"rl:{{sub:{sub}}}:events")]
+        return [f for _, f in r.xrange(f"rl:{{sub:{sub}}}:events") if f["type"] != "injected"]
     finally:
         r.close()
 

@@ -175,6 +175,17 @@ def test_transactional_gets_precedence_list_and_tags(env: Env) -> None:
     assert "headers:2" in out.fields["actions"]
 
 
+def test_tags_header_is_removed_before_signing_and_the_signatures_verify(env: Env) -> None:
+    msg = message("shop@relay.example.net", extra=[(b"X-Relaylab-Tags", b" welcome, q4"),
+                                                   (b"x-relaylab-tags", b" again")])
+    out = env.decide(env.policy(), msg)
+    assert out.verdict is Verdict.CONTINUE
+    assert values(final_headers(msg, out), "X-Relaylab-Tags") == []
+    data = final_message(msg, out)
+    assert b"welcome" not in data
+    assert verify(env, data, 0) and verify(env, data, 1)
+
+
 def test_marketing_gets_precedence_bulk_replacing_existing_junk_never_duplicated(env: Env) -> None:
     msg = message("news@relay.example.net", from_=b" News <hello@news.example.com>",
                   extra=[(b"Precedence", b" junk"), (b"X-Other", b" 1"), (b"precedence", b" junk")])

@@ -1,0 +1,214 @@
+"""Postfix log lines -> delivery records. Pure: bytes in, records out.
+
+A line is read as what Postfix's postlogd (`maillog_file`) or a syslog daemon writes:
+
+    Dec 04 19:12:05 host postfix/smtp[20863]: 8283616028F: to=<a@example.net>,
+        relay=127.0.0.1[127.0.0.1]:2525, delay=0.1, delays=0.06/0.02/0/0.01, dsn=2.0.0,
+        status=sent (250 2.0.0 Ok: stored as ...)
+    2026-12-04T19:12:05.123456+00:00 host postfix/submission/smtpd[1]: ...   (rsyslog RFC 3339)
+
+Records: a delivery attempt of a delivery agent (smtp, lmtp, local, virtual, error,
+retry, discard, pipe, and qmgr's own "delivery temporarily suspended" deferrals), a
+message that expired in the queue (qmgr "status=expired"), a message removed from the
+queue (qmgr "removed"), and cleanup's "message-id=". Everything else is another daemon's
+business and is skipped.
+
+Speed: `scan()` takes a whole buffer of lines and finds the few interesting ones with
+bytes.find (memchr-fast, in C) on " status=", ": to=<" and ": removed" rather than looking at every
+line in Python; only those lines meet a regular expression. A line that has " status=" or
+": to=<" but does not parse (truncated, garbled) is counted as bad, never fatal.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from collections.abc import Callable
+
+import attrs
+
+__all__ = ["Delivery", "Expired", "Removed", "Scan", "TimeParser", "parse_line", "scan"]
+
+# postfix/smtp[123], postfix-out/smtp[123], postfix/submission/smtpd[123] (the service name
+# after the last slash is the program).
+_DELIVERY = re.compile(
+    rb"/(?P<agent>smtp|lmtp|local|virtual|error|retry|discard|pipe|qmgr)\[\d+\]: "
+    rb"(?P<qid>[0-9A-Za-z]{5,32}): to=<(?P<to>[^>\n]*)>, (?:orig_to=<[^>\n]*>, )?"
+    rb"relay=(?P<relay>[^,\n]*), (?:conn_use=\d+, )?delay=(?P<delay>[0-9.]+), "
+    rb"(?:delays=[0-9./]+, )?dsn=(?P<dsn>[245]\.\d{1,3}\.\d{1,3}), "
+    rb"status=(?P<status>sent|deferred|bounced|expired|undeliverable|deliverable)"
+    rb"(?: \((?P<text>[^\n]*)\))?\r?$")
+_EXPIRED = re.compile(rb"/qmgr\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): from=<[^>\n]*>, "
+                      rb"status=expired")
+_REMOVED = re.compile(rb"/qmgr\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): removed\r?$")
+_MESSAGE_ID = re.compile(rb"/cleanup\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): "
+                         rb"message-id=<?(?P<mid>[^>\s]*)>?")
+
+_MONTHS = {m.encode(): i for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_ISO = re.compile(rb"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(\.\d+)?"
+                  rb"(Z|[+-]\d\d:?\d\d)?")
+
+
+@attrs.frozen
+class Delivery:
+    at: float  # epoch seconds of the log line
+    queue_id: str
+    recipient: str
+    agent: str
+    relay: str
+    delay: str
+    dsn: str
+    status: str  # sent | deferred | bounced | expired | undeliverable | deliverable
+    text: str  # the reply or reason in parentheses, "" if none
+
+
+@attrs.frozen
+class Expired:
+    at: float
+    queue_id: str
+
+
+@attrs.frozen
+class Removed:
+    at: float
+    queue_id: str
+
+
+@attrs.frozen
+class MessageId:
+    at: float
+    queue_id: str
+    message_id: str
+
+
+Record = Delivery | Expired | Removed | MessageId
+
+
+class TimeParser:
+    """The time of a log line: RFC 3339 (rsyslog), or the classic "Mmm dd HH:MM:SS" read
+    as UTC in the current year (the previous one if that is more than a day ahead, at
+    New Year). The classic form has no zone: run the mail host on UTC, or have the syslog
+    daemon write RFC 3339 (README). Cached per distinct prefix: lines come in bursts of
+    the same second."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._cache: dict[bytes, float] = {}
+
+    def __call__(self, line: bytes) -> float:
+        head = line[:32] if line[:1].isdigit() else line[:15]
+        t = self._cache.get(head)
+        if t is None:
+            t = self._parse(head)
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[head] = t
+        return t
+
+    def _parse(self, head: bytes) -> float:
+        now = self._clock()
+        m = _ISO.match(head)
+        if m:
+            y, mo, d, hh, mm, ss = (int(x) for x in m.groups()[:6])
+            frac = float(m.group(7)) if m.group(7) else 0.0
+            try:
+                t = calendar.timegm((y, mo, d, hh, mm, ss)) + frac
+            except (ValueError, OverflowError):
+                return now
+            zone = m.group(8)
+            if zone and zone != b"Z":
+                sign = -1 if zone[:1] == b"-" else 1
+                z = zone[1:].replace(b":", b"")
+                t -= sign * (int(z[:2]) * 3600 + int(z[2:4]) * 60)
+            return t
+        month = _MONTHS.get(head[:3])
+        try:
+            if month is None:
+                return now
+            d, hh, mm, ss = int(head[4:6]), int(head[7:9]), int(head[10:12]), int(head[13:15])
+            year = time.gmtime(now).tm_year
+            t = calendar.timegm((year, month, d, hh, mm, ss))
+            if t > now + 86_400:
+                t = calendar.timegm((year - 1, month, d, hh, mm, ss))
+            return float(t)
+        except (ValueError, OverflowError):
+            return now
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")
+
+
+def parse_line(line: bytes, when: Callable[[bytes], float]) -> Record | None:
+    """One line (without its newline) -> a record, or None if it is none of ours.
+    Raises ValueError for a line that says status=, to=< or removed but does not parse."""
+    if b" status=" in line or b": to=<" in line:
+        m = _DELIVERY.search(line)
+        if m is not None:
+            return Delivery(when(line), m["qid"].decode(), _text(m["to"]), m["agent"].decode(),
+                            _text(m["relay"]), m["delay"].decode(), m["dsn"].decode(),
+                            m["status"].decode(), _text(m["text"] or b""))
+        m = _EXPIRED.search(line)
+        if m is not None:
+            return Expired(when(line), m["qid"].decode())
+        raise ValueError("unparseable status line")
+    if b": removed" in line:
+        m = _REMOVED.search(line)
+        if m is None:
+            raise ValueError("unparseable removed line")
+        return Removed(when(line), m["qid"].decode())
+    if b"message-id=" in line:
+        m = _MESSAGE_ID.search(line)
+        if m is not None:
+            return MessageId(when(line), m["qid"].decode(), _text(m["mid"]))
+    return None
+
+
+@attrs.define
+class Scan:
+    """What scan() found in a buffer: records (with the offset just past each record's
+    line, relative to the buffer), and counts."""
+
+    records: list[tuple[int, Record]] = attrs.field(factory=list)
+    lines: int = 0
+    bad: int = 0
+    bad_samples: list[bytes] = attrs.field(factory=list)
+
+
+_NEEDLES = (b" status=", b": to=<", b": removed")
+
+
+def scan(buf: bytes, when: Callable[[bytes], float], end: int | None = None) -> Scan:
+    """Records of the whole lines in buf[:end] (every line must end with b"\\n"), in order.
+    Non-UTF-8 bytes are kept as U+FFFD in text fields; other daemons' lines cost only the
+    newline count."""
+    stop = len(buf) if end is None else end
+    out = Scan(lines=buf.count(b"\n", 0, stop))
+    hits: list[int] = []
+    for needle in _NEEDLES:
+        i = buf.find(needle, 0, stop)
+        while i >= 0:
+            hits.append(i)
+            i = buf.find(needle, i + 1, stop)
+    if len(hits) > 1:
+        hits.sort()
+    last_line_end = -1
+    for i in hits:
+        start = buf.rfind(b"\n", 0, i) + 1
+        nl = buf.find(b"\n", i, stop)
+        if nl < 0 or nl == last_line_end:  # a line with both needles: once
+            continue
+        last_line_end = nl
+        line = buf[start:nl]
+        try:
+            rec = parse_line(line, when)
+        except ValueError:
+            out.bad += 1
+            if len(out.bad_samples) < 5:
+                out.bad_samples.append(line[:200])
+            continue
+        if rec is not None:
+            out.records.append((nl + 1, rec))
+    return out

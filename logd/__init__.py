@@ -1,0 +1,1 @@
+"""relaylab logd: follows Postfix's log and writes delivery events per subaccount."""

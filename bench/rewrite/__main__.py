@@ -4,7 +4,7 @@ What it measures
     A ~30 KB newsletter with 60 tracked links (layout tables, inline styles, a <style>
     block, Outlook VML buttons in conditional comments, &amp; in hrefs, mixed quoting),
     sent as the usual multipart/alternative with a text part and a quoted-printable HTML
-    part. Each call runs milter.rewrite.rewrite_body() with real signed click and open
+    part. Each call runs milter.rewrite.rewrite_body() with real sealed click and open
     tokens (relaylab.tracking.tokens.TokenSigner) and three UTM parameters: MIME
     location, QP decoding, the HTML tokenizer, link decisions, token signing, the pixel,
     QP encoding and the splice, i.e. everything the milter pays for. Reported: MB/s of

@@ -3,7 +3,7 @@ nginx answering `return 302` on the same box, in the same run.
 
   nginx    throwaway nginx, `location /c/ { return 302 https://example.com/x?a=1; }`, access
            log off, worker_processes = --workers: what a redirect costs without any work
-  tracker  `relaylab tracker --workers N`: verifies the signed token, records the click
+  tracker  `relaylab tracker --workers N`: opens the sealed token, records the click
            (XADD to rl:{sub:bench}:events + HINCRBY on the day's counters) and answers 302
 
 Both listen on 127.0.0.1 only. wrk drives each with the same options and the same

@@ -585,7 +585,7 @@ def _tracking(w: _Walker, key: str, node: yaml.Node) -> Tracking:
 
 
 _KEY_ID_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
-MIN_SECRET_BYTES = 32  # HMAC-SHA256 keys shorter than the hash weaken it
+MIN_SECRET_BYTES = 32  # token secrets (HKDF input, legacy HMAC key) of at least 256 bits
 
 
 def _tracker(w: _Walker, node: yaml.Node, base: Path) -> TrackerSettings:

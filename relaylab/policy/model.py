@@ -156,7 +156,8 @@ class PolicydSettings:
 
 @attrs.frozen
 class TrackerKey:
-    """An HMAC key for tracking tokens; the first configured key signs, all verify."""
+    """A secret for tracking tokens (AES-SIV key derived with HKDF; it also checks the
+    HMAC of signed tokens minted before); the first configured key seals, all open."""
 
     id: str
     secret: bytes = attrs.field(repr=False)

@@ -1,15 +1,25 @@
-"""Signed, stateless tracking tokens: the milter mints them, the tracker verifies them.
+"""Sealed, stateless tracking tokens: the milter mints them, the tracker opens them.
 
-A token is `KEYID.PAYLOAD.MAC`: PAYLOAD is base64url of a compact JSON array
-(subaccount, message id, recipient, destination), MAC the first 16 bytes of
-HMAC-SHA256 over the token's kind, key id and payload. Binding the kind means an open
-token cannot be replayed as a click or an unsubscribe; binding the key id means a token
-cannot be re-labelled to another key. Nothing is stored: any number of tracker processes
-verify with the keys from the policy, several at once during a rotation.
+A token is `KEYID.SEALED`: SEALED is base64url (no padding) of AES-256-SIV (RFC 5297)
+over a compact JSON array (subaccount, message id, recipient, destination), with the
+token's kind and key id as associated data. Nobody without the key can read the
+recipient or the destination out of a link, nor change a bit of it: AES-SIV's
+synthetic IV is also its 128-bit authentication tag. It is deterministic, so one link of
+one message always gets one token (the milter mints it once per message) and no nonce
+has to be stored or sent. Binding the kind means an open token cannot be replayed as a
+click or an unsubscribe; binding the key id means a token cannot be re-labelled to
+another key. Each key's AES-SIV key is derived with HKDF-SHA256 from its secret in
+`tracker.keys`, so rotation works as for the signed tokens: the first key seals, every
+listed key opens. Nothing is stored: any number of tracker processes open tokens with
+the keys from the policy.
 
-An edited, truncated or forged token fails verification and yields None: the tracker
-then answers 404, redirects nowhere and records nothing. So does any other spelling of a
-genuine token (its base64 with other unused bits, with padding): a token has one text.
+Tokens minted before (`KEYID.PAYLOAD.MAC`, PAYLOAD base64url JSON readable by anyone,
+MAC the first 16 bytes of HMAC-SHA256 over kind, key id and payload) are still opened
+while their key is listed, so mail already sent keeps working; none are minted.
+
+An edited, truncated or forged token fails and yields None: the tracker then answers
+404, redirects nowhere and records nothing. So does any other spelling of a genuine
+token (its base64 with other unused bits, with padding): a token has one text.
 """
 
 from __future__ import annotations
@@ -20,9 +30,14 @@ import enum
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Sequence
 
 import attrs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relaylab.policy.model import TrackerSettings
 
@@ -33,6 +48,10 @@ _MAC_BYTES = 16
 _MAX_TOKEN = 8_192  # anything longer was not minted here: refuse before decoding
 # Built once: json.dumps with arguments builds an encoder per call (~1.6 us a token).
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# HKDF's info: the derived key is for this use only (the secret also keys the legacy MAC).
+_HKDF_INFO = b"relaylab tracking token v2 AES-256-SIV"
+# Unpadded base64url whose length leaves no partial character (len % 4 == 1 cannot be).
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class Kind(enum.Enum):
@@ -51,22 +70,38 @@ class Claims:
 
 
 def _b64(data: bytes) -> str:
+    """Unpadded base64url, the one spelling a token part has."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def _canonical_b64(text: str) -> bytes | None:
+    """The bytes of `text` if it is their unpadded base64url spelling, else None: other
+    unused low bits in the last character, padding or any stray character are refused."""
+    if len(text) % 4 == 1 or not text.isascii() or not _B64URL.fullmatch(text):
+        return None
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return data if _b64(data) == text else None
+
+
+def derive_key(secret: bytes) -> bytes:
+    """The 512-bit AES-256-SIV key of a `tracker.keys` secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=_HKDF_INFO).derive(secret)
 
 
 class TokenSigner:
-    """Mints and verifies tokens. `keys` are (id, secret) pairs; the first one signs."""
+    """Mints and opens tokens. `keys` are (id, secret) pairs; the first one seals."""
 
     def __init__(self, keys: Sequence[tuple[str, bytes]], base_url: str) -> None:
         if not keys:
             raise ValueError("at least one token key is needed")
-        # A keyed HMAC object per key, copied per token: saves re-deriving the pads.
+        self._sivs = {kid: AESSIV(derive_key(secret)) for kid, secret in keys}
+        # Legacy signed tokens: a keyed HMAC object per key, copied per token.
         self._macs = {kid: hmac.new(secret, digestmod=hashlib.sha256) for kid, secret in keys}
-        self._signing_id = keys[0][0]
+        self._sealing_id = keys[0][0]
+        self._sealer = self._sivs[self._sealing_id]
         self.base_url = base_url.rstrip("/")
 
     @classmethod
@@ -76,22 +111,18 @@ class TokenSigner:
             return None
         return cls([(k.id, k.secret) for k in settings.keys], settings.base_url or "")
 
-    def _mac(self, kid: str, kind: Kind, payload: str) -> bytes | None:
-        base = self._macs.get(kid)
-        if base is None:
-            return None
-        mac = base.copy()
-        mac.update(f"{kind.value}.{kid}.{payload}".encode("ascii"))
-        return mac.digest()[:_MAC_BYTES]
-
-    def token(self, claims: Claims) -> str:
+    @staticmethod
+    def _fields(claims: Claims) -> list[str]:
         fields = [claims.subaccount, claims.message_id, claims.recipient]
         if claims.kind is Kind.CLICK:
             fields.append(claims.url)
-        payload = _b64(_JSON(fields).encode())
-        mac = self._mac(self._signing_id, claims.kind, payload)
-        assert mac is not None
-        return f"{self._signing_id}.{payload}.{_b64(mac)}"
+        return fields
+
+    def token(self, claims: Claims) -> str:
+        kid = self._sealing_id
+        sealed = self._sealer.encrypt(_JSON(self._fields(claims)).encode(),
+                                      [claims.kind.value.encode(), kid.encode()])
+        return f"{kid}.{_b64(sealed)}"
 
     def url(self, claims: Claims) -> str:
         return f"{self.base_url}/{claims.kind.value}/{self.token(claims)}"
@@ -110,21 +141,51 @@ class TokenSigner:
 
     def verify(self, kind: Kind, token: str) -> Claims | None:
         """The claims of a genuine token of this kind, else None (never raises)."""
-        if len(token) > _MAX_TOKEN or token.count(".") != 2:
+        if len(token) > _MAX_TOKEN:
             return None
-        kid, payload, mac_text = token.split(".")
-        expected = self._mac(kid, kind, payload) if payload.isascii() else None
-        # The MAC's one spelling, compared as text: decoding first would let its unused
-        # low bits, padding or stray characters change without changing the bytes.
-        if expected is None or not mac_text.isascii() \
-                or not hmac.compare_digest(mac_text, _b64(expected)):
+        dots = token.count(".")
+        if dots == 1:
+            kid, sealed_text = token.split(".")
+            siv = self._sivs.get(kid)
+            sealed = _canonical_b64(sealed_text) if siv is not None else None
+            if siv is None or sealed is None:
+                return None
+            try:
+                plain = siv.decrypt(sealed, [kind.value.encode(), kid.encode()])
+            except (InvalidTag, ValueError):
+                return None
+        elif dots == 2:
+            legacy = self._open_legacy(kind, token)
+            if legacy is None:
+                return None
+            plain = legacy
+        else:
             return None
         try:
-            fields = json.loads(_unb64(payload))
-        except (binascii.Error, ValueError):
-            return None  # signed by us, so only a bug could get here; still no crash
+            fields = json.loads(plain)
+        except ValueError:
+            return None  # sealed by us, so only a bug could get here; still no crash
         want = 4 if kind is Kind.CLICK else 3
         if not isinstance(fields, list) or len(fields) != want \
                 or not all(isinstance(f, str) for f in fields):
             return None
         return Claims(kind, *fields)
+
+    def _legacy_mac(self, kid: str, kind: Kind, payload: str) -> bytes | None:
+        base = self._macs.get(kid)
+        if base is None:
+            return None
+        mac = base.copy()
+        mac.update(f"{kind.value}.{kid}.{payload}".encode("ascii"))
+        return mac.digest()[:_MAC_BYTES]
+
+    def _open_legacy(self, kind: Kind, token: str) -> bytes | None:
+        """The payload of a genuine signed token, else None."""
+        kid, payload, mac_text = token.split(".")
+        expected = self._legacy_mac(kid, kind, payload) if payload.isascii() else None
+        # The MAC's one spelling, compared as text: decoding first would let its unused
+        # low bits, padding or stray characters change without changing the bytes.
+        if expected is None or not mac_text.isascii() \
+                or not hmac.compare_digest(mac_text, _b64(expected)):
+            return None
+        return _canonical_b64(payload)  # signed as text by us: canonical unless a bug

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from trackerutil import (
+    KEY_ID,
     ODD_URLS,
+    SECRET,
     SUB,
     Session,
     StandaloneTracker,
+    legacy_token,
     other_paths,
     request,
     standalone_tracker,
@@ -38,13 +41,16 @@ def test_redirects_lead_to_the_destination_byte_for_byte(tk: StandaloneTracker) 
     assert [e["url"] for e in tk.events()] == ODD_URLS
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["sealed", "signed-before"])
 @pytest.mark.parametrize("kind", ["c", "o", "u"])
-def test_no_other_spelling_of_a_token_opens_or_records(tk: StandaloneTracker, kind: str) -> None:
+def test_no_other_spelling_of_a_token_opens_or_records(tk: StandaloneTracker, kind: str,
+                                                       legacy: bool) -> None:
     """Issue 14.3: every other spelling of a genuine token (each character changed,
     percent-encoded or in its other case, base64 padding or escaped padding added, the
-    path spelt otherwise) gets the 404 page and records nothing."""
+    path spelt otherwise) gets the 404 page and records nothing; for the sealed tokens
+    minted now as for the signed ones of mail already sent."""
     claims = Claims(Kind(kind), SUB, "m1", "bob@example.com", ODD_URLS[0] if kind == "c" else "")
-    token = tk.signer.token(claims)
+    token = legacy_token(KEY_ID, SECRET.encode(), claims) if legacy else tk.signer.token(claims)
     session = Session(tk.port)
     opened = []
     for n, path in enumerate(other_paths(kind, token)):
@@ -63,3 +69,20 @@ def test_no_other_spelling_of_a_token_opens_or_records(tk: StandaloneTracker, ki
     assert genuine.status == {"c": 302, "o": 200, "u": 200}[kind]
     wait_until(lambda: len(tk.events()) == 1, timeout=10)
     session.close()
+
+
+def test_links_of_mail_sent_before_sealing_still_open_and_record(tk: StandaloneTracker) -> None:
+    """Issue 15.7: signed tokens minted before tokens were sealed keep working while
+    their key is listed (mail already sent), next to the sealed ones minted now."""
+    dest = "https://shop.example.com/p?id=7"
+    old = legacy_token(KEY_ID, SECRET.encode(), Claims(Kind.CLICK, SUB, "m-old", "bob@example.com",
+                                                       dest))
+    new = tk.signer.token(Claims(Kind.CLICK, SUB, "m-new", "bob@example.com", dest))
+    assert old.count(".") == 2 and new.count(".") == 1
+    assert "bob" not in new and "shop" not in new
+    for token in (old, new):
+        answer = request(tk.port, f"/c/{token}")
+        assert (answer.status, answer.header("Location")) == (302, dest)
+    wait_until(lambda: len(tk.events()) == 2, timeout=10)
+    assert [(e["message_id"], e["recipient"], e["url"]) for e in tk.events()] == [
+        ("m-old", "bob@example.com", dest), ("m-new", "bob@example.com", dest)]

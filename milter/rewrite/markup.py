@@ -35,7 +35,7 @@ from __future__ import annotations
 import html
 import re
 
-from milter.rewrite.model import RewriteError
+from milter.rewrite.errors import RewriteError
 
 # An href found: its value's span, its quote (b"" for none), whether its tag has data-notrack.
 Href = tuple[int, int, bytes, bool]
@@ -53,24 +53,26 @@ def _any(words: tuple[bytes, ...]) -> bytes:
 _WS = rb"[\t\n\f\r ]"
 _NAME_END = rb"(?=[\t\n\f\r />])"
 # Tags and attributes, split as the tokenizer does; possessive quantifiers so a malformed
-# tag fails fast instead of backtracking. '/' between attributes is a separator.
+# tag fails fast instead of backtracking (_compile() writes them portably). '/' between
+# attributes is a separator.
 _SEP = rb"[\t\n\f\r /]*+"
 _NAME = rb"[^\t\n\f\r />][^\t\n\f\r />=]*+"
 _TAG_NAME = rb"[A-Za-z][^\t\n\f\r />]*+"
 
 
-def _value(group: bytes) -> bytes:
-    """An attribute's '= value', if it has one; `group` b"(" captures double/single/unquoted,
-    b"(?:" not. As in the tokenizer, once '=' is read a value (or the tag's '>') must follow:
-    a quote that never closes fails the tag, it does not make '="' the start of a new name.
-    Possessive too: a regex that could give up a value would find another way through the
-    tag, which the tokenizer never does."""
-    return (rb"(?:" + _WS + rb"*+=" + _WS + rb"*+(?:\"" + group + rb"[^\"]*+)\"|'" + group + rb"[^']*+)'|"
-            + group + rb"[^\t\n\f\r >\"'][^\t\n\f\r >]*+)|(?=>))|(?!" + _WS + rb"*+=))")
+def _value(names: tuple[bytes, bytes, bytes] | None = None) -> bytes:
+    """An attribute's '= value', if it has one; with `names`, groups of those names capture
+    the value in double quotes, single quotes or none. As in the tokenizer, once '=' is read
+    a value (or the tag's '>') must follow: a quote that never closes fails the tag, it does
+    not make '="' the start of a new name. Possessive too: a regex that could give up a
+    value would find another way through the tag, which the tokenizer never does."""
+    dq, sq, uq = (b"(?P<%s>" % n for n in names) if names else (b"(?:", b"(?:", b"(?:")
+    return (rb"(?:" + _WS + rb"*+=" + _WS + rb"*+(?:\"" + dq + rb"[^\"]*+)\"|'" + sq + rb"[^']*+)'|"
+            + uq + rb"[^\t\n\f\r >\"'][^\t\n\f\r >]*+)|(?=>))|(?!" + _WS + rb"*+=))")
 
 
 # All attributes of a tag, up to its '>' (the separators before '>' are left out).
-_ATTRS = rb"(?:" + _SEP + _NAME + _value(b"(?:") + rb")*+"
+_ATTRS = rb"(?:" + _SEP + _NAME + _value() + rb")*+"
 # Attribute names in the common shape, which the fast branches below take.
 _PLAIN_NAME = rb"[A-Za-z_:][-A-Za-z0-9_:.]*+"
 # The rest of a tag after its name, '>' included. The first branch is the common shape
@@ -81,16 +83,17 @@ _HREF_NAME = _ci(b"href") + rb"(?=[\t\n\f\r />=])"
 _NOTRACK_NAME = _ci(b"data-notrack") + rb"(?=[\t\n\f\r />=])"
 # Attributes other than href and data-notrack: those two stop the fast path.
 _OTHER_ATTRS = (rb"(?:" + _SEP + rb"(?!" + _HREF_NAME + rb"|" + _NOTRACK_NAME + rb")" + _NAME
-                + _value(b"(?:") + rb")*+")
+                + _value() + rb")*+")
 # A link tag's attributes with at most one href and no data-notrack, the common case, up to
-# and with its '>'. First the common shape (name="value" pairs; groups "href" and its value),
-# then the general one (groups "href" and its value in double quotes, single quotes or none).
+# and with its '>'. First the common shape (name="value" pairs; group "fast" the href's
+# value), then the general one (group "href" its name, "dq", "sq" or "uq" its value in
+# double quotes, single quotes or none).
 _PLAIN_OTHER = (rb"(?:" + _WS + rb"++(?!" + _HREF_NAME + rb"|" + _NOTRACK_NAME + rb")" + _PLAIN_NAME
                 + rb"=\"[^\"]*+\")*+")
-_LINK_ATTRS = (rb"(?:" + _PLAIN_OTHER + rb"(?:" + _WS + rb"++(" + _HREF_NAME + rb")=\"([^\"]*+)\""
+_LINK_ATTRS = (rb"(?:" + _PLAIN_OTHER + rb"(?:" + _WS + rb"++" + _HREF_NAME + rb"=\"(?P<fast>[^\"]*+)\""
                + _PLAIN_OTHER + rb")?" + _SEP + rb">|"
-               + _OTHER_ATTRS + rb"(?:" + _SEP + rb"(" + _HREF_NAME + rb")" + _value(b"(") + _OTHER_ATTRS
-               + rb")?" + _SEP + rb">)")
+               + _OTHER_ATTRS + rb"(?:" + _SEP + rb"(?P<href>" + _HREF_NAME + rb")"
+               + _value((b"dq", b"sq", b"uq")) + _OTHER_ATTRS + rb")?" + _SEP + rb">)")
 
 _LINK = (rb"(?:" + _ci(b"area") + b"|" + _ci(b"a") + rb")" + _NAME_END
          + b"|" + _ci(b"v:") + rb"[^\t\n\f\r />]*+")
@@ -104,28 +107,159 @@ _WANTED = rb"(?:" + _LINK + b"|" + _any((*RAW_TEXT, *_FOREIGN_ROOTS, b"plaintext
 _COMMENT = rb"(?:-?>|\[" + _ci(b"if") + rb"[^\]>]{0,200}\]>|(?:[^-]++|-(?!-!?>))*+--!?>)"
 # <!DOCTYPE ...>, <!...>, <?...>, </ ...> and </> after their '<': all end at the first '>'.
 _BOGUS = rb"(?:!(?!--)|\?|/(?![A-Za-z]))[^>]*+>"
+
+
+class _Portable:
+    """A pattern's possessive quantifiers (X*+, X++, X?+, X{m,n}+) and atomic groups (?>X)
+    written with constructs every Python 3 gets right. CPython 3.11 before 3.11.5 (Debian
+    12 has 3.11.2) gets possessive repeats wrong when X can backtrack (gh-106052 and
+    others), and the tokenizer must read a page the same on every Python it runs on:
+
+    - X*+ or X++ where X is one character (class) C: X* or X+, then (?!C) unless what must
+      come next cannot be a C anyway (then giving back a C can never lead anywhere): the
+      one run that a backtracking engine can end with is the longest;
+    - any other: a lookahead that captures, then a backreference to what it captured,
+      (?=(?P<_aN>X*))(?P=_aN). A lookahead is atomic in every Python: once it matched,
+      the engine never comes back into it.
+    """
+
+    _GROUP = re.compile(rb"\(\?P=\w+\)|\((?:\?(?::|=|!|<=|<!|>|P<\w+>))?")
+    _QUANTIFIER = re.compile(rb"(?:[*+?]|\{[0-9]*(?:,[0-9]*)?\})\??")
+
+    def __init__(self, src: bytes) -> None:
+        self.src, self.i, self.n = src, 0, 0
+
+    def convert(self) -> bytes:
+        out = self._alternatives()
+        if self.i != len(self.src):
+            raise ValueError(f"unbalanced ')' at {self.i} in {self.src!r}")
+        return out
+
+    def _alternatives(self) -> bytes:
+        """Up to the ')' that closes the group being read (or the end)."""
+        src, out = self.src, []
+        while True:
+            out.append(self._sequence())
+            if self.i < len(src) and src[self.i] == 124:  # '|'
+                self.i += 1
+                continue
+            return b"|".join(out)
+
+    def _sequence(self) -> bytes:
+        """One alternative: (atom, quantifier, possessive, what the atom is) items first,
+        then written out, since a repeat's rewriting depends on what follows it."""
+        src = self.src
+        items: list[tuple[bytes, bytes, bool, bytes]] = []
+        while self.i < len(src) and src[self.i] not in b"|)":
+            atom, head = self._atom()
+            quantifier = self._quantifier()
+            possessive = bool(quantifier) and self.i < len(src) and src[self.i] == 43  # '+'
+            self.i += possessive
+            items.append((atom, quantifier, possessive, head))
+        out = []
+        for k, (atom, quantifier, possessive, head) in enumerate(items):
+            if not possessive:
+                out.append(atom + quantifier)
+            elif quantifier in (b"*", b"+") and not head:
+                guard = b"" if self._excluded(atom, items[k + 1:]) else b"(?!" + atom + b")"
+                out.append(atom + quantifier + guard)
+            else:
+                out.append(self._atomic(atom + quantifier))
+        return b"".join(out)
+
+    @staticmethod
+    def _excluded(char: bytes, following: list[tuple[bytes, bytes, bool, bytes]]) -> bool:
+        """Whether the next thing that must consume a character cannot take one `char` takes."""
+        for atom, quantifier, _, head in following:
+            if head in (b"(?=", b"(?!", b"(?<=", b"(?<!"):
+                continue  # consumes nothing
+            if head or quantifier not in (b"", b"+"):
+                return False  # a group, or an atom that may be absent: not worked out
+            one, other = re.compile(char), re.compile(atom)
+            return not any(one.fullmatch(bytes([b])) and other.fullmatch(bytes([b])) for b in range(256))
+        return False
+
+    def _atomic(self, inner: bytes) -> bytes:
+        self.n += 1
+        return b"(?=(?P<_a%d>%s))(?P=_a%d)" % (self.n, inner, self.n)
+
+    def _atom(self) -> tuple[bytes, bytes]:
+        """The next atom, converted, and for a group its opening ('(', '(?:', '(?='...)."""
+        src, i = self.src, self.i
+        c = src[i]
+        if c == 92:  # '\\'
+            self.i = i + 2
+            return src[i:i + 2], b""
+        if c == 91:  # '[': a class, where ']' first is a member
+            j = i + 1
+            if src[j] == 94:  # '^'
+                j += 1
+            if src[j] == 93:
+                j += 1
+            while src[j] != 93:
+                j += 2 if src[j] == 92 else 1
+            self.i = j + 1
+            return src[i:j + 1], b""
+        if c != 40:  # '('
+            self.i = i + 1
+            return src[i:i + 1], b""
+        m = self._GROUP.match(src, i)
+        assert m is not None
+        head = m.group()
+        self.i = m.end()
+        if head.endswith(b")"):  # a backreference
+            return head, head
+        inner = self._alternatives()
+        if self.i >= len(src):
+            raise ValueError(f"unclosed '(' at {i} in {src!r}")
+        self.i += 1
+        return (self._atomic(inner), b"(?:") if head == b"(?>" else (head + inner + b")", head)
+
+    def _quantifier(self) -> bytes:
+        m = self._QUANTIFIER.match(self.src, self.i)
+        if m is None:
+            return b""
+        self.i = m.end()
+        return m.group()
+
+
+def _compile(pattern: bytes) -> re.Pattern[bytes]:
+    return re.compile(_Portable(pattern).convert())
+
+
 # Text, and every token that cannot hold a link or change how what follows is read, in one
-# possessive run; then the start tag that stopped it: groups 1 to 7 a link with at most one
-# href and no data-notrack (its name, then see _LINK_ATTRS), 8 a raw-text element, 9 foreign
-# content, 10 plaintext (their names). A link tag the fast path does not take stops the run
-# with no group.
-_HTML = re.compile(
-    rb"(?:[^<]++|<(?:"
+# run (greedy, not possessive: what follows it is optional, so the engine never comes back
+# into it); then the start tag that stopped it: a link with at most one href and no
+# data-notrack (group "link" its name, see _LINK_ATTRS for its href, and the empty group
+# "linked" after it), a raw-text element ("raw"), foreign content ("foreign") or
+# <plaintext> ("plaintext"). A link tag the fast path does not take stops the run with none
+# of them. Which one it is, is the last group to close: see _KIND.
+_HTML = _compile(
+    rb"(?:[^<]+|<(?:"
     rb"(?!" + _WANTED + rb")" + _TAG_NAME + _TAG_REST +
     rb"|/" + _TAG_NAME + _TAG_REST +
     rb"|!--" + _COMMENT + rb"|" + _BOGUS +
-    rb"|(?![A-Za-z!/?])))*+"  # a '<' that starts nothing is text
-    rb"(?:<(?:(" + _LINK + rb")" + _LINK_ATTRS + rb"|(" + _any(RAW_TEXT) + rb")" + _NAME_END
-    + rb"|(" + _any(_FOREIGN_ROOTS) + rb")" + _NAME_END
-    + rb"|(" + _ci(b"plaintext") + rb")" + _NAME_END + rb"))?")
-_LINK_START = re.compile(rb"<(?:" + _LINK + rb")")
-_COMMENT_RE = re.compile(rb"<!--" + _COMMENT)
-_BOGUS_RE = re.compile(b"<" + _BOGUS)
-# Any tag, start or end. Groups: 1 its name; 2 the separators before '>', which end with
-# '/' when the tag is self-closing (a '/' that ends an unquoted value does not count).
-_TAG = re.compile(rb"</?([^\t\n\f\r />]++)" + _ATTRS + rb"(" + _SEP + rb")>")
-# Groups: 1 name, 2/3/4 value.
-_ATTR = re.compile(rb"(" + _NAME + rb")" + _value(b"("))
+    rb"|(?![A-Za-z!/?])))*"  # a '<' that starts nothing is text
+    rb"(?:<(?:(?P<link>" + _LINK + rb")" + _LINK_ATTRS + rb"(?P<linked>)|(?P<raw>" + _any(RAW_TEXT) + rb")"
+    + _NAME_END + rb"|(?P<foreign>" + _any(_FOREIGN_ROOTS) + rb")" + _NAME_END
+    + rb"|(?P<plaintext>" + _ci(b"plaintext") + rb")" + _NAME_END + rb"))?")
+_NONE, _LINKED, _RAW, _FOREIGN, _PLAINTEXT = 0, 1, 2, 3, 4
+# m.lastindex of an _HTML match -> what stopped the run (lastindex is None: _NONE too).
+_KIND = [_NONE] * (_HTML.groups + 1)
+for _name, _kind in (("linked", _LINKED), ("raw", _RAW), ("foreign", _FOREIGN), ("plaintext", _PLAINTEXT)):
+    _KIND[_HTML.groupindex[_name]] = _kind
+_G_FAST, _G_HREF, _G_DQ, _G_SQ, _G_UQ, _G_RAW, _G_FOREIGN = (
+    _HTML.groupindex[n] for n in ("fast", "href", "dq", "sq", "uq", "raw", "foreign"))
+_LINK_START = _compile(rb"<(?:" + _LINK + rb")")
+_COMMENT_RE = _compile(rb"<!--" + _COMMENT)
+_BOGUS_RE = _compile(b"<" + _BOGUS)
+# Any tag, start or end. Groups: "name" its name; "sep" the separators before '>', which
+# end with '/' when the tag is self-closing (a '/' that ends an unquoted value does not count).
+_TAG = _compile(rb"</?(?P<name>[^\t\n\f\r />]++)" + _ATTRS + rb"(?P<sep>" + _SEP + rb")>")
+_TAG_NAME_G, _TAG_SEP_G = _TAG.groupindex["name"], _TAG.groupindex["sep"]
+# Groups: "name", then the value in "dq", "sq" or "uq" (double, single or no quotes).
+_ATTR = _compile(rb"(?P<name>" + _NAME + rb")" + _value((b"dq", b"sq", b"uq")))
+_ATTR_NAME, _ATTR_DQ, _ATTR_SQ, _ATTR_UQ = (_ATTR.groupindex[n] for n in ("name", "dq", "sq", "uq"))
 _RAW_END = {n: re.compile(rb"</" + _ci(n) + _NAME_END) for n in RAW_TEXT}
 _SCRIPT_END = rb"</" + _ci(b"script") + _NAME_END
 # <script> text: data, escaped after "<!--", double-escaped after a "<script" in that.
@@ -193,32 +327,30 @@ class _Scanner:
             if m is None:  # it matches the empty string: never
                 raise RewriteError("HTML tokenizer stuck")
             pos = m.end()
-            which = m.lastindex  # one call, where m.start(n) >= 0 tests would take three
-            if which is None:
+            kind = _KIND[m.lastindex or 0]  # one call, where m.start(g) >= 0 tests would take three
+            if kind == _NONE:
                 if pos == n:
                     return
                 link = _LINK_START.match(data, pos)
                 if link is None:
                     raise _stuck(data, pos)
                 pos = self.link(pos, link.end())
-            elif which <= 7:
-                if which == 3 or which == 5:
-                    found.append((m.start(which), m.end(which), b'"', False))
-                elif which == 6:
-                    found.append((m.start(6), m.end(6), b"'", False))
-                elif which == 7:
-                    found.append((m.start(7), m.end(7), b"", False))
-                elif which == 4:
-                    self.empty += 1  # an href without a value
-            elif which == 10:
+            elif kind == _LINKED:
+                start = m.start(_G_FAST)
+                if start >= 0:
+                    found.append((start, m.end(_G_FAST), b'"', False))
+                elif m.start(_G_HREF) >= 0:
+                    self._href(m, False, _G_DQ, _G_SQ, _G_UQ)
+            elif kind == _PLAINTEXT:
                 return  # <plaintext>: the rest is text
             else:
+                which = _G_RAW if kind == _RAW else _G_FOREIGN
                 lt = m.start(which) - 1
                 tag = _TAG.match(data, lt)
                 if tag is None:
                     raise _stuck(data, lt)
                 name = m.group(which).lower()
-                if which == 8:
+                if kind == _RAW:
                     pos = self.raw_text(name, tag.end())
                 elif _self_closing(data, tag):
                     pos = tag.end()
@@ -240,22 +372,22 @@ class _Scanner:
         hrefs: list[re.Match[bytes]] = []
         notrack = False
         for a in _ATTR.finditer(data, start, end):
-            ns, ne = a.span(1)
+            ns, ne = a.span(_ATTR_NAME)
             if ne - ns == 4 and data[ns:ne].lower() == b"href":
                 hrefs.append(a)
             elif ne - ns == 12 and data[ns:ne].lower() == b"data-notrack":
                 notrack = True
         for a in hrefs:
-            self._href(a, notrack)
+            self._href(a, notrack, _ATTR_DQ, _ATTR_SQ, _ATTR_UQ)
 
-    def _href(self, m: re.Match[bytes], notrack: bool, g: int = 2) -> None:
-        """The href whose value is group g, g+1 or g+2 of `m` (double, single, no quotes)."""
-        if m.start(g) >= 0:
-            self.found.append((m.start(g), m.end(g), b'"', notrack))
-        elif m.start(g + 1) >= 0:
-            self.found.append((m.start(g + 1), m.end(g + 1), b"'", notrack))
-        elif m.start(g + 2) >= 0:
-            self.found.append((m.start(g + 2), m.end(g + 2), b"", notrack))
+    def _href(self, m: re.Match[bytes], notrack: bool, dq: int, sq: int, uq: int) -> None:
+        """The href whose value is group dq, sq or uq of `m` (double, single, no quotes)."""
+        if m.start(dq) >= 0:
+            self.found.append((m.start(dq), m.end(dq), b'"', notrack))
+        elif m.start(sq) >= 0:
+            self.found.append((m.start(sq), m.end(sq), b"'", notrack))
+        elif m.start(uq) >= 0:
+            self.found.append((m.start(uq), m.end(uq), b"", notrack))
         else:
             self.empty += 1
 
@@ -293,7 +425,7 @@ class _Scanner:
                 if tag is None:
                     raise _stuck(data, lt)
                 pos = tag.end()
-                name = tag.group(1).lower()
+                name = tag.group(_TAG_NAME_G).lower()
                 for i in range(len(stack) - 1, -1, -1):
                     if stack[i][1] == name:
                         del stack[i:]
@@ -310,9 +442,9 @@ class _Scanner:
             tag = _TAG.match(data, lt)
             if tag is None:
                 raise _stuck(data, lt)
-            name = tag.group(1).lower()
+            name = tag.group(_TAG_NAME_G).lower()
             if name in (b"a", b"area") or name.startswith(b"v:"):
-                self.link(lt, tag.end(1))
+                self.link(lt, tag.end(_TAG_NAME_G))
             pos = tag.end()
             ns, _, kind = stack[-1]
             if not (ns == _HTML_NS or kind == _HTML_POINT
@@ -391,15 +523,15 @@ class _Scanner:
     def _attrs(self, tag: re.Match[bytes]) -> dict[bytes, str]:
         """The attributes of `tag`, names lower-cased, values decoded (the first of a name wins)."""
         attrs: dict[bytes, str] = {}
-        for a in _ATTR.finditer(self.data, tag.end(1), tag.end()):
-            value = a.group(2) or a.group(3) or a.group(4) or b""
-            attrs.setdefault(a.group(1).lower(), html.unescape(value.decode("latin-1")))
+        for a in _ATTR.finditer(self.data, tag.end(_TAG_NAME_G), tag.end()):
+            value = a.group(_ATTR_DQ) or a.group(_ATTR_SQ) or a.group(_ATTR_UQ) or b""
+            attrs.setdefault(a.group(_ATTR_NAME).lower(), html.unescape(value.decode("latin-1")))
         return attrs
 
 
 def _self_closing(data: bytes, tag: re.Match[bytes]) -> bool:
     end = tag.end()
-    return tag.start(2) < end - 1 and data[end - 2] == 47  # b"/"
+    return tag.start(_TAG_SEP_G) < end - 1 and data[end - 2] == 47  # b"/"
 
 
 def _script_end(data: bytes, pos: int) -> int:

@@ -7,9 +7,7 @@ from collections.abc import Callable
 
 import attrs
 
-
-class RewriteError(Exception):
-    """Malformed MIME or HTML: the message goes out unrewritten."""
+from milter.rewrite.errors import RewriteError as RewriteError  # where it was defined first
 
 
 @attrs.frozen

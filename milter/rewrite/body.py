@@ -87,8 +87,8 @@ def _rewrite_part(body: bytes, part: Part, is_html: bool, links: Links, pixel: b
     rewriter: HtmlRewriter | TextRewriter
     if is_html:
         rewriter = HtmlRewriter(links, value_codec, out_codec)
+        rewriter.scan(work)  # the links and the </body> for the pixel, in one pass
         if links.active:
-            rewriter.scan(work)
             rewriter.rewrite(work)
     else:
         rewriter = TextRewriter(links, out_codec)
@@ -100,11 +100,9 @@ def _rewrite_part(body: bytes, part: Part, is_html: bool, links: Links, pixel: b
             t.skip("line-length", dropped)
     t.rewritten = len(edits)
     eol = detect_eol(work, part.eol)
-    if is_html and pixel is not None:
-        if add_pixel(work, edits, pixel, eol if limited and transcoded is None else None):
-            t.pixels = 1
-        else:
-            t.notes.append("no place for the pixel: '</body' inside an href")
+    if isinstance(rewriter, HtmlRewriter) and pixel is not None:
+        add_pixel(work, edits, pixel, eol if limited and transcoded is None else None, rewriter.body_end)
+        t.pixels = 1
     new = _encode_part(raw, content, work, edits, part, transcoded, limited, t) if edits else None
     tally.merge(t)
     return new

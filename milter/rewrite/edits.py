@@ -9,8 +9,6 @@ from __future__ import annotations
 Edit = tuple[int, int, bytes]
 
 SMTP_LINE_LIMIT = 998  # bytes per line, CRLF excluded (RFC 5321 4.5.3.1.6)
-_BODY_CLOSE = b"</body"
-_TAG_END = frozenset(b"\t\n\f\r />")
 
 
 def _line_span(data: bytes, start: int, end: int) -> tuple[int, int]:
@@ -67,40 +65,22 @@ def fit_lines(data: bytes, edits: list[Edit], limit: int = SMTP_LINE_LIMIT) -> t
     return kept, dropped
 
 
-def pixel_position(data: bytes) -> int:
-    """Before the last </body> (any case), else before the trailing line breaks."""
-    # It is nearly always in the last few hundred bytes: look there first.
-    for start in (max(0, len(data) - 4096), 0):
-        lower = data[start:].lower()
-        end = len(lower)
-        while (i := lower.rfind(_BODY_CLOSE, 0, end)) >= 0:
-            after = i + len(_BODY_CLOSE)
-            if after == len(lower) or lower[after] in _TAG_END:
-                return start + i
-            end = i
-        if not start:
-            break
-    return len(data.rstrip(b"\r\n"))
-
-
-def add_pixel(data: bytes, edits: list[Edit], pixel: bytes, eol: bytes | None,
-              limit: int = SMTP_LINE_LIMIT) -> bool:
-    """Insert `pixel` into `edits` (in place) at pixel_position(); False if it cannot go
-    there. With `eol` (line-limited parts) a pixel that would overfill its line is put on
-    a line of its own."""
-    pos = pixel_position(data)
+def add_pixel(data: bytes, edits: list[Edit], pixel: bytes, eol: bytes | None, body_end: int | None,
+              limit: int = SMTP_LINE_LIMIT) -> None:
+    """Insert `pixel` into `edits` (in place) before the </body> end tag that starts at
+    `body_end` (as the HTML tokenizer found it), else before the trailing line breaks. With
+    `eol` (line-limited parts) a pixel that would overfill its line is put on a line of its
+    own."""
+    pos = len(data.rstrip(b"\r\n")) if body_end is None else body_end
     k = len(edits)
     while k and edits[k - 1][0] > pos:  # from the end: the pixel goes after most links
         k -= 1
-    if k and edits[k - 1][1] > pos:
-        return False  # inside a rewritten value: an </body> in an href is not one
     if eol is not None:
         first, length = _line_span(data, pos, pos)
         growth = sum(len(new) - (e - s) for s, e, new in edits if first <= s and e <= first + length)
         if length + growth + len(pixel) > limit:
             pixel = eol + pixel + eol
     edits.insert(k, (pos, pos, pixel))
-    return True
 
 
 def apply(data: bytes, edits: list[Edit]) -> bytes:

@@ -1,9 +1,10 @@
 """href rewriting in one HTML text, as bytes of an ASCII-compatible charset.
 
-markup.find_hrefs() finds the href values of links the way a browser tokenizes the page
-(see there, also for Outlook's conditional comments); this module decides, tracks and
-escapes them. It only ever edits the value of an href attribute of <a>, <area> and VML
-elements, so every other byte stays as it was.
+markup.scan() finds the href values of links the way a browser tokenizes the page (see
+there, also for Outlook's conditional comments), and the </body> end tag the open pixel
+goes before, in one pass; this module decides, tracks and escapes the hrefs. It only ever
+edits the value of an href attribute of <a>, <area> and VML elements, so every other byte
+stays as it was.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from html.entities import html5
 
 from milter.rewrite.edits import Edit
 from milter.rewrite.links import Links
-from milter.rewrite.markup import Href, find_hrefs
+from milter.rewrite.markup import Href, scan
 from milter.rewrite.model import RewriteError, Tally
 
 _NEEDS_QUOTES = re.compile(r"[\t\n\f\r \"'=`]")
@@ -61,32 +62,35 @@ def escape_attr(value: str, quote: bytes) -> str:
 
 
 class HtmlRewriter:
-    """Rewrites the hrefs of one part: scan() finds them, rewrite() decides and tracks
-    them; `edits` and `tally` hold the outcome.
+    """Rewrites the hrefs of one part: scan() finds them (and `body_end`, where the </body>
+    end tag starts, None if there is none), rewrite() decides and tracks them; `edits` and
+    `tally` hold the outcome.
 
     The work goes in stages over all links rather than link by link: the token signing
     behind click_url then runs in one burst, which is measurably cheaper than
     interleaving it with the scanner.
     """
 
-    __slots__ = ("_found", "_in", "_links", "_out", "edits", "tally")
+    __slots__ = ("_empty", "_found", "_in", "_links", "_out", "body_end", "edits", "tally")
 
     def __init__(self, links: Links, value_codec: str, out_codec: str) -> None:
         self._links = links
         self._in = value_codec  # how href bytes decode
         self._out = out_codec  # how new values encode ("ascii" in 7bit parts)
         self._found: list[Href] = []
+        self._empty = 0
+        self.body_end: int | None = None
         self.edits: list[Edit] = []
         self.tally = Tally()
 
     def scan(self, data: bytes) -> None:
-        found, empty = find_hrefs(data)
-        self._found.extend(found)
-        if empty:
-            self.tally.skip("empty", empty)  # hrefs without a value
+        found = scan(data)
+        self._found, self._empty, self.body_end = found.hrefs, found.empty, found.body_end
 
     def rewrite(self, data: bytes) -> None:
         """Decide every href found, have the kept ones tracked, and write the edits."""
+        if self._empty:
+            self.tally.skip("empty", self._empty)  # hrefs without a value
         found = self._found
         if not found:
             return

@@ -34,11 +34,20 @@ from __future__ import annotations
 
 import html
 import re
+from typing import NamedTuple
 
 from milter.rewrite.errors import RewriteError
 
 # An href found: its value's span, its quote (b"" for none), whether its tag has data-notrack.
 Href = tuple[int, int, bytes, bool]
+
+
+class Scan(NamedTuple):
+    """What the tokenizer found in one HTML text."""
+
+    hrefs: list[Href]  # the href values of the links, in order
+    empty: int  # hrefs without a value
+    body_end: int | None  # where the last </body> end tag starts (None: there is none)
 
 
 def _ci(word: bytes) -> bytes:
@@ -232,24 +241,28 @@ def _compile(pattern: bytes) -> re.Pattern[bytes]:
 # into it); then the start tag that stopped it: a link with at most one href and no
 # data-notrack (group "link" its name, see _LINK_ATTRS for its href, and the empty group
 # "linked" after it), a raw-text element ("raw"), foreign content ("foreign") or
-# <plaintext> ("plaintext"). A link tag the fast path does not take stops the run with none
-# of them. Which one it is, is the last group to close: see _KIND.
+# <plaintext> ("plaintext"); or the end tag </body> ("body_end": where the open pixel
+# goes). A link tag the fast path does not take stops the run with none of them. Which one
+# it is, is the last group to close: see _KIND.
+_BODY_END = rb"/" + _ci(b"body") + _NAME_END
 _HTML = _compile(
     rb"(?:[^<]+|<(?:"
     rb"(?!" + _WANTED + rb")" + _TAG_NAME + _TAG_REST +
-    rb"|/" + _TAG_NAME + _TAG_REST +
+    rb"|(?!" + _BODY_END + rb")/" + _TAG_NAME + _TAG_REST +
     rb"|!--" + _COMMENT + rb"|" + _BOGUS +
     rb"|(?![A-Za-z!/?])))*"  # a '<' that starts nothing is text
     rb"(?:<(?:(?P<link>" + _LINK + rb")" + _LINK_ATTRS + rb"(?P<linked>)|(?P<raw>" + _any(RAW_TEXT) + rb")"
     + _NAME_END + rb"|(?P<foreign>" + _any(_FOREIGN_ROOTS) + rb")" + _NAME_END
-    + rb"|(?P<plaintext>" + _ci(b"plaintext") + rb")" + _NAME_END + rb"))?")
-_NONE, _LINKED, _RAW, _FOREIGN, _PLAINTEXT = 0, 1, 2, 3, 4
+    + rb"|(?P<plaintext>" + _ci(b"plaintext") + rb")" + _NAME_END
+    + rb"|(?P<body_end>" + _BODY_END + rb")))?")
+_NONE, _LINKED, _RAW, _FOREIGN, _PLAINTEXT, _BODY_ENDS = 0, 1, 2, 3, 4, 5
 # m.lastindex of an _HTML match -> what stopped the run (lastindex is None: _NONE too).
 _KIND = [_NONE] * (_HTML.groups + 1)
-for _name, _kind in (("linked", _LINKED), ("raw", _RAW), ("foreign", _FOREIGN), ("plaintext", _PLAINTEXT)):
+for _name, _kind in (("linked", _LINKED), ("raw", _RAW), ("foreign", _FOREIGN), ("plaintext", _PLAINTEXT),
+                     ("body_end", _BODY_ENDS)):
     _KIND[_HTML.groupindex[_name]] = _kind
-_G_FAST, _G_HREF, _G_DQ, _G_SQ, _G_UQ, _G_RAW, _G_FOREIGN = (
-    _HTML.groupindex[n] for n in ("fast", "href", "dq", "sq", "uq", "raw", "foreign"))
+_G_FAST, _G_HREF, _G_DQ, _G_SQ, _G_UQ, _G_RAW, _G_FOREIGN, _G_BODY_END = (
+    _HTML.groupindex[n] for n in ("fast", "href", "dq", "sq", "uq", "raw", "foreign", "body_end"))
 _LINK_START = _compile(rb"<(?:" + _LINK + rb")")
 _COMMENT_RE = _compile(rb"<!--" + _COMMENT)
 _BOGUS_RE = _compile(b"<" + _BOGUS)
@@ -299,24 +312,31 @@ _MAX_FORKS = 4  # second readings of one text, in all: each reads the rest of it
 Element = tuple[int, bytes, int]  # namespace, lower-case name, kind
 
 
-def find_hrefs(data: bytes) -> tuple[list[Href], int]:
-    """The href values of the links in `data`, in order, and how many hrefs had no value."""
+def scan(data: bytes) -> Scan:
+    """The links in `data` and where its </body> end tag is, read as a browser does."""
     scanner = _Scanner(data)
     scanner.html(0)
     scanner.check()
-    return scanner.found, scanner.empty
+    return Scan(scanner.found, scanner.empty, scanner.body_end)
+
+
+def find_hrefs(data: bytes) -> tuple[list[Href], int]:
+    """The href values of the links in `data`, in order, and how many hrefs had no value."""
+    found = scan(data)
+    return found.hrefs, found.empty
 
 
 class _Scanner:
-    __slots__ = ("budget", "data", "empty", "forks", "found")
+    __slots__ = ("body_end", "budget", "data", "empty", "forks", "found")
 
     def __init__(self, data: bytes, budget: list[int] | None = None) -> None:
         self.data = data
         self.budget = [_MAX_FORKS] if budget is None else budget  # second readings left, shared
         self.found: list[Href] = []
         self.empty = 0
-        # (len(found), empty) where a second reading started, and what that one found
-        self.forks: list[tuple[int, int, tuple[list[Href], int] | None]] = []
+        self.body_end: int | None = None
+        # (len(found), empty, where) a second reading started, and what that one found
+        self.forks: list[tuple[int, int, int, Scan | None]] = []
 
     def html(self, pos: int) -> None:
         """The tokenizer in HTML content, from `pos` to the end."""
@@ -343,6 +363,12 @@ class _Scanner:
                     self._href(m, False, _G_DQ, _G_SQ, _G_UQ)
             elif kind == _PLAINTEXT:
                 return  # <plaintext>: the rest is text
+            elif kind == _BODY_ENDS:
+                lt = m.start(_G_BODY_END) - 1
+                tag = _TAG.match(data, lt)  # an end tag has attributes too: read them through
+                if tag is None:
+                    raise _stuck(data, lt)
+                self.body_end, pos = lt, tag.end()
             else:
                 which = _G_RAW if kind == _RAW else _G_FOREIGN
                 lt = m.start(which) - 1
@@ -426,6 +452,8 @@ class _Scanner:
                     raise _stuck(data, lt)
                 pos = tag.end()
                 name = tag.group(_TAG_NAME_G).lower()
+                if name == b"body":
+                    self.body_end = lt
                 for i in range(len(stack) - 1, -1, -1):
                     if stack[i][1] == name:
                         del stack[i:]
@@ -482,17 +510,19 @@ class _Scanner:
         try:
             other.html(pos)
             other.check()
-            outcome: tuple[list[Href], int] | None = (other.found, other.empty)
+            outcome: Scan | None = Scan(other.found, other.empty, other.body_end)
         except RewriteError:
             outcome = None
-        self.forks.append((len(self.found), self.empty, outcome))
+        self.forks.append((len(self.found), self.empty, pos, outcome))
 
     def check(self) -> None:
         """Each fork found what this scan did from there on, or the page is ambiguous."""
-        for n, empty, outcome in self.forks:
-            if outcome is None or outcome[0] != self.found[n:] or outcome[1] != self.empty - empty:
+        for n, empty, pos, outcome in self.forks:
+            body_end = self.body_end if self.body_end is not None and self.body_end >= pos else None
+            if (outcome is None or outcome.hrefs != self.found[n:] or outcome.empty != self.empty - empty
+                    or outcome.body_end != body_end):
                 raise RewriteError("an end tag inside <svg>/<math> may close it or not, and the links "
-                                   "differ between the two")
+                                   "or the </body> differ between the two")
 
     def _markup(self, lt: int, cdata: bool) -> int:
         """Past the comment, CDATA section (where `cdata` ones exist) or bogus comment at `lt`."""

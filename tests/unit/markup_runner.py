@@ -1,5 +1,5 @@
 """Reads pages (JSON list of latin-1 strings) on stdin, writes what milter.rewrite.markup
-finds in each (JSON) on stdout: run by test_rewrite_markup_portable.py under Debian's own
+finds in each (hrefs, </body>; JSON) on stdout: run by test_rewrite_markup_portable.py under Debian's own
 Python, with -I -S, so only the standard library is there.
 
 milter/rewrite/__init__.py imports the whole rewriter (attrs and more): the package is
@@ -27,12 +27,12 @@ def main() -> None:
     results: list[dict[str, object]] = []
     for page in json.load(sys.stdin):
         try:
-            found, empty = markup.find_hrefs(page.encode("latin-1"))
+            found = markup.scan(page.encode("latin-1"))
         except RewriteError as e:
             results.append({"error": str(e)})
             continue
-        results.append({"found": [[s, e, q.decode("latin-1"), notrack] for s, e, q, notrack in found],
-                        "empty": empty})
+        results.append({"found": [[s, e, q.decode("latin-1"), notrack] for s, e, q, notrack in found.hrefs],
+                        "empty": found.empty, "body_end": found.body_end})
     # Modules loaded from outside the standard library (the repository's own aside).
     foreign = sorted(name for name, module in sys.modules.items()
                      if name.split(".")[0] not in sys.stdlib_module_names and name.split(".")[0] != "milter"

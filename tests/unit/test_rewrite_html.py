@@ -210,6 +210,61 @@ def test_pixel_goes_before_the_last_body_close_tag_in_any_case() -> None:
     assert result.pixels == 1
 
 
+# Lookalikes of </body> after the real one: none of them is an end tag to a browser.
+LOOKALIKES = [
+    "<!-- </body> -->",  # a comment
+    "<script>var s = '</body>';</script>",  # script text
+    '<p title="</body>">x</p>',  # an attribute value
+    "<textarea></body></textarea>",  # raw text (RCDATA)
+    "<title></BODY></title>",
+    "<xmp></body ></xmp>",
+    "<svg><![CDATA[</body>]]></svg>",  # a CDATA section in foreign content
+    "<?php echo '</body>'; ?>",  # a bogus comment
+]
+
+
+@pytest.mark.parametrize("lookalike", LOOKALIKES)
+def test_pixel_goes_before_the_real_body_end_tag_not_a_later_lookalike(lookalike: str) -> None:
+    page = f'<html><body><a href="https://a.example/">x</a></body></html>{lookalike}\r\n'
+    result, out = rewrite(page, pixel_url=PIXEL)
+    assert out == page.replace('"https://a.example/"', f'"{tracked("https://a.example/")}"').replace(
+        "</body></html>", PIXEL_TAG + "</body></html>", 1)
+    assert (result.rewritten, result.pixels) == (1, 1)
+
+
+@pytest.mark.parametrize("lookalike", LOOKALIKES)
+def test_pixel_goes_at_the_end_when_every_body_end_tag_is_a_lookalike(lookalike: str) -> None:
+    page = f"<p>x</p>{lookalike}<p>y</p>\r\n"
+    _, out = rewrite(page, click_url=None, pixel_url=PIXEL)
+    assert out == f"<p>x</p>{lookalike}<p>y</p>{PIXEL_TAG}\r\n"
+
+
+def test_pixel_alone_without_click_tracking_still_reads_the_page_with_the_tokenizer() -> None:
+    page = "<body><p>x</p></body><script>document.write('</body>')</script>"
+    result, out = rewrite(page, click_url=None, pixel_url=PIXEL)
+    assert out == f"<body><p>x</p>{PIXEL_TAG}</body><script>document.write('</body>')</script>"
+    assert (result.rewritten, result.pixels) == (0, 1)
+
+
+def test_a_body_end_tag_with_attributes_is_the_real_one_and_read_through() -> None:
+    # an end tag's attributes are read and dropped by a browser; a '>' in a quoted one is not its end
+    page = '<p>x</p></BODY data-x="a > </body> b">\n'
+    _, out = rewrite(page, click_url=None, pixel_url=PIXEL)
+    assert out == f'<p>x</p>{PIXEL_TAG}</BODY data-x="a > </body> b">\n'
+
+
+def test_a_body_end_tag_inside_svg_counts_as_one() -> None:
+    # In foreign content </body> still is an end tag (it closes the <svg> and ends the body).
+    page = "<svg><circle/></body></svg><!-- </body> -->"
+    _, out = rewrite(page, click_url=None, pixel_url=PIXEL)
+    assert out == f"<svg><circle/>{PIXEL_TAG}</body></svg><!-- </body> -->"
+
+
+def test_pixel_alone_on_html_the_tokenizer_cannot_read_is_an_error_not_a_guess() -> None:
+    result, _ = rewrite("<p>x</p><!-- never closed </body>", click_url=None, pixel_url=PIXEL)
+    assert result.body is None and result.error is not None and "unterminated comment" in result.error
+
+
 def test_pixel_goes_at_the_end_when_there_is_no_body_close_tag() -> None:
     _, out = rewrite("<p>short</p>\r\n\r\n", pixel_url=PIXEL)
     assert out == f"<p>short</p>{PIXEL_TAG}\r\n\r\n"

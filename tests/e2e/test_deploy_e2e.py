@@ -5,7 +5,11 @@ installed `relaylab`, the policy edited, `relaylab check`, the three services st
 their installed units' ExecStart as the unit's User=, and a Postfix built from Debian's
 default configuration plus exactly the output of `relaylab postfix config --apply`.
 Authenticated mail through it arrives signed (RSA and Ed25519, verified by the installed
-venv alone) and counted by policyd; an unauthenticated client cannot relay.
+venv alone) and counted by policyd; an unauthenticated client cannot relay. A tracked
+subaccount's HTML mail arrives signed with its link rewritten to the installed tracker,
+which redirects it to the link as written and records the click. The services run on the
+venv install.sh built with /usr/bin/python3 (Debian 12: 3.11.2, where the HTML tokenizer
+once failed every linked page), not on the tests' Python.
 
 The Postfix instance: main.cf is Debian's /usr/share/postfix/main.cf.debian plus what
 Debian's postinst sets on an "Internet Site" install (DEBIAN_POSTINST), master.cf is
@@ -15,6 +19,8 @@ that): what a throwaway instance on loopback next to the host's own Postfix need
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import pwd
 import re
@@ -22,11 +28,17 @@ import shlex
 import shutil
 import stat
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from relaylab.devstack.ports import LOCALHOST, free_port, wait_listening
@@ -36,6 +48,7 @@ from relaylab.devstack.redis import RedisServer
 from relaylab.devstack.sink import SinkProcess
 from relaylab.devstack.smtp import SMTPSession
 from relaylab.devstack.workdir import make_workdir
+from relaylab.suppression.keys import events_key
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install.sh"
@@ -239,51 +252,102 @@ def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deploy
     assert res.returncode == 0 and "relaylab" not in res.stderr, res.stderr
 
 
-def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
-    deployed: Deployment, redis_server: RedisServer
-) -> None:
+@pytest.fixture(scope="module")
+def dkim_keys(deployed: Deployment) -> tuple[Path, Path]:
+    """The domain's RSA and Ed25519 keys, made by root with the installed `relaylab` as the
+    README says."""
     d = deployed
-    # -- keys, made by root as the README says, land readable by the service user ----
-    rsa_key, ed_key = d.etc / f"keys/{DOMAIN}.s1.key", d.etc / f"keys/{DOMAIN}.s2.key"
-    for key, alg in ((rsa_key, "rsa"), (ed_key, "ed25519")):
+    keys = d.etc / f"keys/{DOMAIN}.s1.key", d.etc / f"keys/{DOMAIN}.s2.key"
+    for key, alg in zip(keys, ("rsa", "ed25519"), strict=True):
         key.unlink(missing_ok=True)
         d.cli("dkim", "keygen", "--domain", DOMAIN, "--selector", key.stem.split(".")[-1],
               "--algorithm", alg, "--out", str(key))
+    return keys
+
+
+@dataclass
+class Running:
+    """The deployed relay, running: the services from their units, the Debian-default
+    Postfix, a sink behind it."""
+
+    sink: SinkProcess
+    procs: dict[str, UnitProcess]
+    postfix: DebianDefaultPostfix
+    ports: dict[str, int]
+
+
+def write_policy(d: Deployment, redis_url: str, ports: dict[str, int], subaccount: dict[str, object],
+                 keys: tuple[Path, Path]) -> None:
+    """The example policy as an operator edits it: this host's Redis and ports, the tracker
+    at its listening address, one subaccount signing DOMAIN with both keys."""
+    policy = yaml.safe_load((d.prefix / "share/doc/relaylab/relaylab.yaml.example").read_text())
+    policy["redis"]["url"] = redis_url
+    for s in SERVICES:
+        policy[s]["listen"] = f"127.0.0.1:{ports[s]}"
+    policy["milter"]["workers"] = 1
+    policy["tracker"]["workers"] = 1
+    policy["tracker"]["base_url"] = f"http://127.0.0.1:{ports['tracker']}"
+    rsa_key, ed_key = keys
+    policy["subaccounts"] = {"deploy-shop": {
+        "logins": [LOGIN], "plan": "shared",
+        "domains": {DOMAIN: {"dkim": [
+            {"selector": "s1", "key": f"keys/{rsa_key.name}", "algorithm": "rsa-sha256"},
+            {"selector": "s2", "key": f"keys/{ed_key.name}", "algorithm": "ed25519-sha256"}]}},
+        **subaccount}}
+    d.policy.write_text(yaml.safe_dump(policy, sort_keys=False))
+
+
+@contextmanager
+def running(d: Deployment, ports: dict[str, int]) -> Iterator[Running]:
+    workdir = make_workdir("relaylab-deploy-run-")
+    sink = SinkProcess(workdir / "sink")
+    procs = {s: UnitProcess(d.unit(s), workdir / f"{s}.log", ports[s]) for s in SERVICES}
+    pf = DebianDefaultPostfix(workdir / "postfix", sink.port, d.policy, d.relaylab)
+    try:
+        sink.start()
+        for p in procs.values():
+            p.start()
+        pf.start()
+        yield Running(sink, procs, pf, ports)
+    finally:
+        pf.stop()
+        for p in procs.values():
+            p.stop()
+        sink.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def verdicts(d: Deployment, delivered: Path, keys: tuple[Path, Path]) -> list[str]:
+    """dkimpy's verdict on each signature of `delivered`, run by the installed venv alone
+    (PyNaCl is a runtime dependency)."""
+    records = {f"{k.stem.split('.')[-1]}._domainkey.{DOMAIN}": k for k in keys}
+    out = _run([str(d.prefix / "venv/bin/python"), "-c", VERIFY, str(delivered),
+                *(f"{name}={key}" for name, key in records.items())]).stdout
+    return out.split()
+
+
+def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
+    deployed: Deployment, dkim_keys: tuple[Path, Path], redis_server: RedisServer
+) -> None:
+    d = deployed
+    # -- keys, made by root as the README says, land readable by the service user ----
+    for key in dkim_keys:
         st = key.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
             0, pwd.getpwnam(USER).pw_gid, 0o640)
     # -- the policy, edited: this host's Redis and ports, one subaccount ------------------
     ports = {s: free_port() for s in SERVICES}
-    policy = yaml.safe_load(d.policy.read_text())
-    policy["redis"]["url"] = redis_server.url
-    for s in SERVICES:
-        policy[s]["listen"] = f"127.0.0.1:{ports[s]}"
-    policy["milter"]["workers"] = 1
-    policy["tracker"]["workers"] = 1
-    policy["subaccounts"] = {"deploy-shop": {
-        "logins": [LOGIN], "plan": "shared", "traffic": "transactional",
-        "domains": {DOMAIN: {"dkim": [
-            {"selector": "s1", "key": f"keys/{rsa_key.name}", "algorithm": "rsa-sha256"},
-            {"selector": "s2", "key": f"keys/{ed_key.name}", "algorithm": "ed25519-sha256"}]}}}}
-    d.policy.write_text(yaml.safe_dump(policy, sort_keys=False))
+    write_policy(d, redis_server.url, ports, {"traffic": "transactional"}, dkim_keys)
     unit = str(d.unit("milter"))
 
     # -- relaylab check: as the unit's User= --------------------------------------------
     res = d.cli("check", "--config", str(d.policy), "--unit", unit)
     assert f"files readable by {USER}: 4 of 4" in res.stdout, res.stdout + res.stderr
 
-    workdir = d.root / "run"
-    workdir.mkdir(exist_ok=True)
-    sink = SinkProcess(workdir / "sink")
-    procs = [UnitProcess(d.unit(s), workdir / f"{s}.log", ports[s]) for s in SERVICES]
-    pf = DebianDefaultPostfix(workdir / "postfix", sink.port, d.policy, d.relaylab)
-    try:
-        sink.start()
-        for p in procs:
-            p.start()
+    with running(d, ports) as r:
+        pf, sink = r.postfix, r.sink
         # The running services hold their ports: check still passes (before a reload).
         d.cli("check", "--config", str(d.policy), "--unit", unit)
-        pf.start()
 
         # -- the shipped lines on Debian's main.cf: no duplicate, no warning -----------
         main_cf = (pf.conf_dir / "main.cf").read_text()
@@ -299,12 +363,8 @@ def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
             t = s.send(f"orders@{DOMAIN}", ["bob@example.net"], message.encode())
             assert t.accepted, t.steps
         (delivered,) = sink.wait_for(1, 30)
-        # Verified by the installed venv alone (PyNaCl is a runtime dependency).
-        records = {f"{k.stem.split('.')[-1]}._domainkey.{DOMAIN}": k for k in (rsa_key, ed_key)}
-        out = _run([str(d.prefix / "venv/bin/python"), "-c", VERIFY, str(delivered),
-                    *(f"{name}={key}" for name, key in records.items())]).stdout
-        assert out.split() == ["rsa-sha256:pass", "ed25519-sha256:pass"], out
-        assert f"queue_id={t.queue_id}" in procs[0].log_text()  # the milter saw it
+        assert verdicts(d, delivered, dkim_keys) == ["rsa-sha256:pass", "ed25519-sha256:pass"]
+        assert f"queue_id={t.queue_id}" in r.procs["milter"].log_text()  # the milter saw it
         usage = d.cli("limits", "show", "--config", str(d.policy), "deploy-shop").stdout
         assert re.search(r"(?m)^deploy-shop\s+shared\s+1/60000\s", usage), usage  # policyd counted
 
@@ -317,11 +377,81 @@ def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
                 assert rcpt.code == 554 and rcpt.text.startswith("5.7.1"), (port, rcpt)
                 assert text in rcpt.text, (port, rcpt)
         assert len(sink.messages()) == 1
-    finally:
-        pf.stop()
-        for p in procs:
-            p.stop()
-        sink.stop()
+
+
+LINK = "https://shop.example.com/sale?cat=shoes&size=42"
+NEWS_HTML = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Sale</title></head>
+<body>
+<p>Our sale starts now: <a href="{LINK.replace("&", "&amp;")}">shoes</a>.</p>
+<!-- footer </body> -->
+</body></html>
+"""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def test_deployed_relay_tracks_html_links_and_the_installed_tracker_redirects_and_records_the_click(
+    deployed: Deployment, dkim_keys: tuple[Path, Path], redis_server: RedisServer
+) -> None:
+    d = deployed
+    # The services run on the venv install.sh built: the system Python (Debian 12: 3.11.2).
+    venv_python = _run([str(d.prefix / "venv/bin/python"), "-c", "import sys; print(sys.version)"]).stdout
+    assert venv_python == _run(["/usr/bin/python3", "-c", "import sys; print(sys.version)"]).stdout
+    ports = {s: free_port() for s in SERVICES}
+    write_policy(d, redis_server.url, ports, {
+        "traffic": "marketing", "tracking": {"opens": True, "clicks": True}}, dkim_keys)
+    base = f"http://127.0.0.1:{ports['tracker']}"
+    message = EmailMessage()
+    message["From"] = f"Shop <news@{DOMAIN}>"
+    message["To"] = "reader@example.org"
+    message["Subject"] = "Sale"
+    message["Message-ID"] = "<sale-1@shop.example.com>"
+    message.set_content(f"Our sale starts now: {LINK}\n")
+    message.add_alternative(NEWS_HTML, subtype="html", cte="quoted-printable")
+    events = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    events.delete(events_key("deploy-shop"))
+    with running(d, ports) as r:
+        with SMTPSession(r.postfix.submit_port) as s:
+            assert s.auth_plain(LOGIN, PASSWORD).code == 235
+            t = s.send(f"news@{DOMAIN}", ["reader@example.org"], message.as_bytes(policy=email.policy.SMTP))
+            assert t.accepted, t.steps
+        (delivered,) = r.sink.wait_for(1, 30)
+
+        # -- signed (after the rewriting) and tracked --------------------------------------
+        assert verdicts(d, delivered, dkim_keys) == ["rsa-sha256:pass", "ed25519-sha256:pass"]
+        milter_log = r.procs["milter"].log_text()
+        line = next(ln for ln in milter_log.splitlines() if f"queue_id={t.queue_id}" in ln and "links=" in ln)
+        assert "rewrite_error" not in line and " links=1 " in f"{line} " and "pixels=1" in line, line
+        parsed = email.message_from_bytes(delivered.read_bytes(), policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        html_part = parsed.get_body(("html",))
+        assert html_part is not None
+        html = html_part.get_content()
+        hrefs = re.findall(r'href="([^"]*)"', html)
+        assert len(hrefs) == 1 and hrefs[0].startswith(f"{base}/c/"), html
+        assert "shop.example.com/sale" not in html
+        # the open pixel before the real </body>, not the one in the comment
+        assert re.search(rf'<img src="{re.escape(base)}/o/[^"]+"[^>]*/></body></html>', html), html
+
+        # -- the installed tracker: a redirect to the link as written, and a click ---------
+        opener = urllib.request.build_opener(_NoRedirect)
+        try:
+            opener.open(hrefs[0].replace("&amp;", "&"), timeout=10)
+            raise AssertionError("the tracker did not redirect")
+        except urllib.error.HTTPError as e:
+            assert e.code == 302 and e.headers["Location"] == LINK, (e.code, dict(e.headers))
+        deadline = time.monotonic() + 10
+        stream = events_key("deploy-shop")
+        while not (clicks := [f for _, f in events.xrange(stream) if f["type"] == "click"]):
+            assert time.monotonic() < deadline, "no click recorded"
+            time.sleep(0.05)
+        assert [(c["url"], c["recipient"]) for c in clicks] == [(LINK, "reader@example.org")]
+        assert re.search(r"(?m) event=click subaccount=deploy-shop ", r.procs["tracker"].log_text())
+    events.close()
 
 
 # Run by the installed venv's python: dkimpy's verdict for each signature, "alg:pass".

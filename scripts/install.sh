@@ -8,7 +8,9 @@
 #   * ETC (/etc/relaylab): the example policy (only if there is none yet) and keys/, a
 #     directory the service user can read (root:USER 2750; key files root:USER 0640)
 #   * systemd units for the milter, policyd and the tracker in UNIT_DIR
-#   * `relaylab` on PATH (a symlink in BIN_DIR)
+#   * `relaylab` on PATH: BIN_DIR/relaylab, a wrapper that runs the venv's with
+#     RELAYLAB_CONFIG=ETC/relaylab.yaml unless it is set (else a conf/relaylab.yaml in
+#     the current directory, as in a checkout, would win)
 #
 # --uninstall removes all of that except ETC (the policy and the keys are yours) and
 # the user only if this script created it. Nothing is started or enabled: see README.md,
@@ -59,6 +61,19 @@ marker=$prefix/.relaylab-install   # what this script made: only then does it de
 
 say() { echo "install.sh: $*"; }
 
+# Single-quoted for sh.
+shq() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
+
+# The `relaylab` this script puts on PATH (or the symlink earlier versions put there).
+command_line() { printf 'exec %s "$@"\n' "$(shq "$prefix/venv/bin/relaylab")"; }
+is_our_command() {
+    if [ -L "$1" ]; then
+        [ "$(readlink "$1")" = "$prefix/venv/bin/relaylab" ]
+    else
+        [ -f "$1" ] && grep -qxF "$(command_line)" "$1"
+    fi
+}
+
 # systemctl only for the real unit directory on a host where systemd runs.
 systemd_live() { [ "$unit_dir" = /etc/systemd/system ] && [ -d /run/systemd/system ]; }
 
@@ -70,7 +85,7 @@ if [ "$action" = uninstall ]; then
         rm -f "$unit_dir/relaylab-$s.service"
     done
     systemd_live && systemctl daemon-reload
-    if [ -L "$bin_dir/relaylab" ] && [ "$(readlink "$bin_dir/relaylab")" = "$prefix/venv/bin/relaylab" ]; then
+    if is_our_command "$bin_dir/relaylab"; then
         rm -f "$bin_dir/relaylab"
     fi
     created_user=""
@@ -155,7 +170,16 @@ for s in "${services[@]}"; do
 done
 systemd_live && systemctl daemon-reload
 install -d -m 0755 "$bin_dir"
-ln -sfn "$prefix/venv/bin/relaylab" "$bin_dir/relaylab"
+{
+    echo '#!/bin/sh'
+    echo '# relaylab as installed by scripts/install.sh: the installed policy unless'
+    echo '# RELAYLAB_CONFIG (or --config) names another, whatever the current directory.'
+    printf 'RELAYLAB_CONFIG=${RELAYLAB_CONFIG:-%s}\n' "$(shq "$etc/relaylab.yaml")"
+    echo 'export RELAYLAB_CONFIG'
+    command_line
+} > "$bin_dir/relaylab.tmp"
+chmod 0755 "$bin_dir/relaylab.tmp"
+mv -f "$bin_dir/relaylab.tmp" "$bin_dir/relaylab"   # replaces an earlier symlink, not its target
 
 say "done. Next: edit $etc/relaylab.yaml, make DKIM keys (relaylab dkim keygen ... --out"
 say "$etc/keys/DOMAIN.SELECTOR.key), relaylab check, systemctl enable --now"

@@ -237,7 +237,8 @@ def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deploy
     # The venv is built with the system Python.
     cfg = (d.prefix / "venv/pyvenv.cfg").read_text()
     assert re.search(r"(?m)^home = /usr/bin$", cfg), cfg
-    assert d.relaylab.resolve() == (d.prefix / "venv/bin/relaylab").resolve()
+    assert d.relaylab.read_text().splitlines()[-1] == f"exec '{d.prefix}/venv/bin/relaylab' \"$@\""
+    assert stat.S_IMODE(d.relaylab.stat().st_mode) == 0o755
     assert d.cli("--help").stdout.startswith("usage: relaylab")
 
     for service in SERVICES:
@@ -250,6 +251,29 @@ def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deploy
         assert doc.startswith("file://") and Path(doc.removeprefix("file://")).is_file(), doc
     res = _run(["systemd-analyze", "verify", *(str(d.unit(s)) for s in SERVICES)], check=False)
     assert res.returncode == 0 and "relaylab" not in res.stderr, res.stderr
+
+
+def test_relaylab_on_path_reads_the_installed_policy_in_any_directory(deployed: Deployment) -> None:
+    """Run from a checkout (whose conf/relaylab.yaml the bare venv command would take), the
+    `relaylab` on PATH still reads the installed policy; RELAYLAB_CONFIG and --config win."""
+    d = deployed
+    assert (REPO / "conf/relaylab.yaml").is_file()
+    env = {k: v for k, v in os.environ.items() if k != "RELAYLAB_CONFIG"}
+
+    def check(*args: str, **extra: str) -> str:
+        res = subprocess.run([str(d.relaylab), "check", "--as-user", "root", *args], cwd=REPO,
+                             capture_output=True, text=True, env={**env, **extra})
+        return res.stdout + res.stderr
+
+    out = check()
+    assert str(d.policy) in out and "conf/relaylab.yaml" not in out, out
+    other = d.root / "other.yaml"
+    assert f"problem(s) in {other}" in check(RELAYLAB_CONFIG=str(other))
+    assert f"problem(s) in {other}" in check("--config", str(other), RELAYLAB_CONFIG=str(d.policy))
+    # the venv's own command, without the wrapper, takes the checkout's file: why it exists
+    venv = subprocess.run([str(d.prefix / "venv/bin/relaylab"), "check", "--as-user", "root"], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+    assert "conf/relaylab.yaml" in venv.stdout + venv.stderr
 
 
 @pytest.fixture(scope="module")
@@ -505,7 +529,9 @@ def test_check_fails_when_the_service_user_cannot_read_a_key(deployed: Deploymen
         bad.unlink()
 
 
-def test_install_again_keeps_the_policy_and_fixes_key_permissions(deployed: Deployment) -> None:
+def test_install_again_keeps_the_policy_fixes_key_permissions_and_replaces_an_old_symlink(
+    deployed: Deployment
+) -> None:
     d = deployed
     edited = d.policy.read_text() + "# edited by the operator\n"
     d.policy.write_text(edited)
@@ -514,11 +540,18 @@ def test_install_again_keeps_the_policy_and_fixes_key_permissions(deployed: Depl
     stray.chmod(0o604)
     os.chown(stray, 0, 0)
     units = {s: d.unit(s).read_text() for s in SERVICES}
+    wrapper = d.relaylab.read_text()
+    venv_command = (d.prefix / "venv/bin/relaylab").read_text()
+    d.relaylab.unlink()
+    d.relaylab.symlink_to(d.prefix / "venv/bin/relaylab")  # as install.sh used to leave it
     try:
         res = install(d.root)
         assert "kept the existing policy" in res.stdout
         assert d.policy.read_text() == edited
         assert {s: d.unit(s).read_text() for s in SERVICES} == units
+        # the symlink is replaced by the wrapper, the venv's command it pointed at kept
+        assert not d.relaylab.is_symlink() and d.relaylab.read_text() == wrapper
+        assert (d.prefix / "venv/bin/relaylab").read_text() == venv_command
         st = stray.stat()
         assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (pwd.getpwnam(USER).pw_gid, 0o640)
     finally:

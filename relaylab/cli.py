@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tracker.cli import register as register_tracker
 
     register_tracker(sub)
+    from logd.cli import register as register_logd
+
+    register_logd(sub)
 
     p = command(sub, "demo", "run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"),

@@ -23,6 +23,7 @@ from relaylab.policy.model import (
     DkimAlgorithm,
     DkimKeyRef,
     DnsSettings,
+    LogdSettings,
     MilterSettings,
     MissingKeyAction,
     Plan,
@@ -30,6 +31,7 @@ from relaylab.policy.model import (
     PolicydSettings,
     RedisErrorAction,
     SendingDomain,
+    SoftBounceBlock,
     Subaccount,
     TrackerKey,
     TrackerSettings,
@@ -241,7 +243,7 @@ def load_policy(
 
 def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
     top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
-                                 "tracker"})
+                                 "tracker", "logd"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -261,6 +263,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
     tracker = _tracker(w, top["tracker"][1], base) if "tracker" in top else TrackerSettings()
     # A broken tracker section is reported once, not again by every subaccount using it.
     tracker_ok = tracker.enabled or len(w.problems) == before
+    logd = _logd(w, top["logd"][1], base) if "logd" in top else LogdSettings()
     dns = DnsSettings()
     if "dns" in top:
         d = w.mapping(top["dns"][1], "dns", {"spf_include"})
@@ -324,6 +327,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         dns=dns,
         policyd=policyd,
         tracker=tracker,
+        logd=logd,
         by_login=by_login,
     )
 
@@ -404,7 +408,8 @@ def _connection_limits(w: _Walker, m: dict[str, tuple[yaml.Node, yaml.Node]], se
 
 def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
     key = f"plans.{name}"
-    p = w.mapping(node, key, {"hourly_limit", "max_sessions", "retention_days", "monthly_quota"})
+    p = w.mapping(node, key, {"hourly_limit", "max_sessions", "retention_days", "monthly_quota",
+                              "bounces_before_block", "soft_bounce_block"})
     if "hourly_limit" not in p:
         w.fail(node, key, "missing hourly_limit")
         return None
@@ -414,10 +419,57 @@ def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
                  if "retention_days" in p else 7)
     quota = (w.integer(p["monthly_quota"][1], f"{key}.monthly_quota", 1)
              if "monthly_quota" in p else None)
-    if hourly is None or sessions is None or retention is None:
+    bounces: int | None = 1
+    if "bounces_before_block" in p:
+        bounces = w.integer(p["bounces_before_block"][1], f"{key}.bounces_before_block", 1)
+        if bounces is not None and bounces > 3:
+            w.fail(p["bounces_before_block"][1], f"{key}.bounces_before_block",
+                   f"must be 1, 2 or 3, got {bounces}")
+            bounces = None
+    soft: SoftBounceBlock | None = None
+    soft_ok = True
+    if "soft_bounce_block" in p:
+        sk = f"{key}.soft_bounce_block"
+        snode = p["soft_bounce_block"][1]
+        if isinstance(snode, yaml.ScalarNode) and snode.tag == "tag:yaml.org,2002:null":
+            pass  # null: off, as without the key
+        else:
+            sm = w.mapping(snode, sk, {"count", "days"})
+            for need in ("count", "days"):
+                if isinstance(snode, yaml.MappingNode) and need not in sm:
+                    w.fail(snode, sk, f"missing {need} (N soft bounces within D days)")
+            count = w.integer(sm["count"][1], f"{sk}.count", 1) if "count" in sm else None
+            days = w.integer(sm["days"][1], f"{sk}.days", 1) if "days" in sm else None
+            if count is not None and days is not None:
+                soft = SoftBounceBlock(count, days)
+            else:
+                soft_ok = False
+    if hourly is None or sessions is None or retention is None or bounces is None or not soft_ok:
         return None
     return Plan(name, hourly_limit=hourly, max_sessions=sessions, retention_days=retention,
-                monthly_quota=quota)
+                monthly_quota=quota, bounces_before_block=bounces, soft_bounce_block=soft)
+
+
+def _logd(w: _Walker, node: yaml.Node, base: Path) -> LogdSettings:
+    m = w.mapping(node, "logd", {"log_file", "name", "start_at"})
+    kw: dict[str, object] = {}
+    if "log_file" in m:
+        path = w.string(m["log_file"][1], "logd.log_file")
+        if path is not None:
+            kw["log_file"] = base / path
+    if "name" in m:
+        name = w.string(m["name"][1], "logd.name")
+        if name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
+            w.fail(m["name"][1], "logd.name", "must be 1-64 of A-Z a-z 0-9 . _ - ")
+        elif name is not None:
+            kw["name"] = name
+    if "start_at" in m:
+        start = w.string(m["start_at"][1], "logd.start_at")
+        if start is not None and start not in ("end", "start"):
+            w.fail(m["start_at"][1], "logd.start_at", f"must be end or start, got {start!r}")
+        elif start is not None:
+            kw["start_at"] = start
+    return LogdSettings(**kw)  # type: ignore[arg-type]
 
 
 def _subaccount(

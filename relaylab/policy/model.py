@@ -35,12 +35,33 @@ class MissingKeyAction(enum.Enum):
 
 
 @attrs.frozen
+class SoftBounceBlock:
+    """`count` soft bounces of one address within `days` days blacklist it."""
+
+    count: int
+    days: int
+
+
+@attrs.frozen
 class Plan:
     name: str
     hourly_limit: int
     max_sessions: int
     retention_days: int
     monthly_quota: int | None = None
+    # Hard bounces of one address before relaylab logd blacklists it (1-3).
+    bounces_before_block: int = 1
+    soft_bounce_block: SoftBounceBlock | None = None  # None: soft bounces never block
+
+
+@attrs.frozen
+class LogdSettings:
+    log_file: Path = Path("/var/log/mail.log")  # Postfix's maillog_file, or the syslog file
+    # Names the checkpoint (rl:{logd}:checkpoint:NAME): one per mail host sharing a Redis.
+    name: str = "main"
+    # Where a logd without a checkpoint starts: "end" (only what Postfix logs from now on)
+    # or "start" (the whole file).
+    start_at: str = "end"
 
 
 @attrs.frozen
@@ -205,6 +226,7 @@ class Policy:
     dns: DnsSettings = DnsSettings()
     policyd: PolicydSettings = PolicydSettings()
     tracker: TrackerSettings = TrackerSettings()
+    logd: LogdSettings = LogdSettings()
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

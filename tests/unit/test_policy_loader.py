@@ -19,6 +19,7 @@ from relaylab.policy.model import (
     DkimAlgorithm,
     MissingKeyAction,
     Policy,
+    SoftBounceBlock,
     TrafficType,
     UnauthenticatedAction,
 )
@@ -737,3 +738,42 @@ def test_connection_limits_are_checked_at_load(tmp_path: Path, keys: Keys, secti
     key = text.split(":")[0].strip()
     assert (p.file, p.line, p.key) == (path, 11, f"{section}.{key}")
     assert message in p.message
+
+
+# --- automatic suppression (plan keys) and logd -------------------------------------
+
+
+def test_bounce_blocking_plan_keys_default_and_set(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, VALID_HEAD + "plans:\n  careful: {hourly_limit: 10, bounces_before_block: 3,"
+                 " soft_bounce_block: {count: 5, days: 7}}\n", keys)
+    policy = load_policy(path)
+    plans = {p.name: p for p in policy.plans}
+    assert plans["shared"].bounces_before_block == 1 and plans["shared"].soft_bounce_block is None
+    assert plans["careful"].bounces_before_block == 3
+    assert plans["careful"].soft_bounce_block == SoftBounceBlock(count=5, days=7)
+
+
+@pytest.mark.parametrize(("value", "key", "message"), [
+    ("bounces_before_block: 4", "plans.p.bounces_before_block", "must be 1, 2 or 3, got 4"),
+    ("bounces_before_block: 0", "plans.p.bounces_before_block", "must be >= 1, got 0"),
+    ("soft_bounce_block: {count: 5}", "plans.p.soft_bounce_block", "missing days"),
+    ("soft_bounce_block: {count: 5, days: 0}", "plans.p.soft_bounce_block.days", "must be >= 1"),
+    ("soft_bounce_block: {count: 5, days: 2, weeks: 1}", "plans.p.soft_bounce_block.weeks",
+     "unknown"),
+])
+def test_bad_bounce_blocking_keys_name_file_line_and_key(tmp_path: Path, keys: Keys, value: str,
+                                                          key: str, message: str) -> None:
+    path = write(tmp_path, VALID_HEAD + f"plans:\n  p:\n    hourly_limit: 10\n    {value}\n", keys)
+    p = only(problems(path))
+    assert (p.file, p.line, p.key) == (path, line_of(path, value.split(":")[0]), key)
+    assert message in p.message
+
+
+def test_logd_section(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, VALID_HEAD + "logd: {log_file: postfix.log, name: mx1, start_at: start}\n",
+                 keys)
+    logd = load_policy(path).logd
+    assert (logd.log_file, logd.name, logd.start_at) == (tmp_path / "postfix.log", "mx1", "start")
+    bad = write(tmp_path, VALID_HEAD + "logd: {start_at: middle}\n", keys, name="bad.yaml")
+    p = only(problems(bad))
+    assert p.key == "logd.start_at" and "must be end or start" in p.message

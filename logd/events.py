@@ -1,0 +1,118 @@
+"""From log records to per-recipient events (pure: no I/O).
+
+A delivery record becomes one event for its recipient, in the subaccount the milter noted
+for its queue id (rl:{q:QUEUEID}, milter/injected.py): ok, deferred, softbounce,
+hardbounce, spambounce (relaylab/events/classify.py). An expiry becomes an `expired` event
+for every noted recipient without a final status yet. Records of queue ids without a note
+(mail the milter did not inject: Postfix's own bounces to senders, unauthenticated mail)
+are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from relaylab.events.classify import Class, classify
+from relaylab.events.postfix_log import Delivery, Expired, Record
+from relaylab.suppression.model import Entry, Kind, Reason, Source
+from relaylab.suppression.normalize import InvalidAddress, normalize_address
+
+__all__ = ["MAX_REPLY", "Event", "Note", "Tracker"]
+
+MAX_REPLY = 500  # characters of the remote reply kept in an event
+
+
+@attrs.frozen
+class Note:
+    subaccount: str
+    message_id: str
+    recipients: tuple[str, ...]
+    tags: str
+
+    @classmethod
+    def from_reply(cls, reply: list[bytes | None]) -> Note | None:
+        """From HMGET s m r g."""
+        s, m, r, g = reply
+        if not s or m is None:
+            return None
+        rcpts = tuple(r.decode("utf-8", "replace").split("\n")) if r else ()
+        return cls(s.decode(), m.decode(), rcpts, (g or b"").decode("utf-8", "replace"))
+
+
+@attrs.frozen
+class Event:
+    subaccount: str
+    position: int  # of the log line's end (logd/follow.py)
+    type: str
+    at: int  # epoch seconds of the log line
+    fields: tuple[str, ...]  # stream entry: name, value, ...
+    # For automatic suppression: the normalised recipient, and the blacklist entry to add
+    # if this bounce blocks it (hard and soft bounces only).
+    address: str | None = None
+    entry: str | None = None
+
+
+def _entry(address: str, at: int, cls: Class, dsn: str, reply: str) -> str:
+    what = "hard bounce" if cls is Class.HARDBOUNCE else "soft bounces"
+    return Entry(address, Kind.ADDRESS, Reason.HARDBOUNCE, Source.BOUNCE, created_at=at,
+                 comment=f"{what}: dsn={dsn} {reply}"[:300]).to_json()
+
+
+class Tracker:
+    """What logd remembers between records: which recipients of a queue id reached a
+    final status (for `expired`). Forgotten when Postfix removes the queue file."""
+
+    def __init__(self) -> None:
+        self._final: dict[str, set[str]] = {}
+        self.uncorrelated = 0
+
+    def forget(self, queue_id: str) -> None:
+        self._final.pop(queue_id, None)
+
+    def events(self, record: Record, pos: int, note: Note | None) -> list[Event]:
+        if note is None:
+            self.uncorrelated += 1
+            return []
+        if isinstance(record, Delivery):
+            return [self._delivery(record, pos, note)]
+        if isinstance(record, Expired):
+            done = self._final.get(record.queue_id, set())
+            out = []
+            for rcpt in note.recipients:
+                if rcpt.lower() in done:
+                    continue
+                out.append(Event(note.subaccount, pos, "expired", int(record.at),
+                                 self._fields("expired", record.queue_id, note, rcpt,
+                                              int(record.at))))
+            self.forget(record.queue_id)
+            return out
+        return []
+
+    def _delivery(self, d: Delivery, pos: int, note: Note) -> Event:
+        cls, pattern = classify(d.status, d.dsn, d.text)
+        at = int(d.at)
+        if d.status in ("sent", "bounced", "expired"):
+            self._final.setdefault(d.queue_id, set()).add(d.recipient.lower())
+        reply = d.text[:MAX_REPLY]
+        fields = self._fields(cls.value, d.queue_id, note, d.recipient, at)
+        fields += ("dsn", d.dsn, "status", d.status, "relay", d.relay, "delay", d.delay,
+                   "reply", reply)
+        if pattern:
+            fields += ("pattern", pattern)
+        address = entry = None
+        if cls in (Class.HARDBOUNCE, Class.SOFTBOUNCE):
+            try:
+                address = normalize_address(d.recipient)
+            except InvalidAddress:
+                address = None
+            if address is not None:
+                entry = _entry(address, at, cls, d.dsn, reply)
+        return Event(note.subaccount, pos, cls.value, at, fields, address, entry)
+
+    @staticmethod
+    def _fields(type_: str, queue_id: str, note: Note, rcpt: str, at: int) -> tuple[str, ...]:
+        f: tuple[str, ...] = ("type", type_, "queue_id", queue_id, "message_id", note.message_id,
+                              "recipient", rcpt, "ts", str(at))
+        if note.tags:
+            f += ("tags", note.tags)
+        return f

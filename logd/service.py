@@ -1,0 +1,238 @@
+"""`relaylab logd`: follow Postfix's log, write delivery events, save the place.
+
+One loop, one thread: read the new whole lines (logd/follow.py), find the delivery,
+expiry and removal records in them (relaylab/events/postfix_log.py), fetch the milter's
+notes for queue ids not seen yet (one pipelined round trip), turn records into events
+(logd/events.py), write them per subaccount (logd/writer.py), then save the checkpoint
+and delete the notes of queue ids Postfix removed. Redis unavailable: the batch is
+retried until it is written (nothing is skipped; logd just falls behind), with one log
+line per outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+import attrs
+
+from logd.events import Event, Note, Tracker
+from logd.follow import Checkpoint, LogFollower, position
+from logd.redisconn import SyncResp
+from logd.writer import SubaccountPlan, write_batch
+from relaylab.events.postfix_log import Removed, TimeParser, scan
+from relaylab.logfmt import log_event
+from relaylab.policy.model import Policy
+from relaylab.policy.reloader import PolicyHolder, file_stamp, trigger_path
+from relaylab.resp import RedisReplyError, RedisUnavailable, encode_command
+from relaylab.suppression.keys import checkpoint_key, queue_key
+
+__all__ = ["Logd", "Stats"]
+
+log = logging.getLogger("relaylab.logd")
+T = TypeVar("T")
+
+IDLE_POLL = 0.1  # seconds between looks at a log with nothing new
+NOTE_CACHE = 100_000  # queue ids whose note (or its absence) is remembered
+RETRY = 1.0  # seconds between attempts while Redis is unavailable
+STATS_EVERY = 60.0  # seconds between two event=progress lines
+
+
+@attrs.define
+class Stats:
+    lines: int = 0
+    records: int = 0
+    bad: int = 0
+    events: int = 0
+    skipped: int = 0  # events already written before a restart
+    uncorrelated: int = 0
+    blocked: int = 0
+    batches: int = 0
+
+
+class Logd:
+    def __init__(self, holder: PolicyHolder | None, redis_url: str, log_file: Path, name: str,
+                 *, start_at: str = "end", chunk: int = 4 << 20, rotate_grace: float = 1.0
+                 ) -> None:
+        self.holder = holder
+        self.conn = SyncResp(redis_url)
+        self.follower = LogFollower(log_file, chunk=chunk, rotate_grace=rotate_grace)
+        self.name = name
+        self.start_at = start_at
+        self.when = TimeParser()
+        self.tracker = Tracker()
+        self.notes: OrderedDict[str, Note | None] = OrderedDict()
+        self.stats = Stats()
+        self._stop = False
+        self._reload = False
+        self._down_since: float | None = None
+        self._policy_stamp = file_stamp(holder.path) if holder else None
+        self._trigger_stamp = file_stamp(trigger_path(holder.path)) if holder else None
+        self._next_policy_check = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def stop(self, *_: object) -> None:
+        self._stop = True
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload = True
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, lambda s, f: self.stop())
+        signal.signal(signal.SIGINT, lambda s, f: self.stop())
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def start(self) -> None:
+        cp = self._redis(lambda: self._load_checkpoint())
+        self.follower.start(cp, at_end=self.start_at == "end")
+        log_event(log, "started", file=str(self.follower.path), name=self.name,
+                  offset=self.follower.offset, generation=self.follower.generation,
+                  resumed=cp is not None)
+
+    def _load_checkpoint(self) -> Checkpoint | None:
+        reply = self.conn.execute("HGETALL", checkpoint_key(self.name))
+        fields = dict(zip(reply[::2], reply[1::2], strict=True))
+        return Checkpoint.from_fields(fields) if fields else None
+
+    def run(self, *, until_idle: bool = False) -> None:
+        """Follow until stop() (or, with until_idle, until the log has nothing new)."""
+        last_stats = time.monotonic()
+        while not self._stop:
+            self._check_policy()
+            if not self.step():
+                if until_idle:
+                    return
+                time.sleep(IDLE_POLL)
+            if time.monotonic() - last_stats > STATS_EVERY:
+                last_stats = time.monotonic()
+                self.log_progress()
+        self.log_progress()
+
+    def log_progress(self) -> None:
+        log_event(log, "progress", **attrs.asdict(self.stats), offset=self.follower.offset,
+                  generation=self.follower.generation)
+
+    # -- one batch -----------------------------------------------------------------------
+    def step(self) -> bool:
+        """Handle the next batch of whole lines; False if there was none."""
+        got = self.follower.read()
+        if got is None:
+            return False
+        data, generation, offset = got
+        found = scan(data, self.when)
+        self.stats.lines += found.lines
+        self.stats.bad += found.bad
+        self.stats.records += len(found.records)
+        for sample in found.bad_samples[:1]:
+            log_event(log, "bad_line", logging.DEBUG, line=sample.decode("utf-8", "replace"))
+        self._fetch_notes({r.queue_id for _, r in found.records if not isinstance(r, Removed)})
+        events: list[Event] = []
+        removed: list[str] = []
+        before = self.tracker.uncorrelated
+        for end, rec in found.records:
+            if isinstance(rec, Removed):
+                removed.append(rec.queue_id)
+                continue
+            events += self.tracker.events(rec, position(generation, offset + end),
+                                          self.notes.get(rec.queue_id))
+        self.stats.uncorrelated += self.tracker.uncorrelated - before
+        if events:
+            plans = {e.subaccount: SubaccountPlan.of(self._policy(), e.subaccount) for e in events}
+            applied = self._redis(lambda: write_batch(self.conn, events, plans, time.time()))
+            self.stats.events += applied.written
+            self.stats.skipped += applied.skipped
+            for sub, address in applied.blocked:
+                self.stats.blocked += 1
+                log_event(log, "blacklisted", subaccount=sub, address=address, reason="hardbounce",
+                          source="bounce")
+        self.follower.advance(len(data))
+        self._save(removed)
+        self.stats.batches += 1
+        return True
+
+    def _policy(self) -> Policy | None:
+        return self.holder.policy if self.holder is not None else None
+
+    def _fetch_notes(self, queue_ids: set[str]) -> None:
+        missing = []
+        for q in queue_ids:
+            if q in self.notes:
+                self.notes.move_to_end(q)
+            else:
+                missing.append(q)
+        if not missing:
+            return
+        cmds = []
+        for q in missing:
+            try:
+                cmds.append(encode_command(["HMGET", queue_key(q), "s", "m", "r", "g"]))
+            except ValueError:
+                cmds.append(encode_command(["PING"]))
+        replies = self._redis(lambda: self.conn.execute_all(cmds))
+        for q, reply in zip(missing, replies, strict=True):
+            self.notes[q] = Note.from_reply(reply) if isinstance(reply, list) else None
+        while len(self.notes) > NOTE_CACHE:
+            self.notes.popitem(last=False)
+
+    def _save(self, removed: list[str]) -> None:
+        cp = self.follower.checkpoint
+        cmds = [encode_command(["HSET", checkpoint_key(self.name),
+                                *(x for kv in cp.to_fields().items() for x in kv)])]
+        for q in removed:
+            # The note is of no more use once the checkpoint is past the removal: a
+            # restart never re-reads this queue id's lines.
+            if self.notes.pop(q, "unknown") is not None:  # unless we know it has none
+                cmds.append(encode_command(["DEL", queue_key(q)]))
+            self.tracker.forget(q)
+        self._redis(lambda: self.conn.execute_all(cmds))
+
+    def _redis(self, work: Callable[[], T]) -> T:
+        """Run `work` (Redis commands), retrying while Redis is unavailable."""
+        while True:
+            try:
+                result = work()
+            except (RedisUnavailable, RedisReplyError, OSError) as e:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log_event(log, "redis_unavailable", logging.ERROR, detail=str(e),
+                              effect="retrying; the log is read on once Redis answers")
+                if self._stop:
+                    raise
+                time.sleep(RETRY)
+                continue
+            if self._down_since is not None:
+                log_event(log, "redis_recovered",
+                          outage_s=round(time.monotonic() - self._down_since, 1))
+                self._down_since = None
+            return result
+
+    def _check_policy(self) -> None:
+        if self.holder is None:
+            return
+        if self._reload:
+            self._reload = False
+            self.holder.reload("sighup")
+            return
+        now = time.monotonic()
+        if now < self._next_policy_check:
+            return
+        self._next_policy_check = now + 1.0
+        trig = file_stamp(trigger_path(self.holder.path))
+        stamp = file_stamp(self.holder.path)
+        if trig != self._trigger_stamp:
+            self._trigger_stamp = trig
+            self._policy_stamp = stamp
+            self.holder.reload("relaylab reload")
+        elif stamp != self._policy_stamp:
+            self._policy_stamp = stamp
+            self.holder.reload("file changed")
+
+    def close(self) -> None:
+        self.follower.close()
+        self.conn.close()

@@ -90,3 +90,42 @@ class TrackerProcess(ServiceProcess):
     @property
     def base_url(self) -> str:
         return f"http://{LOCALHOST}:{self.port}"
+
+
+class LogdProcess(ChildProcess):
+    """`relaylab logd --config CONFIG --log-file LOG --name NAME`, logging to `log_path`;
+    started() once it logged event=started."""
+
+    def __init__(self, config: Path, log_file: Path, log_path: Path, *, name: str = "devstack",
+                 start_at: str = "end", start_timeout: float = 15.0) -> None:
+        self.config = Path(config)
+        self.log_file = Path(log_file)
+        self._log_path = Path(log_path)
+        self.name = name
+        self.start_at = start_at
+        self.start_timeout = start_timeout
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
+
+    def start(self) -> LogdProcess:
+        mark = len(self.log_text())
+        self._spawn([sys.executable, "-m", "relaylab", "logd", "--config", str(self.config),
+                     "--log-file", str(self.log_file), "--name", self.name,
+                     "--start-at", self.start_at],
+                    {**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + self.start_timeout
+        while "event=started" not in self.log_text()[mark:]:
+            if (status := self._exited()) is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"logd did not start ({status}); log:\n{self.log_tail(30)}")
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to finish anything."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()

@@ -10,6 +10,18 @@ undone), written to ``D/tmp/`` first and renamed, so readers never see partial f
 The envelope goes to a sidecar ``D/meta/<name>.json``: ``{"mail_from", "rcpt_tos", "peer",
 "size"}``.  ``--trace-headers`` prepends ``X-Sink-Mail-From/Rcpt-To/Peer`` header lines; it is
 off by default so that stored files are byte-exact (and DKIM signatures stay checkable).
+
+Scripted answers, for delivery tests: a recipient whose local part starts with
+``rcpt-CODE-`` gets that answer to RCPT TO (every other one gets 250):
+
+=====================  ==================================================================
+``rcpt-550-…``         550 5.1.1 <addr>: Recipient address rejected: User unknown
+``rcpt-552-…``         552 5.2.2 <addr>: Mailbox full
+``rcpt-554-…``         554 5.7.1 Service unavailable; Client host [IP] blocked using
+                       zen.spamhaus.org (a reputation block)
+``rcpt-450-…``         450 4.2.0 <addr>: Recipient address rejected: Greylisted
+``rcpt-450then250-…``  450 as above at the first attempt for that address, 250 after
+=====================  ==================================================================
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ class MaildirStore:
         self._suffix = f".P{os.getpid()}Q"
         self._host = socket.gethostname().replace("/", "_").replace(":", "_")
         self._dirs = {sub: str(self.maildir / sub) for sub in ("tmp", "new", "meta")}
+        self.attempts: dict[str, int] = {}  # scripted recipient -> RCPTs seen (rcpt-450then250)
 
     def store(self, mail_from: str, rcpt_tos: list[str], peer: Any, content: bytes) -> str:
         """Store `content` (the DATA bytes, CRLF kept, dot-stuffing undone); its name."""
@@ -96,6 +109,25 @@ def _address(arg: str, prefix: str) -> str | None:
         end = rest.find(">")
         return rest[1:end] if end > 0 else None
     return rest.split(" ", 1)[0] or None
+
+
+def scripted_reply(address: str, attempts: dict[str, int], peer: Any) -> str | None:
+    """The scripted RCPT answer for `address` (see the module docstring); None: 250."""
+    local = address.rpartition("@")[0].lower()
+    if not local.startswith("rcpt-"):
+        return None
+    script = local[5:].split("-", 1)[0]
+    n = attempts[address.lower()] = attempts.get(address.lower(), 0) + 1
+    ip = peer[0] if peer else "127.0.0.1"
+    if script == "550":
+        return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+    if script == "552":
+        return f"552 5.2.2 <{address}>: Mailbox full"
+    if script == "554":
+        return f"554 5.7.1 Service unavailable; Client host [{ip}] blocked using zen.spamhaus.org"
+    if script == "450" or (script == "450then250" and n == 1):
+        return f"450 4.2.0 <{address}>: Recipient address rejected: Greylisted, try again later"
+    return None
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -173,8 +205,12 @@ class SinkProtocol(asyncio.Protocol):
             elif not address:
                 out.append(b"501 5.5.4 syntax: RCPT TO:<address>\r\n")
             else:
-                self._rcpts.append(address)
-                out.append(b"250 2.1.5 OK\r\n")
+                reply = scripted_reply(address, self._store.attempts, self._peer)
+                if reply is None:
+                    self._rcpts.append(address)
+                    out.append(b"250 2.1.5 OK\r\n")
+                else:
+                    out.append(reply.encode() + b"\r\n")
         elif verb == "DATA":
             if not self._rcpts:
                 out.append(b"503 5.5.1 need RCPT first\r\n")

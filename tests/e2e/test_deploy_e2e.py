@@ -249,7 +249,11 @@ def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deploy
         assert unit["LimitNOFILE"] == "65536"
         doc = unit["Documentation"]
         assert doc.startswith("file://") and Path(doc.removeprefix("file://")).is_file(), doc
-    res = _run(["systemd-analyze", "verify", *(str(d.unit(s)) for s in SERVICES)], check=False)
+    logd = parse_unit(d.unit("logd"))  # installed too; it needs a Postfix log, not a port
+    assert (logd["User"], logd["ExecStart"]) == (USER, f"{d.prefix}/venv/bin/relaylab logd")
+    assert logd["env:RELAYLAB_CONFIG"] == str(d.policy)
+    res = _run(["systemd-analyze", "verify", *(str(d.unit(s)) for s in (*SERVICES, "logd"))],
+               check=False)
     assert res.returncode == 0 and "relaylab" not in res.stderr, res.stderr
 
 

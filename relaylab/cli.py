@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     from logd.cli import register as register_logd
 
     register_logd(sub)
+    from relaylab.events.cli import register as register_events
+
+    register_events(sub)
 
     p = command(sub, "demo", "run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"),

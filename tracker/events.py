@@ -17,7 +17,7 @@ import attrs
 
 from relaylab.logfmt import log_event
 from relaylab.resp import RespClient, encode_command
-from relaylab.suppression.keys import daily_key, events_key, events_minid
+from relaylab.suppression.keys import daily_key, events_key, events_minid, hourly_key, unique_key
 
 __all__ = ["Event", "EventWriter"]
 
@@ -46,12 +46,21 @@ class Event:
             fields += ["url", self.url]
         fields += ["ip", self.client_ip, "ua", self.user_agent[:MAX_USER_AGENT],
                    "machine", self.machine]
-        daily = daily_key(self.subaccount, now)
+        daily, hourly = daily_key(self.subaccount, now), hourly_key(self.subaccount, now)
         out = [encode_command(["XADD", events_key(self.subaccount), "MINID", "~", str(minid), "*",
                                *fields]),
-               encode_command(["HINCRBY", daily, self.type, "1"])]
+               encode_command(["HINCRBY", daily, self.type, "1"]),
+               encode_command(["HINCRBY", hourly, self.type, "1"])]
         if self.machine:
             out.append(encode_command(["HINCRBY", daily, f"{self.type}:machine", "1"]))
+            out.append(encode_command(["HINCRBY", hourly, f"{self.type}:machine", "1"]))
+        elif self.type in ("open", "click") and self.message_id:
+            # Unique opens/clicks (relaylab stats): distinct message-recipient pairs a
+            # person (not a flagged machine) opened or clicked that day or hour.
+            pair = f"{self.message_id} {self.recipient}"
+            for hourly_bucket in (False, True):
+                out.append(encode_command(["PFADD", unique_key(
+                    self.subaccount, self.type, now, hourly=hourly_bucket), pair]))
         return out
 
 

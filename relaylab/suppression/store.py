@@ -21,7 +21,7 @@ from redis.typing import EncodableT, FieldT
 from relaylab.resp import RespClient, encode_command
 from relaylab.suppression.decide import Pair, Verdict, decide
 from relaylab.suppression.freemail import is_freemail
-from relaylab.suppression.keys import daily_key, events_key, events_minid, list_key
+from relaylab.suppression.keys import daily_key, events_key, events_minid, hourly_key, list_key
 from relaylab.suppression.model import GLOBAL, Entry, Kind, ListKind, Reason, Scope, Source, scope_label
 from relaylab.suppression.normalize import InvalidAddress, LocalPartMode, normalize_address
 
@@ -157,12 +157,14 @@ def _chunks(entries: Iterable[Entry], force: bool) -> Iterator[tuple[int, bytes,
 
 
 def _event_args(subaccount: str, event_type: str, retention_days: int, now: float,
-                fields: dict[str, str | int]) -> tuple[str, dict[FieldT, EncodableT], int, str]:
-    """XADD key, fields, MINID (ms), daily counter key."""
+                fields: dict[str, str | int]
+                ) -> tuple[str, dict[FieldT, EncodableT], int, tuple[str, str]]:
+    """XADD key, fields, MINID (ms), daily and hourly counter keys."""
     minid = events_minid(now, retention_days)
     values: dict[FieldT, EncodableT] = {"type": event_type}
     values.update(fields)
-    return events_key(subaccount), values, minid, daily_key(subaccount, now)
+    return (events_key(subaccount), values, minid,
+            (daily_key(subaccount, now), hourly_key(subaccount, now)))
 
 
 # --- asyncio --------------------------------------------------------------------------
@@ -271,7 +273,8 @@ class SuppressionStore:
                                                 time.time() if now is None else now, fields)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(key, values, minid=minid, approximate=True)
-        pipe.hincrby(daily, event_type, 1)
+        for counters in daily:
+            pipe.hincrby(counters, event_type, 1)
         await pipe.execute()
 
 
@@ -362,5 +365,6 @@ class SyncSuppressionStore:
                                                 time.time() if now is None else now, fields)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(key, values, minid=minid, approximate=True)
-        pipe.hincrby(daily, event_type, 1)
+        for counters in daily:
+            pipe.hincrby(counters, event_type, 1)
         pipe.execute()

@@ -7,6 +7,7 @@ logrotate` mid-stream lose and repeat nothing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from relaylab.cli import main as relaylab
 from relaylab.devstack.milter import LogdProcess
 from relaylab.devstack.process import wait_until
 from relaylab.devstack.smtp import SMTPSession
@@ -64,7 +66,8 @@ def send(st: RelayStack, rcpts: list[str], s: SMTPSession | None = None) -> str:
 
 
 def test_each_recipients_fate_in_order_and_the_hard_bounce_blocks_the_next_message(
-        logd: tuple[RelayStack, LogdProcess, redis.Redis]) -> None:
+        logd: tuple[RelayStack, LogdProcess, redis.Redis],
+        capsys: pytest.CaptureFixture[str]) -> None:
     st, d, r = logd
     queue_id = send(st, [OK, GONE, SPAM, LATER, FULL])
     wait_until(lambda: len([t for ts in by_recipient(r).values() for t in ts]) >= 10, 30)
@@ -95,6 +98,19 @@ def test_each_recipients_fate_in_order_and_the_hard_bounce_blocks_the_next_messa
         refused = s.rcpt(GONE)
         assert refused.code == 550 and "recipient suppressed: hardbounce" in refused.text
         assert s.rcpt(SPAM).code == 250
+    # What an operator sees: relaylab events and relaylab stats.
+    config = ["--config", str(st.config)]
+    assert relaylab(["events", *config, "--recipient", GONE, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["type"], e["queue_id"]) for e in rows] == [  # the refused RCPT last
+        ("injected", queue_id), ("hardbounce", queue_id), ("dropped", "")]
+    message_id = rows[0]["message_id"]
+    assert relaylab(["events", *config, "--not-opened", "--message-id", message_id, "--json"]) == 0
+    assert sorted(json.loads(line)["recipient"] for line in capsys.readouterr().out.splitlines()) \
+        == sorted([OK, LATER])
+    assert relaylab(["stats", *config, "--subaccount", SUB, "--since", "1d", "--json"]) == 0
+    stats = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sum(s["hardbounce"] for s in stats) == 1 and sum(s["ok"] for s in stats) == 2
     day = r.hgetall(next(iter(r.keys(f"rl:{{sub:{SUB}}}:daily:*"))))
     assert {k: day[k] for k in ("injected", "ok", "deferred", "hardbounce", "spambounce",
                                 "softbounce")} == {

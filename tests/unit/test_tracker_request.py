@@ -69,7 +69,7 @@ def test_event_is_a_trimmed_stream_entry_and_day_counters() -> None:
                machine="link_scanner:barracuda")
     now = 1_800_000_000.0
     cmds = [resp_args(c) for c in ev.commands(retention_days=15, now=now)]
-    xadd, day, machine = cmds
+    xadd, day, hour, machine, machine_hour = cmds
     assert xadd[:6] == ["XADD", "rl:{sub:shop}:events", "MINID", "~",
                         str(int((now - 15 * 86_400) * 1000)), "*"]
     fields = dict(zip(xadd[6::2], xadd[7::2], strict=True))
@@ -77,13 +77,18 @@ def test_event_is_a_trimmed_stream_entry_and_day_counters() -> None:
     assert fields["machine"] == "link_scanner:barracuda" and len(fields["ua"]) == 512
     assert day == ["HINCRBY", "rl:{sub:shop}:daily:20270115", "click", "1"]
     assert machine == ["HINCRBY", "rl:{sub:shop}:daily:20270115", "click:machine", "1"]
+    assert hour == ["HINCRBY", "rl:{sub:shop}:hourly:2027011508", "click", "1"]
+    assert machine_hour == ["HINCRBY", "rl:{sub:shop}:hourly:2027011508", "click:machine", "1"]
 
 
-def test_a_person_event_counts_once() -> None:
+def test_a_person_event_counts_once_per_hour_and_day_and_as_a_unique_pair() -> None:
     ev = Event(type="open", subaccount="shop", message_id="m1", recipient="", url="",
                client_ip="198.51.100.1", user_agent="Firefox", machine="")
     cmds = ev.commands(retention_days=7, now=1_800_000_000.0)
-    assert len(cmds) == 2 and b"url" not in cmds[0]
+    assert b"url" not in cmds[0]
+    assert [resp_args(c)[:2] for c in cmds[1:]] == [
+        ["HINCRBY", "rl:{sub:shop}:daily:20270115"], ["HINCRBY", "rl:{sub:shop}:hourly:2027011508"],
+        ["PFADD", "rl:{sub:shop}:uniq:open:20270115"], ["PFADD", "rl:{sub:shop}:uniq:open:2027011508"]]
 
 
 def resp_args(encoded: bytes) -> list[str]:

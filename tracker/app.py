@@ -25,13 +25,13 @@ from relaylab.health import RedisHealth
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
-from relaylab.resp import RedisReplyError, RedisUnavailable, RespClient
+from relaylab.resp import RespClient
 from relaylab.suppression.normalize import InvalidAddress
 from relaylab.suppression.store import SuppressionStore
 from relaylab.tracking.tokens import Claims, Kind, TokenSigner
 from tracker import pages
 from tracker.connections import track_requests
-from tracker.events import DEFAULT_RETENTION_DAYS, Event, EventWriter
+from tracker.events import DEFAULT_RETENTION_DAYS, Event, EventQueue, EventWriter
 from tracker.machines import classify
 
 __all__ = ["Tracker", "client_ip", "make_app", "safe_location"]
@@ -134,9 +134,11 @@ class _Derived:
 class Tracker:
     def __init__(self, holder: PolicyHolder, events: RespClient, store: SuppressionStore) -> None:
         self._holder = holder
-        self._writer = EventWriter(events, log_events=lambda: holder.policy.tracker.log_events)
         self._store = store
         self.health = RedisHealth(log)
+        writer = EventWriter(events, log_events=lambda: holder.policy.tracker.log_events)
+        self.events = EventQueue(writer, events, self.health,
+                                 capacity=lambda: holder.policy.tracker.event_queue)
         self._derived: _Derived | None = None
 
     def _current(self) -> _Derived:
@@ -160,31 +162,22 @@ class Tracker:
                       ip=request.remote or "", status=404)
         return claims
 
-    async def _record(self, request: web.Request, claims: Claims, event_type: str) -> bool:
+    def _record(self, request: web.Request, claims: Claims, event_type: str) -> None:
+        """Queue the event: the answer never waits for Redis (EventQueue)."""
         ua = request.headers.get("User-Agent", "")
         ip = client_ip(request, self._current().trusted)
         event = Event(type=event_type, subaccount=claims.subaccount, message_id=claims.message_id,
                       recipient=claims.recipient, url=claims.url, client_ip=ip, user_agent=ua,
                       machine=classify(ua, ip))
         sub = self._holder.policy.subaccount(claims.subaccount)
-        retention = sub.plan.retention_days if sub is not None else DEFAULT_RETENTION_DAYS
-        try:
-            await self._writer.write(event, retention)
-        except (RedisUnavailable, RedisReplyError) as e:
-            self.health.failed(e)
-            # The person still gets the page or the redirect; the event is lost, and said so.
-            log_event(log, "event_lost", logging.WARNING, type=event_type,
-                      subaccount=claims.subaccount, message_id=claims.message_id, detail=str(e))
-            return False
-        self.health.ok()
-        return True
+        self.events.put(event, sub.plan.retention_days if sub is not None else DEFAULT_RETENTION_DAYS)
 
     async def open(self, request: web.Request) -> web.StreamResponse:
         claims = self._claims(request, Kind.OPEN)
         if claims is None:
             return not_found()
         if request.method == "GET":
-            await self._record(request, claims, "open")
+            self._record(request, claims, "open")
         return web.Response(body=pages.PIXEL_GIF, content_type="image/gif", headers=pages.NO_CACHE)
 
     async def click(self, request: web.Request) -> web.StreamResponse:
@@ -193,7 +186,7 @@ class Tracker:
         if claims is None or location is None:
             return not_found()
         if request.method == "GET":
-            await self._record(request, claims, "click")
+            self._record(request, claims, "click")
         return web.Response(status=302, headers={"Location": location, **pages.NO_CACHE})
 
     async def unsubscribe_page(self, request: web.Request) -> web.StreamResponse:
@@ -223,12 +216,14 @@ class Tracker:
                                  status=503, headers={"Retry-After": "60"})
         log_event(log, "unsubscribed", subaccount=claims.subaccount, message_id=claims.message_id,
                   recipient=claims.recipient, result=result)
-        await self._record(request, claims, "unsubscribe")
+        self._record(request, claims, "unsubscribe")
         return html_response(pages.unsubscribed(claims.recipient))
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         # Redirects and pixels work without Redis; only a balancer's operator wants to know.
-        return web.Response(text=f"ok redis={'up' if self.health.up else 'down'}\n",
+        return web.Response(text=f"ok redis={'up' if self.health.up else 'down'} "
+                                 f"events_queued={len(self.events)} "
+                                 f"events_dropped={self.events.dropped_total}\n",
                             headers=pages.NO_CACHE)
 
 

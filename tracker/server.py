@@ -27,11 +27,15 @@ from relaylab.suppression.store import SuppressionStore
 from relaylab.workers import run_workers
 from tracker.app import Tracker, make_app
 from tracker.connections import GuardedSite
+from tracker.events import RECORD
 
 log = logging.getLogger("relaylab.tracker")
 
 REDIS_TIMEOUT = 2.0
 SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get at SIGTERM
+# Seconds queued events get to reach Redis at SIGTERM, after the requests: both fit in
+# the unit's TimeoutStopSec=15.
+DRAIN_TIMEOUT = 8.0
 
 
 async def serve_worker(config: Path, host: str | None, port: int | None, *, worker: int = 0,
@@ -40,7 +44,8 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     policy = holder.policy
     host = host or policy.tracker.listen_host
     port = port or policy.tracker.listen_port
-    fast = RespClient(policy.redis_url, connect_timeout=REDIS_TIMEOUT, command_timeout=REDIS_TIMEOUT)
+    fast = RespClient(policy.redis_url, scripts=(RECORD,), connect_timeout=REDIS_TIMEOUT,
+                      command_timeout=REDIS_TIMEOUT)
     client = async_client(policy.redis_url, REDIS_TIMEOUT)
     tracker = Tracker(holder, fast, SuppressionStore(client))
     runner = web.AppRunner(make_app(tracker), access_log=None, handle_signals=False,
@@ -64,7 +69,8 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     finally:
         log_event(log, "stopping", worker=worker, pid=os.getpid())
         await holder.stop()
-        await runner.cleanup()
+        await runner.cleanup()  # requests answered: nothing more is queued
+        await tracker.events.close(DRAIN_TIMEOUT)
         await fast.close()
         await client.aclose()
 

@@ -244,23 +244,41 @@ def check_samples(clicks: list[tuple[str, str, str]], r: redis.Redis, nginx_port
     """A few clicks by hand: 302, the right Location, exactly one stream entry each."""
     key = events_key(SUB)
     before = r.xlen(key)
-    for url, recipient, destination in clicks[:SAMPLES]:
+    for n, (url, recipient, destination) in enumerate(clicks[:SAMPLES], 1):
         status, location = fetch_redirect(url)
         if (status, location) != (302, destination):
             problems.append(f"tracker answered {status} Location {location!r} for a click to "
                             f"{destination!r}")
+        # The tracker answers first and writes the event just after (tracker/events.py).
+        deadline = time.monotonic() + 5
+        while r.xlen(key) < before + n and time.monotonic() < deadline:
+            time.sleep(0.01)
         entry = r.xrevrange(key, count=1)
         fields = {str(k): str(v) for k, v in (entry[0][1] or {}).items()} if entry else {}
         want = {"type": "click", "recipient": recipient, "url": destination, "machine": ""}
         got = {k: fields.get(k) for k in want}
         if got != want:
             problems.append(f"stream entry after a click: {got}, expected {want}")
+    time.sleep(0.2)  # an extra entry would have come by now
     if (added := r.xlen(key) - before) != SAMPLES:
         problems.append(f"{SAMPLES} sample clicks added {added} stream entries")
     sample_path = "/c/" + clicks[0][0].rsplit("/c/", 1)[1]
     status, location = fetch_redirect(f"http://127.0.0.1:{nginx_port}{sample_path}")
     if (status, location) != (302, NGINX_LOCATION):
         problems.append(f"nginx answered {status} Location {location!r}")
+
+
+def settle_events(r: redis.Redis, key: str, expected: int, timeout: float = 30.0) -> None:
+    """Wait until the stream holds `expected` entries, or stops growing: the tracker
+    answers before it writes, so events queued at the end of a run land a little later."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        now = r.xlen(key)
+        if now >= expected or now == last:
+            return
+        last = now
+        time.sleep(0.5)
 
 
 def fmt_ms(us: float) -> str:
@@ -324,6 +342,8 @@ def main() -> int:
                 before = r.xlen(key)
                 w = run_wrk(wrk, urls[name], paths, args, args.duration)
                 time.sleep(0.5)
+                if name == "tracker":
+                    settle_events(r, key, before + w["requests"])
                 w["events"] = r.xlen(key) - before
                 row[name] = w
                 if w["errors"]:

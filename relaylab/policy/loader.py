@@ -643,12 +643,14 @@ MIN_SECRET_BYTES = 32  # token secrets (HKDF input, legacy HMAC key) of at least
 def _tracker(w: _Walker, node: yaml.Node, base: Path) -> TrackerSettings:
     m = w.mapping(node, "tracker", {"base_url", "listen", "workers", "keys", "trusted_proxies",
                                     "log_events", "keepalive_timeout", "header_timeout",
-                                    "max_connections"})
+                                    "max_connections", "event_queue"})
     kw: dict[str, object] = {}
     _connection_limits(w, m, "tracker", kw,
                        ("keepalive_timeout", "header_timeout", "max_connections"))
     if "log_events" in m:
         kw["log_events"] = w.boolean(m["log_events"][1], "tracker.log_events")
+    if "event_queue" in m:
+        kw["event_queue"] = w.integer(m["event_queue"][1], "tracker.event_queue", minimum=1)
     if "base_url" in m:
         url = w.string(m["base_url"][1], "tracker.base_url")
         if url is not None:

@@ -205,6 +205,9 @@ class TrackerSettings:
     # senders hold a connection each).
     header_timeout: int = 15
     max_connections: int = 1000  # open connections per worker; more are closed (logged)
+    # Events waiting for Redis per worker; a redirect never waits for its event's write.
+    # Beyond this many (a long outage) new events are dropped and counted.
+    event_queue: int = 50_000
 
     @property
     def enabled(self) -> bool:

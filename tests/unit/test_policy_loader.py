@@ -712,14 +712,16 @@ def test_connection_limits_and_event_log_load_with_defaults(tmp_path: Path, keys
     assert p.policyd.max_connections == 1000
     t = p.tracker
     assert (t.log_events, t.keepalive_timeout, t.header_timeout, t.max_connections) == (True, 75, 15, 1000)
+    assert t.event_queue == 50_000
     set_ = write(tmp_path, VALID_HEAD + "milter:\n  idle_timeout: 600\n  max_connections: 20\n"
                  "policyd:\n  max_connections: 30\n"
                  "tracker:\n  log_events: false\n  keepalive_timeout: 5\n  header_timeout: 2\n"
-                 "  max_connections: 40\n", keys, name="set.yaml")
+                 "  max_connections: 40\n  event_queue: 200_000\n", keys, name="set.yaml")
     p = load_policy(set_)
     assert (p.milter.idle_timeout, p.milter.max_connections, p.policyd.max_connections) == (600, 20, 30)
     t = p.tracker
     assert (t.log_events, t.keepalive_timeout, t.header_timeout, t.max_connections) == (False, 5, 2, 40)
+    assert t.event_queue == 200_000
 
 
 @pytest.mark.parametrize(("section", "text", "message"), [
@@ -730,6 +732,9 @@ def test_connection_limits_and_event_log_load_with_defaults(tmp_path: Path, keys
     ("tracker", "  header_timeout: 1.5\n", "expected an integer"),
     ("tracker", "  keepalive_timeout: 0\n", "must be >= 1"),
     ("tracker", "  log_events: yes please\n", "expected true or false"),
+    ("tracker", "  event_queue: 0\n", "must be >= 1"),
+    ("tracker", "  event_queue: unbounded\n", "expected an integer"),
+    ("tracker", "  event_queue: 1e5\n", "expected an integer"),
 ])
 def test_connection_limits_are_checked_at_load(tmp_path: Path, keys: Keys, section: str, text: str,
                                                message: str) -> None:

@@ -5,14 +5,16 @@ counters)."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
+import redis
 from aiohttp.test_utils import make_mocked_request
 from trackerutil import ODD_URLS
 
-from relaylab.resp import ReplyParser
+from relaylab.suppression.keys import daily_key, hourly_key, unique_key
 from tracker.app import client_ip, safe_location
-from tracker.events import Event
+from tracker.events import RECORD, Event
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -63,35 +65,57 @@ def test_location_encodes_only_what_a_uri_cannot_carry(url: str, location: str) 
     assert safe_location(url) == location
 
 
-def test_event_is_a_trimmed_stream_entry_and_day_counters() -> None:
+def record(r: redis.Redis, ev: Event, retention_days: int, now: float,
+           deadline_ms: int | None = None) -> object:
+    """Run the tracker's RECORD script as the event writer calls it."""
+    if deadline_ms is None:
+        deadline_ms = int((time.time() + 5) * 1000)
+    args = ev.script_args(retention_days, now, deadline_ms)
+    return r.eval(RECORD.body, int(args[0]), *args[1:])
+
+
+def test_event_is_a_trimmed_stream_entry_and_day_counters(r: redis.Redis) -> None:
     ev = Event(type="click", subaccount="shop", message_id="m1", recipient="bob@example.com",
                url="https://shop.example.com/", client_ip="198.51.100.1", user_agent="x" * 2000,
                machine="link_scanner:barracuda")
-    now = 1_800_000_000.0
-    cmds = [resp_args(c) for c in ev.commands(retention_days=15, now=now)]
-    xadd, day, hour, machine, machine_hour = cmds
-    assert xadd[:6] == ["XADD", "rl:{sub:shop}:events", "MINID", "~",
-                        str(int((now - 15 * 86_400) * 1000)), "*"]
-    fields = dict(zip(xadd[6::2], xadd[7::2], strict=True))
+    args = ev.script_args(retention_days=15, now=1_800_000_000.0, deadline_ms=0)
+    assert args[:6] == ["5", "rl:{sub:shop}:events", "rl:{sub:shop}:daily:20270115",
+                        "rl:{sub:shop}:hourly:2027011508", "rl:{sub:shop}:uniq:click:20270115",
+                        "rl:{sub:shop}:uniq:click:2027011508"]
+    assert args[7] == str(int((1_800_000_000.0 - 15 * 86_400) * 1000))  # MINID: retention
+    now = time.time()  # the entry's id is Redis's time: not older than the MINID
+    assert record(r, ev, 15, now) == 1
+    ((_, fields),) = r.xrange("rl:{sub:shop}:events")
     assert fields["type"] == "click" and fields["url"] == "https://shop.example.com/"
+    assert fields["recipient"] == "bob@example.com" and fields["ip"] == "198.51.100.1"
     assert fields["machine"] == "link_scanner:barracuda" and len(fields["ua"]) == 512
-    assert day == ["HINCRBY", "rl:{sub:shop}:daily:20270115", "click", "1"]
-    assert machine == ["HINCRBY", "rl:{sub:shop}:daily:20270115", "click:machine", "1"]
-    assert hour == ["HINCRBY", "rl:{sub:shop}:hourly:2027011508", "click", "1"]
-    assert machine_hour == ["HINCRBY", "rl:{sub:shop}:hourly:2027011508", "click:machine", "1"]
+    assert r.hgetall(daily_key("shop", now)) == {"click": "1", "click:machine": "1"}
+    assert r.hgetall(hourly_key("shop", now)) == {"click": "1", "click:machine": "1"}
+    assert r.keys("rl:{sub:shop}:uniq:*") == []  # a machine's click is no person's
 
 
-def test_a_person_event_counts_once_per_hour_and_day_and_as_a_unique_pair() -> None:
+def test_a_person_event_counts_once_per_hour_and_day_and_as_a_unique_pair(r: redis.Redis
+                                                                         ) -> None:
     ev = Event(type="open", subaccount="shop", message_id="m1", recipient="", url="",
                client_ip="198.51.100.1", user_agent="Firefox", machine="")
-    cmds = ev.commands(retention_days=7, now=1_800_000_000.0)
-    assert b"url" not in cmds[0]
-    assert [resp_args(c)[:2] for c in cmds[1:]] == [
-        ["HINCRBY", "rl:{sub:shop}:daily:20270115"], ["HINCRBY", "rl:{sub:shop}:hourly:2027011508"],
-        ["PFADD", "rl:{sub:shop}:uniq:open:20270115"], ["PFADD", "rl:{sub:shop}:uniq:open:2027011508"]]
+    now = time.time()
+    assert record(r, ev, 7, now) == 1
+    assert record(r, ev, 7, now) == 1  # opened twice: two opens, one unique pair
+    entries = r.xrange("rl:{sub:shop}:events")
+    assert len(entries) == 2 and "url" not in entries[0][1] and entries[0][1]["machine"] == ""
+    assert r.hgetall(daily_key("shop", now)) == {"open": "2"}
+    assert r.hgetall(hourly_key("shop", now)) == {"open": "2"}
+    for hourly in (False, True):
+        assert r.pfcount(unique_key("shop", "open", now, hourly=hourly)) == 1
 
 
-def resp_args(encoded: bytes) -> list[str]:
-    """Decode a RESP command (an array of bulk strings) with the reply parser."""
-    (args,) = ReplyParser().feed(encoded)
-    return [a.decode() for a in args]
+def test_a_call_run_after_its_deadline_records_nothing(r: redis.Redis) -> None:
+    """Issue 17.3: the writer gives up on a reply after its timeout and sends the event
+    again; the first call, run late by a Redis that hung with it in its buffer, must not
+    count the event a second time."""
+    ev = Event(type="click", subaccount="shop", message_id="m1", recipient="", url="https://a/",
+               client_ip="198.51.100.1", user_agent="Firefox", machine="")
+    assert record(r, ev, 7, time.time(), deadline_ms=int(time.time() * 1000) - 1) == 0
+    assert r.exists("rl:{sub:shop}:events") == 0 and r.keys("*") == []
+    assert record(r, ev, 7, time.time()) == 1
+    assert r.xlen("rl:{sub:shop}:events") == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import calendar
 import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import redis
 from relaylab.cli import main as relaylab
 from relaylab.devstack.redis import RedisServer
 from relaylab.events.query import Filter, iter_events, not_opened, parse_when, stats_rows
+from tracker.events import RECORD
 from tracker.events import Event as TrackerEvent
 
 T0 = calendar.timegm((2026, 12, 4, 10, 0, 0))
@@ -74,8 +76,9 @@ def test_stats_count_per_hour_and_day_with_unique_opens(r: redis.Redis, redis_se
 
     async def write() -> None:
         c = RespClient(redis_server.url)
+        deadline_ms = int((time.time() + 60) * 1000)  # the tracker's RECORD call, as it sends it
         for e in [*opens, machine]:
-            await c.execute_all(e.commands(7, T0 + 10))
+            await c.execute("EVAL", RECORD.body, *e.script_args(7, T0 + 10, deadline_ms))
         await c.close()
     asyncio.run(write())
     r.hset("rl:{sub:shop}:daily:20261204", mapping={"injected": 3, "ok": 2})

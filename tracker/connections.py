@@ -26,16 +26,42 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from relaylab.connlimit import ConnectionCap
 from relaylab.logfmt import log_event
 from relaylab.policy.model import TrackerSettings
 
-__all__ = ["GuardedConnection", "GuardedSite", "track_requests"]
+__all__ = ["GuardedConnection", "GuardedSite", "ServerLog", "track_requests"]
 
 log = logging.getLogger("relaylab.tracker")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_MAX_REASON = 200
+
+
+class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger for the tracker (`web.AppRunner(logger=...)`).
+
+    aiohttp logs every malformed request (a bad request line or header, garbage, TLS on
+    the plain port) at ERROR with a traceback, or at DEBUG when it is the connection's
+    first request and a bad method. A malformed request is the client's fault, not ours:
+    it becomes one warning line, `event=bad_request peer=... reason=... error=...`, and
+    aiohttp still answers 400 and closes the connection. Everything else aiohttp logs
+    (a handler's unexpected exception) passes through unchanged, traceback and all."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            reason = (exc.message or str(exc)).strip().splitlines() or [""]
+            log_event(self.logger, "bad_request", logging.WARNING,
+                      peer=args[0] if args else "", reason=reason[0].rstrip(":")[:_MAX_REASON],
+                      error=type(exc).__name__, status=exc.code or 400, action="close")
+            return
+        self.logger.log(level, msg, *args, **kwargs)
 
 
 class GuardedConnection(asyncio.Protocol):

@@ -26,7 +26,7 @@ from relaylab.resp import RespClient
 from relaylab.suppression.store import SuppressionStore
 from relaylab.workers import run_workers
 from tracker.app import Tracker, make_app
-from tracker.connections import GuardedSite
+from tracker.connections import GuardedSite, ServerLog
 from tracker.events import RECORD
 
 log = logging.getLogger("relaylab.tracker")
@@ -49,7 +49,7 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     client = async_client(policy.redis_url, REDIS_TIMEOUT)
     tracker = Tracker(holder, fast, SuppressionStore(client))
     runner = web.AppRunner(make_app(tracker), access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE)
+                           shutdown_timeout=SHUTDOWN_GRACE, logger=ServerLog(log))
     await runner.setup()
     ensure_fd_limit(policy.tracker.max_connections, log)
     site = GuardedSite(runner, host, port, lambda: holder.policy.tracker)

@@ -3,6 +3,7 @@ what a redirect says, byte for byte, and what each request leaves in Redis."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,46 @@ def test_links_of_mail_sent_before_sealing_still_open_and_record(tk: StandaloneT
     wait_until(lambda: len(tk.events()) == 2, timeout=10)
     assert [(e["message_id"], e["recipient"], e["url"]) for e in tk.events()] == [
         ("m-old", "bob@example.com", dest), ("m-new", "bob@example.com", dest)]
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection and read until the tracker closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+GOOD = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+BAD_REQUESTS = {
+    "tls_hello": bytes.fromhex("16030100a5010000a10303") + b"\x00" * 40,
+    "garbage": b"\x00\x01\x02 \xff\xfe garbage \r\n\r\n",
+    "header_without_colon": b"GET /healthz HTTP/1.1\r\nHost: t\r\nno colon here\r\n\r\n",
+    "bad_version": b"GET /healthz HTTP/9.Z\r\nHost: t\r\n\r\n",
+    "line_too_long": b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+    "bad_second_request": GOOD + b"\x16\x03\x01 not http\r\n\r\n",  # after a good one
+}
+
+
+def test_a_malformed_request_is_one_warning_line_and_the_tracker_serves_on(
+        tk: StandaloneTracker) -> None:
+    """Issue 17.6: aiohttp logged each malformed request at ERROR with a traceback (or not
+    at all); each is now one logfmt warning, `event=bad_request`, and nothing else."""
+    mark = len(tk.tracker.log_text())
+    for name, data in BAD_REQUESTS.items():
+        answer = raw_exchange(tk.port, data)
+        assert b" 400 " in answer.split(b"\r\n", 1)[0] or (name == "bad_second_request"
+                                                            and b" 400 " in answer), name
+        url = tk.signer.click_url(SUB, f"m-{name}", "bob@example.com", ODD_URLS[0])
+        assert url is not None and request(tk.port, tk.path(url)).status == 302  # still serving
+    wait_until(lambda: len(tk.events()) == len(BAD_REQUESTS), timeout=10)
+    log = tk.tracker.log_text()[mark:]
+    bad = [line for line in log.splitlines() if "event=bad_request" in line]
+    assert len(bad) == len(BAD_REQUESTS), log
+    assert all(line.startswith("level=warning") or " level=warning " in line for line in bad), bad
+    assert all("peer=127.0.0.1" in line and "reason=" in line and "status=400" in line
+               for line in bad), bad
+    assert "Traceback" not in log and "level=error" not in log, log
+    assert len(log.splitlines()) == len(bad) + len(BAD_REQUESTS)  # and one line per click

@@ -5,15 +5,18 @@ counters)."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 
 import pytest
 import redis
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.test_utils import make_mocked_request
 from trackerutil import ODD_URLS
 
 from relaylab.suppression.keys import daily_key, hourly_key, unique_key
 from tracker.app import client_ip, safe_location
+from tracker.connections import ServerLog
 from tracker.events import RECORD, Event
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -119,3 +122,24 @@ def test_a_call_run_after_its_deadline_records_nothing(r: redis.Redis) -> None:
     assert r.exists("rl:{sub:shop}:events") == 0 and r.keys("*") == []
     assert record(r, ev, 7, time.time()) == 1
     assert r.xlen("rl:{sub:shop}:events") == 1
+
+
+def test_server_log_makes_a_malformed_request_one_warning_and_passes_the_rest_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("relaylab.tracker.test-serverlog")
+    server_log = ServerLog(logger)
+    with caplog.at_level(logging.DEBUG, logger.name):
+        try:
+            raise BadHttpMessage("Invalid header token:\n\n  b'no colon'\n      ^")
+        except BadHttpMessage as e:
+            server_log.exception("Error handling request from %s", "192.0.2.9", exc_info=e)
+        try:
+            raise RuntimeError("a bug of ours")
+        except RuntimeError as e:
+            server_log.exception("Error handling request from %s", "192.0.2.9", exc_info=e)
+    bad, bug = caplog.records
+    assert bad.levelno == logging.WARNING and bad.exc_info is None
+    assert bad.getMessage() == "bad_request"
+    assert bad.kv == {"peer": "192.0.2.9", "reason": "Invalid header token",  # type: ignore[attr-defined]
+                      "error": "BadHttpMessage", "status": 400, "action": "close"}
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None  # traceback kept

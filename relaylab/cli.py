@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relaylab.events.cli import register as register_events
 
     register_events(sub)
+    from webhooks.cli import register as register_webhooks
+
+    register_webhooks(sub)
 
     p = command(sub, "demo", "run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"),

@@ -6,6 +6,8 @@ schema below, so that an unknown key or a wrong type is an error, never silently
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -19,6 +21,7 @@ import yaml
 
 from relaylab.dkim.keys import KeyLoadError, load_private_key
 from relaylab.policy.model import (
+    WEBHOOK_EVENT_TYPES,
     CountMode,
     DkimAlgorithm,
     DkimKeyRef,
@@ -39,6 +42,8 @@ from relaylab.policy.model import (
     TrafficType,
     UnauthenticatedAction,
     Utm,
+    Webhook,
+    WebhookAuth,
 )
 
 DEFAULT_PATH = Path("conf/relaylab.yaml")
@@ -479,7 +484,7 @@ def _subaccount(
     """The subaccount, plus the YAML node of each login and domain for later errors."""
     key = f"subaccounts.{name}"
     s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers",
-                              "suppression"})
+                              "suppression", "webhook"})
     ok = True
     for required in ("logins", "traffic", "domains"):
         if required not in s:
@@ -543,6 +548,11 @@ def _subaccount(
         sup = w.mapping(s["suppression"][1], f"{key}.suppression", {"shadow"})
         if "shadow" in sup:
             shadow = bool(w.boolean(sup["shadow"][1], f"{key}.suppression.shadow"))
+    webhook = None
+    if "webhook" in s:
+        before = len(w.problems)
+        webhook = _webhook(w, f"{key}.webhook", s["webhook"][1], base)
+        ok = ok and len(w.problems) == before
     if not logins:
         w.fail(s["logins"][1], f"{key}.logins", "at least one SASL login is required")
         ok = False
@@ -550,7 +560,7 @@ def _subaccount(
         return None
     return Subaccount(name=name, logins=tuple(logins), plan=plan, traffic=traffic,
                       domains=tuple(domains), tracking=tracking, headers=tuple(headers),
-                      suppression_shadow=shadow), nodes
+                      suppression_shadow=shadow, webhook=webhook), nodes
 
 
 def _domain(
@@ -720,3 +730,142 @@ def _tracker_key(w: _Walker, key: str, node: yaml.Node, base: Path) -> TrackerKe
         w.fail(vnode, vkey, f"a token key needs at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
         return None
     return TrackerKey(id=kid, secret=secret, secret_file=path)
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_WEBHOOK_KEY_BYTES = 24  # Standard Webhooks: secrets of 24 to 64 bytes
+MAX_WEBHOOK_KEY_BYTES = 64
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_<base64>` secret (Standard Webhooks' convention); raises
+    ValueError naming what is wrong."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"must start with {WEBHOOK_SECRET_PREFIX} (make one with "
+                         f"`relaylab webhooks secret`)")
+    text = secret[len(WEBHOOK_SECRET_PREFIX):]
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the text after {WEBHOOK_SECRET_PREFIX} must be base64") from None
+    if not MIN_WEBHOOK_KEY_BYTES <= len(key) <= MAX_WEBHOOK_KEY_BYTES:
+        raise ValueError(f"the key must be {MIN_WEBHOOK_KEY_BYTES} to {MAX_WEBHOOK_KEY_BYTES} "
+                         f"bytes, got {len(key)}")
+    return key
+
+
+def _duration(w: _Walker, node: yaml.Node, key: str) -> float | None:
+    """Seconds: an integer, or a number with a unit (500ms, 30s, 5m, 2h, 1d)."""
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int":
+        value = w.integer(node, key, minimum=1)
+        return float(value) if value is not None else None
+    text = w.scalar(node, key, str, str) if isinstance(node, yaml.ScalarNode) else None
+    if not isinstance(node, yaml.ScalarNode):
+        w.fail(node, key, f"expected a duration such as 30s, got {_kind(node)}")
+        return None
+    m = _DURATION_RE.match(text or "")
+    if m is None or float(m.group(1)) <= 0:
+        w.fail(node, key, f"expected a duration such as 500ms, 30s, 5m, 2h or 1d, got {text!r}")
+        return None
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _http_url(w: _Walker, node: yaml.Node, key: str) -> str | None:
+    url = w.string(node, key)
+    if url is None:
+        return None
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname or u.fragment:
+        w.fail(node, key, f"expected an http(s)://HOST/... URL, got {url!r}")
+        return None
+    return url
+
+
+def _secret_text(w: _Walker, m: dict[str, tuple[yaml.Node, yaml.Node]], key: str, name: str,
+                 base: Path) -> tuple[yaml.Node, str, str | None, Path | None]:
+    """(value node, its key, the text, the file) of NAME or NAME_file, exactly one given."""
+    if name in m:
+        vnode = m[name][1]
+        return vnode, f"{key}.{name}", w.string(vnode, f"{key}.{name}"), None
+    vnode, vkey = m[f"{name}_file"][1], f"{key}.{name}_file"
+    rel = w.string(vnode, vkey)
+    if rel is None:
+        return vnode, vkey, None, None
+    path = Path(rel) if Path(rel).is_absolute() else base / rel
+    try:
+        return vnode, vkey, path.read_text().strip(), path
+    except (OSError, UnicodeDecodeError) as e:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        w.fail(vnode, vkey, f"cannot read {path}: {detail}")
+        return vnode, vkey, None, path
+
+
+def _webhook(w: _Walker, key: str, node: yaml.Node, base: Path) -> Webhook | None:
+    m = w.mapping(node, key, {"url", "backup_url", "basic_auth", "secret", "secret_file",
+                              "events", "retry", "batch_size", "timeout"})
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    if "url" not in m:
+        w.fail(node, key, "missing url")
+    if ("secret" in m) == ("secret_file" in m):
+        w.fail(node, key, "needs exactly one of secret, secret_file (a whsec_... secret: "
+                          "`relaylab webhooks secret` makes one)")
+    url = _http_url(w, m["url"][1], f"{key}.url") if "url" in m else None
+    kw: dict[str, object] = {}
+    if "backup_url" in m:
+        kw["backup_url"] = _http_url(w, m["backup_url"][1], f"{key}.backup_url")
+    secret_key = None
+    if ("secret" in m) != ("secret_file" in m):
+        vnode, vkey, text, path = _secret_text(w, m, key, "secret", base)
+        kw["secret_file"] = path
+        if text is not None:
+            try:
+                secret_key = webhook_key(text)
+            except ValueError as e:
+                w.fail(vnode, vkey, str(e))
+    if "basic_auth" in m:
+        akey = f"{key}.basic_auth"
+        a = w.mapping(m["basic_auth"][1], akey, {"user", "password", "password_file"})
+        if isinstance(m["basic_auth"][1], yaml.MappingNode):
+            if "user" not in a or ("password" in a) == ("password_file" in a):
+                w.fail(m["basic_auth"][1], akey,
+                       "needs a user and exactly one of password, password_file")
+            else:
+                user = w.string(a["user"][1], f"{akey}.user")
+                if user is not None and ":" in user:
+                    w.fail(a["user"][1], f"{akey}.user", "HTTP Basic user names cannot hold ':'")
+                _, _, password, _ = _secret_text(w, a, akey, "password", base)
+                if user is not None and ":" not in user and password is not None:
+                    kw["auth"] = WebhookAuth(user, password)
+    if "events" in m:
+        enode = m["events"][1]
+        types: set[str] = set()
+        for item, text in w.string_list(enode, f"{key}.events"):
+            if text not in WEBHOOK_EVENT_TYPES:
+                w.fail(item, f"{key}.events",
+                       f"unknown event type {text!r} (one of: {', '.join(WEBHOOK_EVENT_TYPES)})")
+            else:
+                types.add(text)
+        if isinstance(enode, yaml.SequenceNode) and not enode.value:
+            w.fail(enode, f"{key}.events", "an empty list sends nothing: remove the webhook")
+        kw["events"] = frozenset(types)
+    if "retry" in m:
+        rnode = m["retry"][1]
+        if not isinstance(rnode, yaml.SequenceNode):
+            w.fail(rnode, f"{key}.retry", f"expected a list of durations, got {_kind(rnode)}")
+        else:
+            delays = [_duration(w, item, f"{key}.retry[{i}]") for i, item in enumerate(rnode.value)]
+            kw["retry"] = tuple(d for d in delays if d is not None)
+    if "batch_size" in m:
+        size = w.integer(m["batch_size"][1], f"{key}.batch_size", minimum=1)
+        if size is not None and size > 10_000:
+            w.fail(m["batch_size"][1], f"{key}.batch_size", f"must be <= 10000, got {size}")
+        kw["batch_size"] = size
+    if "timeout" in m:
+        kw["timeout"] = _duration(w, m["timeout"][1], f"{key}.timeout")
+    if url is None or secret_key is None or any(v is None for k, v in kw.items()
+                                                if k not in ("secret_file", "auth")):
+        return None
+    return Webhook(url=url, key=secret_key, **kw)  # type: ignore[arg-type]

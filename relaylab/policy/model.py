@@ -107,6 +107,40 @@ class Tracking:
         return self.opens or self.clicks or bool(self.utm.params())
 
 
+# Event types a webhook can carry (the activity log's `type` field), and those it carries
+# when the policy does not list them: every type but `ok` and `injected`, which are one
+# per recipient of every message (EmailLabs leaves them off by default too).
+WEBHOOK_EVENT_TYPES = ("injected", "dropped", "ok", "deferred", "softbounce", "hardbounce",
+                       "spambounce", "expired", "open", "click", "unsubscribe")
+DEFAULT_WEBHOOK_EVENTS = frozenset(WEBHOOK_EVENT_TYPES) - {"ok", "injected"}
+# Seconds to wait after the 1st, 2nd, ... failed attempt before the next one.
+DEFAULT_WEBHOOK_RETRY = (30.0, 300.0, 1800.0, 7200.0, 21600.0, 86400.0)
+
+
+@attrs.frozen
+class WebhookAuth:
+    """HTTP Basic credentials sent with every webhook request."""
+
+    user: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Webhook:
+    """Where and how a subaccount's events are POSTed (webhooks/ delivers them)."""
+
+    url: str
+    # The HMAC-SHA256 key: the base64 text after `whsec_` of the configured secret, decoded.
+    key: bytes = attrs.field(repr=False)
+    backup_url: str | None = None  # tried once the retries to `url` are used up
+    auth: WebhookAuth | None = None
+    events: frozenset[str] = DEFAULT_WEBHOOK_EVENTS
+    retry: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY
+    batch_size: int = 100  # events per request (a JSON array)
+    timeout: float = 10.0  # seconds for one request, connect to last byte of the answer
+    secret_file: Path | None = None  # where the secret was read from (None: inline)
+
+
 @attrs.frozen
 class Subaccount:
     name: str
@@ -118,6 +152,7 @@ class Subaccount:
     headers: tuple[tuple[str, str], ...] = ()
     # Suppression in shadow mode: log and count what would be refused, refuse nothing.
     suppression_shadow: bool = False
+    webhook: Webhook | None = None
 
     def domain(self, name: str) -> SendingDomain | None:
         name = name.lower()

@@ -42,6 +42,23 @@ rl:{sub:NAME}:bounces          hash    "h:<address>" -> hard bounces so far;  no
 rl:{logd}:checkpoint:NAME      hash    logd NAME's place in the log: file     none
                                        dev/inode, offset, generation, the
                                        first bytes of the file
+rl:{sub:NAME}:wh:cursor        string  relaylab webhooks' place in NAME's     none
+                                       events stream: the id of the last
+                                       entry it made into batches (written in
+                                       the same script as those batches)
+rl:{sub:NAME}:wh:due           zset    webhook batches to send: member =      none; a member
+                                       batch id, score = when (unix ms); a    goes when its
+                                       batch being sent is pushed past the    batch is sent or
+                                       request's timeout (lease)              dead-lettered
+rl:{sub:NAME}:wh:b:BATCHID     hash    one webhook batch: body (the JSON      none; deleted
+                                       array sent, byte for byte every        once delivered
+                                       time), n events, stage (primary |      or dead-lettered
+                                       backup), fails (in this stage), tries,
+                                       kind (live | replay), created (ms),
+                                       error (the last failure)
+rl:{sub:NAME}:wh:dead          stream  dead letters: batches whose retries    trimmed to the
+                                       to the URL and backup URL ran out      plan's retention
+                                       (batch, body, n, tries, error, url)    (MINID ~)
 =============================  ======  =====================================  ==================
 
 One hash per list (rather than one key per entry) keeps a 1,000,000-entry list at a
@@ -56,8 +73,23 @@ import time
 
 from relaylab.suppression.model import GLOBAL, ListKind, Scope
 
-__all__ = ["bounces_key", "checkpoint_key", "daily_key", "events_key", "events_minid", "hourly_key",
-           "list_key", "logd_position_key", "queue_key", "scope_tag", "unique_key"]
+__all__ = [
+    "bounces_key",
+    "checkpoint_key",
+    "daily_key",
+    "events_key",
+    "events_minid",
+    "hourly_key",
+    "list_key",
+    "logd_position_key",
+    "queue_key",
+    "scope_tag",
+    "unique_key",
+    "webhook_batch_key",
+    "webhook_cursor_key",
+    "webhook_dead_key",
+    "webhook_due_key",
+]
 
 # Same rule as the policy loader: hash-tag braces can never appear in a name.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -123,3 +155,24 @@ def checkpoint_key(name: str) -> str:
     if not _NAME_RE.match(name):
         raise ValueError(f"not a valid logd name: {name!r}")
     return f"rl:{{logd}}:checkpoint:{name}"
+
+
+def webhook_cursor_key(subaccount: str) -> str:
+    return f"rl:{scope_tag(subaccount)}:wh:cursor"
+
+
+def webhook_due_key(subaccount: str) -> str:
+    return f"rl:{scope_tag(subaccount)}:wh:due"
+
+
+_BATCH_ID_RE = re.compile(r"msg_[A-Za-z0-9]{1,64}\Z")
+
+
+def webhook_batch_key(subaccount: str, batch_id: str) -> str:
+    if not _BATCH_ID_RE.match(batch_id):
+        raise ValueError(f"not a webhook batch id: {batch_id!r}")
+    return f"rl:{scope_tag(subaccount)}:wh:b:{batch_id}"
+
+
+def webhook_dead_key(subaccount: str) -> str:
+    return f"rl:{scope_tag(subaccount)}:wh:dead"

@@ -1,0 +1,1 @@
+"""relaylab webhooks: signed, batched, retried event webhooks per subaccount."""

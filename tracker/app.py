@@ -158,7 +158,7 @@ class Tracker:
         canonical = sent == f"/{kind.value}/{token}"
         claims = signer.verify(kind, token) if signer and canonical else None
         if claims is None:
-            log_event(log, "invalid_token", kind=kind.name.lower(), path=request.path[:200],
+            log_event(log, "invalid_token", kind=kind.name.lower(), path=request.raw_path[:200],
                       ip=request.remote or "", status=404)
         return claims
 

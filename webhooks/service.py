@@ -53,6 +53,7 @@ class WebhookService:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
         await self.drain()
+        log_event(log, "stopped", delivered_events=self.delivered_events)
 
     async def step(self) -> bool:
         """Make new events into batches and start due batches; True if there was work."""

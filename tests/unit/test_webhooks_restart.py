@@ -4,10 +4,6 @@ and started again: every event still reaches the receiver (at least once, same i
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -19,11 +15,11 @@ import standardwebhooks
 from webhookrecv import Receiver
 
 from relaylab.devstack.redis import RedisServer
+from relaylab.devstack.webhooks import WebhooksProcess
 
 SUB = "shop"
 STREAM = f"rl:{{sub:{SUB}}}:events"
 SECRET = "whsec_" + base64.b64encode(b"restart-test-secret-of-32-bytes!").decode()
-REPO = Path(__file__).resolve().parents[2]
 
 
 def policy(tmp_path: Path, redis_url: str, webhook: str) -> Path:
@@ -44,45 +40,17 @@ def policy(tmp_path: Path, redis_url: str, webhook: str) -> Path:
     return path
 
 
-class Service:
-    """relaylab webhooks serve, a child process of this test."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relaylab", "webhooks", "serve", "--config",
-                 str(self.config)], stdout=out, stderr=out, cwd=REPO)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(15)
-
-
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[Callable[[Path], Service]]:
-    made: list[Service] = []
+def service(tmp_path: Path) -> Iterator[Callable[[Path], WebhooksProcess]]:
+    made: list[WebhooksProcess] = []
 
-    def make(config: Path) -> Service:
-        s = Service(config, tmp_path / "webhooks.log")
+    def make(config: Path) -> WebhooksProcess:
+        s = WebhooksProcess(config, tmp_path / "webhooks.log")
         made.append(s)
         return s
     yield make
     for s in made:
-        if s.proc is not None and s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(10)
+        s.stop()
 
 
 def wait(cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -94,7 +62,7 @@ def wait(cond: Callable[[], bool], timeout: float = 20.0) -> None:
 
 def test_killed_mid_retry_and_restarted_the_service_still_delivers_every_event_once(
         tmp_path: Path, redis_server: RedisServer, r: redis.Redis,
-        service: Callable[[Path], Service]) -> None:
+        service: Callable[[Path], WebhooksProcess]) -> None:
     with Receiver(fail_first=3) as rec:
         cfg = policy(tmp_path, redis_server.url, f"url: {rec.url()}\nbatch_size: 3\n"
                      "retry: [1500ms, 1500ms]\n")
@@ -113,7 +81,7 @@ def test_killed_mid_retry_and_restarted_the_service_still_delivers_every_event_o
         svc.start()
         wait(lambda: len(rec.delivered_events()) >= 8)
         time.sleep(0.5)
-        assert svc.stop() == 0
+        svc.stop()
     got = sorted(e["id"] for e in rec.delivered_events())
     assert got == sorted(f"{SUB}:{i}" for i in ids + more)  # none lost, none twice
     verifier = standardwebhooks.Webhook(SECRET)
@@ -122,11 +90,12 @@ def test_killed_mid_retry_and_restarted_the_service_still_delivers_every_event_o
     assert r.zcard(f"rl:{{sub:{SUB}}}:wh:due") == 0
     log = (tmp_path / "webhooks.log").read_text()
     assert log.count("event=webhook_attempt") == len(rec.got())
+    assert "event=stopped" in log  # the second run stopped cleanly on SIGTERM
 
 
 def test_killed_mid_request_the_batch_is_sent_again_after_its_lease_with_the_same_ids(
         tmp_path: Path, redis_server: RedisServer, r: redis.Redis,
-        service: Callable[[Path], Service]) -> None:
+        service: Callable[[Path], WebhooksProcess]) -> None:
     with Receiver(hang=1.0, hang_first=1) as rec:
         cfg = policy(tmp_path, redis_server.url, f"url: {rec.url()}\ntimeout: 2s\n")
         svc = service(cfg)
@@ -141,7 +110,7 @@ def test_killed_mid_request_the_batch_is_sent_again_after_its_lease_with_the_sam
         svc.kill()  # the request is under way; its answer will find nobody
         svc.start()
         wait(lambda: len(rec.got()) >= 2, timeout=15)
-        assert svc.stop() == 0
+        svc.stop()
     first, second = rec.got()[:2]
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert second.at - first.at >= 2.0  # not before the lease (timeout + margin) ran out

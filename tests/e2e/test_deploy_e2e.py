@@ -252,8 +252,13 @@ def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deploy
     logd = parse_unit(d.unit("logd"))  # installed too; it needs a Postfix log, not a port
     assert (logd["User"], logd["ExecStart"]) == (USER, f"{d.prefix}/venv/bin/relaylab logd")
     assert logd["env:RELAYLAB_CONFIG"] == str(d.policy)
-    res = _run(["systemd-analyze", "verify", *(str(d.unit(s)) for s in (*SERVICES, "logd"))],
-               check=False)
+    hooks = parse_unit(d.unit("webhooks"))  # installed too; it listens on no port
+    assert (hooks["User"], hooks["ExecStart"]) == (
+        USER, f"{d.prefix}/venv/bin/relaylab webhooks serve")
+    assert hooks["env:RELAYLAB_CONFIG"] == str(d.policy)
+    assert d.cli("webhooks", "secret").stdout.startswith("whsec_")  # the package has it
+    res = _run(["systemd-analyze", "verify",
+                *(str(d.unit(s)) for s in (*SERVICES, "logd", "webhooks"))], check=False)
     assert res.returncode == 0 and "relaylab" not in res.stderr, res.stderr
 
 

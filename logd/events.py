@@ -1,7 +1,7 @@
 """From log records to per-recipient events (pure: no I/O).
 
 A delivery record becomes one event for its recipient, in the subaccount the milter noted
-for its queue id (rl:{q:QUEUEID}, milter/injected.py): ok, deferred, softbounce,
+for its queue id (relaylab/events/note.py, milter/injected.py): ok, deferred, softbounce,
 hardbounce, spambounce (relaylab/events/classify.py). An expiry becomes an `expired` event
 for every noted recipient without a final status yet. Records of queue ids without a note
 (mail the milter did not inject: Postfix's own bounces to senders, unauthenticated mail)
@@ -10,37 +10,20 @@ are counted and dropped.
 
 from __future__ import annotations
 
-import attrs
+from typing import NamedTuple
 
 from relaylab.events.classify import Class, classify
+from relaylab.events.note import Note
 from relaylab.events.postfix_log import Delivery, Expired, Record
 from relaylab.suppression.model import Entry, Kind, Reason, Source
 from relaylab.suppression.normalize import InvalidAddress, normalize_address
 
-__all__ = ["MAX_REPLY", "Event", "Note", "Tracker"]
+__all__ = ["MAX_REPLY", "Event", "Tracker"]
 
 MAX_REPLY = 500  # characters of the remote reply kept in an event
 
 
-@attrs.frozen
-class Note:
-    subaccount: str
-    message_id: str
-    recipients: tuple[str, ...]
-    tags: str
-
-    @classmethod
-    def from_reply(cls, reply: list[bytes | None]) -> Note | None:
-        """From HMGET s m r g."""
-        s, m, r, g = reply
-        if not s or m is None:
-            return None
-        rcpts = tuple(r.decode("utf-8", "replace").split("\n")) if r else ()
-        return cls(s.decode(), m.decode(), rcpts, (g or b"").decode("utf-8", "replace"))
-
-
-@attrs.frozen
-class Event:
+class Event(NamedTuple):
     subaccount: str
     position: int  # of the log line's end (logd/follow.py)
     type: str
@@ -89,25 +72,35 @@ class Tracker:
         return []
 
     def _delivery(self, d: Delivery, pos: int, note: Note) -> Event:
-        cls, pattern = classify(d.status, d.dsn, d.text)
+        status = d.status
+        if status == "sent":  # most lines: no pattern to try
+            cls, type_, pattern = Class.OK, "ok", ""
+        else:
+            cls, pattern = classify(status, d.dsn, d.text)
+            type_ = cls.value
         at = int(d.at)
-        if d.status in ("sent", "bounced", "expired"):
-            self._final.setdefault(d.queue_id, set()).add(d.recipient.lower())
+        if status == "sent" or status == "bounced":
+            final = self._final.get(d.queue_id)
+            if final is None:
+                final = self._final[d.queue_id] = set()
+            final.add(d.recipient.lower())
         reply = d.text[:MAX_REPLY]
-        fields = self._fields(cls.value, d.queue_id, note, d.recipient, at)
-        fields += ("dsn", d.dsn, "status", d.status, "relay", d.relay, "delay", d.delay,
-                   "reply", reply)
+        fields: tuple[str, ...] = ("type", type_, "queue_id", d.queue_id, "message_id", note.message_id,
+                                   "recipient", d.recipient, "ts", str(at), "dsn", d.dsn,
+                                   "status", status, "relay", d.relay, "delay", d.delay,
+                                   "reply", reply)
+        if note.tags:
+            fields += ("tags", note.tags)
         if pattern:
             fields += ("pattern", pattern)
-        address = entry = None
-        if cls in (Class.HARDBOUNCE, Class.SOFTBOUNCE):
-            try:
-                address = normalize_address(d.recipient)
-            except InvalidAddress:
-                address = None
-            if address is not None:
-                entry = _entry(address, at, cls, d.dsn, reply)
-        return Event(note.subaccount, pos, cls.value, at, fields, address, entry)
+        if cls is not Class.HARDBOUNCE and cls is not Class.SOFTBOUNCE:
+            return Event(note.subaccount, pos, type_, at, fields)
+        try:
+            address = normalize_address(d.recipient)
+        except InvalidAddress:  # nothing to blacklist
+            return Event(note.subaccount, pos, type_, at, fields)
+        return Event(note.subaccount, pos, type_, at, fields, address,
+                     _entry(address, at, cls, d.dsn, reply))
 
     @staticmethod
     def _fields(type_: str, queue_id: str, note: Note, rcpt: str, at: int) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ class SyncResp:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._parser = ReplyParser()
+        self._pending: list[Any] = []
 
     def _connect(self) -> socket.socket:
         a = self.address
@@ -39,6 +40,7 @@ class SyncResp:
             raise RedisUnavailable(f"cannot connect to Redis at {a}: {e}") from e
         self._sock = sock
         self._parser = ReplyParser()
+        self._pending = []
         setup: list[bytes] = []
         if a.password is not None:
             setup.append(encode_command(["AUTH", a.username, a.password] if a.username
@@ -63,20 +65,39 @@ class SyncResp:
         return self._roundtrip(commands)
 
     def _roundtrip(self, commands: Sequence[bytes]) -> list[Any]:
+        self.send(commands)
+        return self.receive(len(commands))
+
+    def send(self, commands: Sequence[bytes]) -> None:
+        """Send without waiting; receive() the replies later (in order, after those of
+        anything sent before). Raises RedisUnavailable."""
+        if self._sock is None:
+            self._connect()
         sock = self._sock
         assert sock is not None
         try:
             sock.sendall(b"".join(commands))
-            out: list[Any] = []
-            while len(out) < len(commands):
+        except OSError as e:
+            self.close()
+            raise RedisUnavailable(f"Redis at {self.address}: {e}") from e
+
+    def receive(self, count: int) -> list[Any]:
+        sock = self._sock
+        if sock is None:
+            raise RedisUnavailable(f"Redis at {self.address}: connection lost")
+        out: list[Any] = self._pending[:count]
+        del self._pending[:count]
+        try:
+            while len(out) < count:
                 data = sock.recv(1 << 20)
                 if not data:
                     raise ConnectionError("connection closed by Redis")
                 out.extend(self._parser.feed(data))
-            return out
         except OSError as e:
             self.close()
             raise RedisUnavailable(f"Redis at {self.address}: {e}") from e
+        self._pending = out[count:]  # replies to later commands, read ahead
+        return out[:count]
 
     def execute(self, *args: str | bytes) -> Any:
         reply = self.execute_all([encode_command(args)])[0]
@@ -88,13 +109,20 @@ class SyncResp:
                     ) -> list[Any]:
         """One script over several (keys, args), pipelined; loads it once if Redis does
         not know it (after a restart)."""
-        def encode(cmd: str, body: str) -> list[bytes]:
-            return [encode_command([cmd, body, str(len(k)), *k, *a]) for k, a in calls]
+        return self.evalsha_receive(script, calls, self.evalsha_send(script, calls))
 
-        replies = self.execute_all(encode("EVALSHA", script.sha))
+    def evalsha_send(self, script: Script,
+                     calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]) -> int:
+        self.send(_evalsha(script, calls))
+        return len(calls)
+
+    def evalsha_receive(self, script: Script,
+                        calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]], count: int
+                        ) -> list[Any]:
+        replies = self.receive(count)
         if any(isinstance(r, RedisReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
             self.execute("SCRIPT", "LOAD", script.body)
-            replies = self.execute_all(encode("EVALSHA", script.sha))
+            replies = self.execute_all(_evalsha(script, calls))
         return replies
 
     def close(self) -> None:
@@ -103,3 +131,8 @@ class SyncResp:
                 self._sock.close()
             finally:
                 self._sock = None
+
+
+def _evalsha(script: Script, calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]
+             ) -> list[bytes]:
+    return [encode_command(["EVALSHA", script.sha, str(len(k)), *k, *a]) for k, a in calls]

@@ -22,16 +22,19 @@ from typing import TypeVar
 
 import attrs
 
-from logd.events import Event, Note, Tracker
+from logd.events import Event, Tracker
 from logd.follow import Checkpoint, LogFollower, position
 from logd.redisconn import SyncResp
-from logd.writer import SubaccountPlan, write_batch
+from logd.writer import APPLY, Applied, Calls, SubaccountPlan, applied, apply_calls
+from relaylab.events.note import Note
 from relaylab.events.postfix_log import Removed, TimeParser, scan
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder, file_stamp, trigger_path
 from relaylab.resp import RedisReplyError, RedisUnavailable, encode_command
 from relaylab.suppression.keys import checkpoint_key, queue_key
+
+NOTE_PREFIX = queue_key("XXXXX")[:-5]  # rl:{q}:
 
 __all__ = ["Logd", "Stats"]
 
@@ -42,6 +45,13 @@ IDLE_POLL = 0.1  # seconds between looks at a log with nothing new
 NOTE_CACHE = 100_000  # queue ids whose note (or its absence) is remembered
 RETRY = 1.0  # seconds between attempts while Redis is unavailable
 STATS_EVERY = 60.0  # seconds between two event=progress lines
+
+
+@attrs.frozen
+class _Inflight:
+    calls: Calls
+    checkpoint: Checkpoint  # where the log is read to once these are written
+    removed: list[str]  # queue ids Postfix removed in the batch
 
 
 @attrs.define
@@ -75,6 +85,7 @@ class Logd:
         self._policy_stamp = file_stamp(holder.path) if holder else None
         self._trigger_stamp = file_stamp(trigger_path(holder.path)) if holder else None
         self._next_policy_check = 0.0
+        self._inflight: _Inflight | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -112,6 +123,7 @@ class Logd:
             if time.monotonic() - last_stats > STATS_EVERY:
                 last_stats = time.monotonic()
                 self.log_progress()
+        self._finish()
         self.log_progress()
 
     def log_progress(self) -> None:
@@ -120,9 +132,14 @@ class Logd:
 
     # -- one batch -----------------------------------------------------------------------
     def step(self) -> bool:
-        """Handle the next batch of whole lines; False if there was none."""
+        """Handle the next batch of whole lines; False if there was none.
+
+        Pipelined: a batch's scripts are sent, and their replies read (then its
+        checkpoint saved) only after the next batch has been parsed, so that Redis runs
+        them while this process reads on. The checkpoint still follows the replies."""
         got = self.follower.read()
         if got is None:
+            self._finish()
             return False
         data, generation, offset = got
         found = scan(data, self.when)
@@ -131,65 +148,87 @@ class Logd:
         self.stats.records += len(found.records)
         for sample in found.bad_samples[:1]:
             log_event(log, "bad_line", logging.DEBUG, line=sample.decode("utf-8", "replace"))
+        self._finish()
         self._fetch_notes({r.queue_id for _, r in found.records if not isinstance(r, Removed)})
         events: list[Event] = []
         removed: list[str] = []
         before = self.tracker.uncorrelated
+        notes, tracker = self.notes, self.tracker
         for end, rec in found.records:
             if isinstance(rec, Removed):
                 removed.append(rec.queue_id)
                 continue
-            events += self.tracker.events(rec, position(generation, offset + end),
-                                          self.notes.get(rec.queue_id))
+            events += tracker.events(rec, position(generation, offset + end), notes.get(rec.queue_id))
         self.stats.uncorrelated += self.tracker.uncorrelated - before
-        if events:
-            plans = {e.subaccount: SubaccountPlan.of(self._policy(), e.subaccount) for e in events}
-            applied = self._redis(lambda: write_batch(self.conn, events, plans, time.time()))
-            self.stats.events += applied.written
-            self.stats.skipped += applied.skipped
-            for sub, address in applied.blocked:
-                self.stats.blocked += 1
-                log_event(log, "blacklisted", subaccount=sub, address=address, reason="hardbounce",
-                          source="bounce")
         self.follower.advance(len(data))
-        self._save(removed)
+        calls: Calls = []
+        if events:
+            policy = self._policy()
+            plans = {sub: SubaccountPlan.of(policy, sub) for sub in {e.subaccount for e in events}}
+            calls = apply_calls(events, plans, time.time())
+            scripts = [c for _, c in calls]
+            self._redis(lambda: self.conn.evalsha_send(APPLY, scripts))
+        self._inflight = _Inflight(calls, self.follower.checkpoint, removed)
         self.stats.batches += 1
         return True
+
+    def _finish(self) -> None:
+        """The replies of the batch in flight, then its checkpoint."""
+        fl = self._inflight
+        if fl is None:
+            return
+        scripts = [c for _, c in fl.calls]
+        first = [True]
+
+        def attempt() -> Applied:
+            if not scripts:
+                return Applied()
+            if first[0]:
+                first[0] = False
+                return applied(fl.calls, self.conn.evalsha_receive(APPLY, scripts, len(scripts)))
+            return applied(fl.calls, self.conn.evalsha_all(APPLY, scripts))  # again, whole
+
+        result = self._redis(attempt)
+        self.stats.events += result.written
+        self.stats.skipped += result.skipped
+        for sub, address in result.blocked:
+            self.stats.blocked += 1
+            log_event(log, "blacklisted", subaccount=sub, address=address, reason="hardbounce",
+                      source="bounce")
+        self._save(fl.checkpoint, fl.removed)
+        self._inflight = None
 
     def _policy(self) -> Policy | None:
         return self.holder.policy if self.holder is not None else None
 
     def _fetch_notes(self, queue_ids: set[str]) -> None:
-        missing = []
-        for q in queue_ids:
-            if q in self.notes:
-                self.notes.move_to_end(q)
-            else:
-                missing.append(q)
+        """The notes of queue ids not seen yet: one MGET (every note has the hash tag {q})."""
+        notes = self.notes
+        missing = [q for q in queue_ids if q not in notes]
         if not missing:
             return
-        cmds = []
-        for q in missing:
-            try:
-                cmds.append(encode_command(["HMGET", queue_key(q), "s", "m", "r", "g"]))
-            except ValueError:
-                cmds.append(encode_command(["PING"]))
-        replies = self._redis(lambda: self.conn.execute_all(cmds))
-        for q, reply in zip(missing, replies, strict=True):
-            self.notes[q] = Note.from_reply(reply) if isinstance(reply, list) else None
+        # The parser only returns queue ids queue_key() accepts: the key is built here.
+        keys = [NOTE_PREFIX + q for q in missing]
+        replies = self._redis(lambda: self.conn.execute("MGET", *keys))
+        decode = Note.decode
+        for q, raw in zip(missing, replies, strict=True):
+            notes[q] = decode(raw)
         while len(self.notes) > NOTE_CACHE:
             self.notes.popitem(last=False)
 
-    def _save(self, removed: list[str]) -> None:
-        cp = self.follower.checkpoint
+    def _save(self, cp: Checkpoint, removed: list[str]) -> None:
         cmds = [encode_command(["HSET", checkpoint_key(self.name),
                                 *(x for kv in cp.to_fields().items() for x in kv)])]
+        # A removed message's note is of no more use once the checkpoint is past its
+        # removal: a restart never re-reads its lines.
+        gone = []
+        pop, forget = self.notes.pop, self.tracker.forget
         for q in removed:
-            # The note is of no more use once the checkpoint is past the removal: a
-            # restart never re-reads this queue id's lines.
-            if self.notes.pop(q, "unknown") is not None:  # unless we know it has none
-                cmds.append(encode_command(["DEL", queue_key(q)]))
-            self.tracker.forget(q)
+            if pop(q, "unknown") is not None:  # unless we know it has none
+                gone.append(NOTE_PREFIX + q)
+            forget(q)
+        if gone:
+            cmds.append(encode_command(["UNLINK", *gone]))
         self._redis(lambda: self.conn.execute_all(cmds))
 
     def _redis(self, work: Callable[[], T]) -> T:

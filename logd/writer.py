@@ -39,36 +39,41 @@ from relaylab.suppression.keys import (
 )
 from relaylab.suppression.model import ListKind
 
-__all__ = ["APPLY", "Applied", "SubaccountPlan", "apply_calls", "write_batch"]
+__all__ = ["APPLY", "Applied", "Calls", "SubaccountPlan", "applied", "apply_calls", "write_batch"]
 
 APPLY = Script("logd_apply", """
 local last = tonumber(redis.call('GET', KEYS[2]) or '-1')
 local bbb, soft_n, soft_s = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local events = cjson.decode(ARGV[5])
 local written, skipped, top = 0, 0, last
-local blocked = {}
+local blocked, counts = {}, {}
+-- e: {position, type, time, daily key index, hourly key index, address, entry, fields...}
 for i = 1, #events do
   local e = events[i]
-  if e.p <= last then
+  local p, t, at, a = e[1], e[2], e[3], e[6]
+  if p <= last then
     skipped = skipped + 1
   else
-    redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[1], '*', unpack(e.f))
-    redis.call('HINCRBY', KEYS[e.d], e.t, 1)
-    redis.call('HINCRBY', KEYS[e.h], e.t, 1)
+    redis.call('XADD', KEYS[1], '*', unpack(e, 8))
+    for _, k in ipairs({e[4], e[5]}) do
+      local c = counts[k]
+      if not c then c = {}; counts[k] = c end
+      c[t] = (c[t] or 0) + 1
+    end
     written = written + 1
-    if e.a then
+    if a ~= '' then
       local block = false
-      if e.t == 'hardbounce' then
-        block = redis.call('HINCRBY', KEYS[4], 'h:' .. e.a, 1) >= bbb
-      elseif e.t == 'softbounce' and soft_n > 0 then
-        local field, keep = 's:' .. e.a, {}
+      if t == 'hardbounce' then
+        block = redis.call('HINCRBY', KEYS[4], 'h:' .. a, 1) >= bbb
+      elseif t == 'softbounce' and soft_n > 0 then
+        local field, keep = 's:' .. a, {}
         local old = redis.call('HGET', KEYS[4], field)
         if old then
           for ts in string.gmatch(old, '%d+') do
-            if tonumber(ts) > e.at - soft_s then keep[#keep + 1] = ts end
+            if tonumber(ts) > at - soft_s then keep[#keep + 1] = ts end
           end
         end
-        keep[#keep + 1] = string.format('%d', e.at)
+        keep[#keep + 1] = string.format('%d', at)
         if #keep >= soft_n then
           block = true
         else
@@ -76,15 +81,19 @@ for i = 1, #events do
         end
       end
       if block then
-        if redis.call('HSETNX', KEYS[3], 'a:' .. e.a, e.c) == 1 then
-          blocked[#blocked + 1] = e.a
+        if redis.call('HSETNX', KEYS[3], 'a:' .. a, e[7]) == 1 then
+          blocked[#blocked + 1] = a
         end
-        redis.call('HDEL', KEYS[4], 'h:' .. e.a, 's:' .. e.a)
+        redis.call('HDEL', KEYS[4], 'h:' .. a, 's:' .. a)
       end
     end
-    if e.p > top then top = e.p end
+    if p > top then top = p end
   end
 end
+for k, c in pairs(counts) do
+  for t, n in pairs(c) do redis.call('HINCRBY', KEYS[k], t, n) end
+end
+if written > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[1]) end
 if top > last then redis.call('SET', KEYS[2], string.format('%.0f', top)) end
 return {written, skipped, blocked}
 """)
@@ -117,33 +126,43 @@ class Applied:
 
 def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now: float
                 ) -> list[tuple[str, tuple[list[str], list[str]]]]:
-    """(subaccount, (KEYS, ARGV)) of APPLY for each subaccount with events, in order."""
+    """(subaccount, (KEYS, ARGV)) of APPLY for each subaccount with events, in order.
+    Each event is a JSON array [position, type, time, daily key index, hourly key index,
+    address or "", entry or "", stream fields...]."""
     by_sub: dict[str, list[Event]] = {}
     for e in events:
-        by_sub.setdefault(e.subaccount, []).append(e)
+        evs = by_sub.get(e.subaccount)
+        if evs is None:
+            evs = by_sub[e.subaccount] = []
+        evs.append(e)
     calls = []
     for sub, evs in by_sub.items():
         plan = plan_of[sub]
         keys = [events_key(sub), logd_position_key(sub), list_key(sub, ListKind.BLACKLIST),
                 bounces_key(sub)]
-        index: dict[str, int] = {}
+        index: dict[int, tuple[int, int]] = {}  # hour -> (daily, hourly) key indexes
         payload = []
         for e in evs:
-            item: dict[str, object] = {"p": e.position, "t": e.type, "at": e.at, "f": e.fields}
-            for name, k in (("d", daily_key(sub, e.at)), ("h", hourly_key(sub, e.at))):
-                i = index.get(k)
-                if i is None:
-                    keys.append(k)
-                    i = index[k] = len(keys)  # Lua's KEYS is 1-based
-                item[name] = i
-            if e.address is not None and e.entry is not None:
-                item["a"], item["c"] = e.address, e.entry
-            payload.append(item)
+            hour = e.at // 3600
+            dh = index.get(hour)
+            if dh is None:
+                daily, hourly = daily_key(sub, e.at), hourly_key(sub, e.at)
+                d = keys.index(daily) + 1 if daily in keys else 0
+                if not d:
+                    keys.append(daily)
+                    d = len(keys)  # Lua's KEYS is 1-based
+                keys.append(hourly)
+                dh = index[hour] = (d, len(keys))
+            payload.append([e.position, e.type, e.at, dh[0], dh[1], e.address or "",
+                            e.entry or "", *e.fields])
         args = [str(events_minid(now, plan.retention_days)), str(plan.bounces_before_block),
                 str(plan.soft_count), str(plan.soft_seconds),
                 json.dumps(payload, ensure_ascii=False, separators=(",", ":"))]
         calls.append((sub, (keys, args)))
     return calls
+
+
+Calls = list[tuple[str, tuple[list[str], list[str]]]]
 
 
 def write_batch(conn: SyncResp, events: Sequence[Event], plan_of: dict[str, SubaccountPlan],
@@ -152,11 +171,16 @@ def write_batch(conn: SyncResp, events: Sequence[Event], plan_of: dict[str, Suba
     RedisReplyError (nothing after the failing subaccount's script is known written:
     the caller retries the batch, and what was written is skipped then)."""
     calls = apply_calls(events, plan_of, now)
-    replies = conn.evalsha_all(APPLY, [c for _, c in calls])
+    return applied(calls, conn.evalsha_all(APPLY, [c for _, c in calls]))
+
+
+def applied(calls: Calls, replies: Sequence[object]) -> Applied:
+    """The scripts' replies summed up; raises the first error reply."""
     out = Applied()
     for (sub, _), reply in zip(calls, replies, strict=True):
         if isinstance(reply, RedisReplyError):
             raise reply
+        assert isinstance(reply, list)
         written, skipped, blocked = reply
         out.written += int(written)
         out.skipped += int(skipped)

@@ -3,7 +3,7 @@
 At end of message, for a message that continues (never for a refused or tempfailed one),
 one `injected` event per accepted recipient goes to the subaccount's activity stream, the
 hour's and day's counters count them, and a note keyed by the Postfix queue id
-(`rl:{q:QUEUEID}`, see relaylab/suppression/keys.py) tells relaylab logd which
+(`rl:{q}:QUEUEID`, see relaylab/events/note.py) tells relaylab logd which
 subaccount, Relaylab message id, recipients and tags the queue id's delivery lines belong
 to. Pure: this module builds the RESP commands; milter/session.py sends them.
 
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from email.header import decode_header, make_header
 
 from milter.headers import Header, first_value
+from relaylab.events.note import encode_note
 from relaylab.resp import encode_command
 from relaylab.suppression.keys import daily_key, events_key, events_minid, hourly_key, queue_key
 
@@ -84,8 +85,7 @@ def injected_commands(*, subaccount: str, retention_days: int, queue_id: str, me
         note = queue_key(queue_id)
     except ValueError:
         return out  # no queue id Postfix would log: nothing for logd to correlate
-    out.append(encode_command(["HSET", note, "s", subaccount, "m", message_id,
-                               "r", "\n".join(recipients), "g", ",".join(tags),
-                               "f", mail_from]))
-    out.append(encode_command(["EXPIRE", note, str(QUEUE_NOTE_TTL)]))
+    out.append(encode_command(["SET", note, encode_note(subaccount, message_id, tags, mail_from,
+                                                        recipients),
+                               "EX", str(QUEUE_NOTE_TTL)]))
     return out

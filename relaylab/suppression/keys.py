@@ -25,12 +25,12 @@ rl:{sub:NAME}:hourly:          hash    event type -> count for that UTC hour  no
   YYYYMMDDHH
 rl:{sub:NAME}:uniq:TYPE:       HyperLogLog  distinct "message_id recipient"   none (as daily)
   YYYYMMDD[HH]                         pairs with an open/click that day/hour
-rl:{q:QUEUEID}                 hash    the milter's note on an accepted       6 days (Postfix's
-                                       message for relaylab logd: s=sub-      default maximal
-                                       account, m=message id, r=recipients    queue lifetime is
-                                       (LF-separated), g=tags, f=from         5); logd deletes it
-                                                                              once Postfix logs
-                                                                              "removed"
+rl:{q}:QUEUEID                 string  the milter's note on an accepted       6 days (Postfix's
+                                       message for relaylab logd (relaylab/   default maximal
+                                       events/note.py): subaccount, message   queue lifetime is
+                                       id, tags, sender, recipients; one slot 5); logd deletes it
+                                       for all, so logd reads a batch's notes once Postfix logs
+                                       with one MGET                          "removed"
 rl:{sub:NAME}:logd             string  position (see events/follow.py) of     none
                                        the last log line whose events logd
                                        wrote for NAME; written in the same
@@ -137,10 +137,11 @@ _QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{5,32}\Z")
 
 
 def queue_key(queue_id: str) -> str:
-    """The milter's note on an accepted message, for relaylab logd (one slot per message)."""
+    """The milter's note on an accepted message, for relaylab logd. Every note shares the
+    hash tag {q}: logd reads a batch's notes with one MGET (legal in a cluster too)."""
     if not _QUEUE_ID_RE.match(queue_id):
         raise ValueError(f"not a Postfix queue id: {queue_id!r}")
-    return f"rl:{{q:{queue_id}}}"
+    return f"rl:{{q}}:{queue_id}"
 
 
 def logd_position_key(subaccount: str) -> str:

@@ -12,6 +12,7 @@ import redis
 from relaylab.cli import main as relaylab
 from relaylab.devstack.smtp import SMTPSession
 from relaylab.devstack.stack import RelayStack
+from relaylab.events.note import Note
 
 SUB = "shop-transactional"
 MESSAGE = (b"From: Shop <orders@shop.example.com>\r\nTo: undisclosed-recipients:;\r\n"
@@ -53,9 +54,10 @@ def test_accepted_recipients_get_one_injected_event_each_and_a_queue_note(
             t.queue_id, message_id, "app@shop.example.com", "Your order", "orders,eu")
         assert e["header_from"] == "Shop <orders@shop.example.com>" and int(e["size"]) > 0
     assert [e["recipient"] for e in events(r, "dropped")] == ["gone@example.net"]
-    note = r.hgetall(f"rl:{{q:{t.queue_id}}}")
-    assert (note["s"], note["m"], note["r"]) == (SUB, message_id,
-                                                 "one@example.net\ntwo@example.org")
+    note = Note.decode(r.get(f"rl:{{q}}:{t.queue_id}").encode())
+    assert note is not None
+    assert (note.subaccount, note.message_id, note.tags, note.recipients) == (
+        SUB, message_id, "orders,eu", ("one@example.net", "two@example.org"))
     day = next(k for k in r.keys(f"rl:{{sub:{SUB}}}:daily:*"))
     assert r.hget(day, "injected") == "2"
 
@@ -70,4 +72,4 @@ def test_refused_message_records_no_injected_event(clean_sink: RelayStack,
         t = s.send("app@shop.example.com", ["one@example.net"], flood + MESSAGE)
     assert not t.accepted and t.last.code == 552
     st.milter.wait_for_log("reason=too_many_headers")
-    assert events(r) == [] and r.keys("rl:{q:*") == []
+    assert events(r) == [] and r.keys("rl:{q}:*") == []

@@ -163,7 +163,7 @@ def test_garbage_in_the_log_is_counted_and_skipped_never_fatal(
     st, d, r = logd
     with open(st.postfix.log_path, "ab") as f:
         f.write(b"Dec 04 19:12:17 vm postfix/smtp[3009]: ABCDE1234A: to=<trunc@example.net>, rel\n"
-                b"\xff\xfe\x00 status=sent \x80\x81\n"
+                b"Dec 04 19:12:17 vm postfix/smtp[3009]: ABCDE1234B: to=<\xff\xfe\x00\x80\x81\n"
                 b"Dec 04 19:12:15 vm dovecot: imap-login: Login: user=<box@example.com>\n")
     send(st, [OK])
     wait_until(lambda: by_recipient(r).get(OK) == ["injected", "ok"], 30)

@@ -15,6 +15,7 @@ import redis
 
 from logd.service import Logd
 from relaylab.devstack.redis import RedisServer
+from relaylab.events.note import encode_note
 from relaylab.policy.loader import load_policy
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.suppression.model import Entry, Kind, ListKind, Reason, Source
@@ -24,8 +25,8 @@ SUB = "shop"
 
 
 def note(r: redis.Redis, qid: str, rcpts: list[str], sub: str = SUB, tags: str = "") -> None:
-    r.hset(f"rl:{{q:{qid}}}", mapping={"s": sub, "m": f"mid-{qid}", "r": "\n".join(rcpts),
-                                       "g": tags, "f": "app@shop.example.com"})
+    r.set(f"rl:{{q}}:{qid}", encode_note(sub, f"mid-{qid}", tags.split(",") if tags else [],
+                                         "app@shop.example.com", rcpts))
 
 
 def delivery(qid: str, rcpt: str, status: str = "sent", dsn: str = "2.0.0",
@@ -141,11 +142,11 @@ def test_crash_after_the_events_before_the_checkpoint_repeats_nothing(
     append(path, *(delivery("AAAAA4", x) for x in rcpts[:25]))
     d = logd(url, path)
 
-    def crash(removed: list[str]) -> None:
+    def crash(*_: object) -> None:
         raise SystemExit("killed")
     monkeypatch.setattr(d, "_save", crash)
     with pytest.raises(SystemExit):
-        d.step()
+        d.run(until_idle=True)
     d.close()
     written = len(events(r))
     assert 0 < written < 25  # the first batch (4 KiB) was written, its checkpoint not
@@ -174,7 +175,7 @@ def test_hard_bounce_blacklists_once_whitelist_still_wins(env: tuple[str, Path],
     assert not store.lookup(SUB, "vip@example.org").refuse  # blacklisted, whitelisted: passes
     assert not store.lookup(SUB, "spam@gmail.com").refuse  # a spam block is about us
     assert d.stats.blocked == 2
-    assert r.exists("rl:{q:AAAAA5}") == 0  # removed from the queue: the note goes too
+    assert r.exists("rl:{q}:AAAAA5") == 0  # removed from the queue: the note goes too
 
 
 def policy_holder(tmp_path: Path, plan: str) -> PolicyHolder:

@@ -9,6 +9,7 @@ import redis
 
 from milter.injected import MAX_SUBJECT, QUEUE_NOTE_TTL, injected_commands, parse_tags
 from relaylab.devstack.redis import RedisServer
+from relaylab.events.note import Note
 from relaylab.resp import RespClient
 
 NOW = 1_780_000_000.0
@@ -49,10 +50,10 @@ def test_one_injected_event_per_recipient_with_the_message_facts(
     assert e["tags"] == "welcome,q4-promo,second"
     assert r.hget("rl:{sub:shop}:daily:20260528", "injected") == "2"
     assert r.hget("rl:{sub:shop}:hourly:2026052820", "injected") == "2"
-    note = r.hgetall("rl:{q:4ABCDEF123}")
-    assert note == {"s": "shop", "m": "m" * 32, "r": "a@example.net\nb@example.org",
-                    "g": "welcome,q4-promo,second", "f": "app@shop.example.com"}
-    assert QUEUE_NOTE_TTL - 5 < r.ttl("rl:{q:4ABCDEF123}") <= QUEUE_NOTE_TTL
+    note = Note.decode(r.get("rl:{q}:4ABCDEF123").encode())
+    assert note == Note("shop", "m" * 32, "welcome,q4-promo,second", "app@shop.example.com",
+                        ("a@example.net", "b@example.org"))
+    assert QUEUE_NOTE_TTL - 5 < r.ttl("rl:{q}:4ABCDEF123") <= QUEUE_NOTE_TTL
 
 
 def test_no_recipients_no_commands() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import calendar
 from pathlib import Path
 
+import pytest
+
 from relaylab.events.postfix_log import Delivery, Expired, Removed, TimeParser, scan
 
 CORPUS = (Path(__file__).parent / "corpus" / "postfix" / "maillog.txt").read_bytes()
@@ -78,3 +80,15 @@ def test_expired_and_removed_records() -> None:
     recs = [r for _, r in scan(CORPUS, when()).records]
     assert any(isinstance(r, Expired) and r.queue_id == "ABCDE12348" for r in recs)
     assert any(isinstance(r, Removed) and r.queue_id == "8283616028F" for r in recs)
+
+
+def test_single_lines_and_cleanup_message_ids() -> None:
+    from relaylab.events.postfix_log import MessageId, parse_line
+
+    lines = CORPUS.split(b"\n")
+    assert parse_line(lines[2], when()) == MessageId(
+        calendar.timegm((2026, 12, 4, 19, 12, 5)), "8283616028F", "dec-offers-1@news.shop.example.com")
+    assert isinstance(parse_line(lines[5], when()), Delivery)
+    assert parse_line(lines[0], when()) is None
+    with pytest.raises(ValueError):
+        parse_line(b"Dec 04 19:12:17 vm postfix/smtp[1]: ABCDE1234B: to=<x@y", when())

@@ -114,12 +114,11 @@ async def _serve(args: argparse.Namespace, policy: Policy) -> None:
     import aiohttp
 
     from relaylab.policy.reloader import PolicyHolder
-    from relaylab.redisclient import async_client
     from webhooks.service import WebhookService
-    from webhooks.store import Store
+    from webhooks.store import Store, client
 
     holder = PolicyHolder(config_path(args), policy, check_keys=False)
-    r = async_client(policy.redis_url, 5.0)
+    r = client(policy.redis_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,7 +129,7 @@ async def _serve(args: argparse.Namespace, policy: Policy) -> None:
             await WebhookService(holder, Store(r), session).run(stop)
     finally:
         await holder.stop()
-        await r.aclose()
+        await r.close()
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -195,11 +194,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 async def _replay(redis_url: str, sub: str, webhook: Webhook, types: frozenset[str],
                   start_ms: int, end_ms: int) -> tuple[int, int]:
-    from relaylab.redisclient import async_client
     from webhooks.decide import cut_batches
-    from webhooks.store import Store
+    from webhooks.store import Store, client
 
-    r = async_client(redis_url, 5.0)
+    r = client(redis_url)
     store = Store(r)
     events = batches = 0
     start = str(start_ms)
@@ -216,7 +214,7 @@ async def _replay(redis_url: str, sub: str, webhook: Webhook, types: frozenset[s
             batches += len(cut)
             start = "(" + entries[-1][0]
     finally:
-        await r.aclose()
+        await r.close()
     return events, batches
 
 
@@ -229,11 +227,10 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 async def _dead(redis_url: str, sub: str, requeue: bool, body: bool) -> int:
-    from relaylab.redisclient import async_client
     from webhooks.decide import stream_ms
-    from webhooks.store import Store
+    from webhooks.store import Store, client
 
-    r = async_client(redis_url, 5.0)
+    r = client(redis_url)
     store = Store(r)
     try:
         letters = await store.dead_letters(sub)
@@ -250,7 +247,7 @@ async def _dead(redis_url: str, sub: str, requeue: bool, body: bool) -> int:
         else:
             print(f"{len(letters)} dead letters in {sub}")
     finally:
-        await r.aclose()
+        await r.close()
     return 0
 
 
@@ -262,10 +259,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _status(policy: Policy) -> int:
-    from relaylab.redisclient import async_client
-    from webhooks.store import Store
+    from webhooks.store import Store, client
 
-    r = async_client(policy.redis_url, 5.0)
+    r = client(policy.redis_url)
     store = Store(r)
     try:
         for sub in policy.subaccounts:
@@ -278,5 +274,5 @@ async def _status(policy: Policy) -> int:
             print(f"{sub.name}: url={sub.webhook.url} batches_waiting={waiting} "
                   f"next_due={due} dead_letters={dead}")
     finally:
-        await r.aclose()
+        await r.close()
     return 0

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 
 import aiohttp
-from redis.exceptions import RedisError
 
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Webhook
 from relaylab.policy.reloader import PolicyHolder
+from relaylab.resp import RedisReplyError, RedisUnavailable
 from relaylab.suppression.keys import events_minid
 from webhooks.decide import Outcome, Stage, after_attempt, cut_batches
 from webhooks.sender import post
@@ -26,7 +26,7 @@ __all__ = ["MAX_IN_FLIGHT", "WebhookService"]
 log = logging.getLogger("relaylab.webhooks")
 
 MAX_IN_FLIGHT = 4  # requests at once per subaccount
-READ_BATCHES = 10  # batches' worth of stream entries read per step
+READ_BATCHES = 2  # batches' worth of stream entries read per step (small replies parse in one go)
 LEASE_MARGIN = 5.0  # seconds past a request's timeout before a taken batch is due again
 
 
@@ -65,7 +65,7 @@ class WebhookService:
                 busy |= await self._ingest(sub.name, sub.webhook)
                 busy |= await self._dispatch(sub.name, sub.webhook, sub.plan.retention_days)
                 self._redis_ok()
-            except RedisError as e:
+            except (RedisUnavailable, RedisReplyError) as e:
                 self._redis_error(e)
                 return False
         return busy

@@ -17,7 +17,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis
-import redis.asyncio as aioredis
 import standardwebhooks
 from webhookrecv import Receiver
 
@@ -27,6 +26,7 @@ from relaylab.policy.loader import load_policy
 from relaylab.policy.reloader import PolicyHolder
 from webhooks.service import WebhookService
 from webhooks.store import Store
+from webhooks.store import client as store_client
 
 SUB = "shop"
 STREAM = f"rl:{{sub:{SUB}}}:events"
@@ -62,7 +62,7 @@ def run_service(config: Path, until: Callable[[], bool], timeout: float = 20.0) 
     """Run the service in this thread until `until()` holds (then stop it gracefully)."""
     async def main() -> None:
         pol = load_policy(config, check_keys=False)
-        client = aioredis.Redis.from_url(pol.redis_url)
+        client = store_client(pol.redis_url)
         async with aiohttp.ClientSession() as session:
             svc = WebhookService(PolicyHolder(config, pol, check_keys=False), Store(client),
                                  session, poll_interval=0.02)
@@ -77,7 +77,7 @@ def run_service(config: Path, until: Callable[[], bool], timeout: float = 20.0) 
             finally:
                 stop.set()
                 await task
-        await client.aclose()
+        await client.close()
     asyncio.run(main())
 
 

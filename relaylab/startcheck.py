@@ -61,11 +61,17 @@ def unit_user(unit: Path) -> str | None:
 
 def files_to_read(policy: Policy) -> list[tuple[Path, str]]:
     """(path, what it is) for every file a service opens: the policy, DKIM keys, tracker
-    secrets."""
+    secrets, webhook secrets and passwords."""
     out: list[tuple[Path, str]] = [(policy.source, "the policy file")]
     out += [(k.path, f"DKIM key {k.selector}._domainkey.{k.domain}") for k in policy.all_keys()]
     out += [(k.secret_file, f"tracker key {k.id}") for k in policy.tracker.keys
             if k.secret_file is not None]
+    for sub in policy.subaccounts:
+        hook = sub.webhook
+        if hook is not None and hook.secret_file is not None:
+            out.append((hook.secret_file, f"webhook secret of {sub.name}"))
+        if hook is not None and hook.auth is not None and hook.auth.password_file is not None:
+            out.append((hook.auth.password_file, f"webhook password of {sub.name}"))
     return out
 
 

@@ -836,9 +836,9 @@ def _webhook(w: _Walker, key: str, node: yaml.Node, base: Path) -> Webhook | Non
                 user = w.string(a["user"][1], f"{akey}.user")
                 if user is not None and ":" in user:
                     w.fail(a["user"][1], f"{akey}.user", "HTTP Basic user names cannot hold ':'")
-                _, _, password, _ = _secret_text(w, a, akey, "password", base)
+                _, _, password, pfile = _secret_text(w, a, akey, "password", base)
                 if user is not None and ":" not in user and password is not None:
-                    kw["auth"] = WebhookAuth(user, password)
+                    kw["auth"] = WebhookAuth(user, password, pfile)
     if "events" in m:
         enode = m["events"][1]
         types: set[str] = set()

@@ -123,6 +123,7 @@ class WebhookAuth:
 
     user: str
     password: str = attrs.field(repr=False)
+    password_file: Path | None = None  # where the password was read from (None: inline)
 
 
 @attrs.frozen

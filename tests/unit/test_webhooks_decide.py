@@ -148,7 +148,8 @@ def test_webhook_section_with_every_option(tmp_path: Path) -> None:
         """)
     wh = load_policy(p, check_keys=False).subaccounts[0].webhook
     assert wh is not None and wh.backup_url == "https://backup.example/b"
-    assert wh.auth == WebhookAuth("relay", "hunter2") and wh.secret_file == tmp_path / "wh.secret"
+    assert wh.auth == WebhookAuth("relay", "hunter2", tmp_path / "wh.pass")
+    assert wh.secret_file == tmp_path / "wh.secret"
     assert wh.events == {"ok", "injected", "open"}
     assert wh.retry == (0.5, 2.0, 60.0, 3600.0, 86400.0, 7.0)
     assert (wh.batch_size, wh.timeout) == (5, 3.0)
@@ -184,3 +185,16 @@ def test_webhook_mistakes_are_reported_with_file_line_and_key(
     (problem,) = problems(p)
     assert problem.startswith(f"{p}:{line}: {key}: "), problem
     assert message in problem
+
+
+def test_relaylab_check_lists_the_webhook_secret_and_password_files_to_read(
+        tmp_path: Path) -> None:
+    from relaylab.startcheck import files_to_read
+
+    (tmp_path / "wh.secret").write_text(SECRET + "\n")
+    (tmp_path / "wh.pass").write_text("hunter2\n")
+    p = policy_file(tmp_path, "url: https://x.example/\nsecret_file: wh.secret\n"
+                              "basic_auth: {user: u, password_file: wh.pass}\n")
+    files = files_to_read(load_policy(p, check_keys=False))
+    assert (tmp_path / "wh.secret", "webhook secret of shop") in files
+    assert (tmp_path / "wh.pass", "webhook password of shop") in files

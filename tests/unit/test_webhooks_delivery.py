@@ -253,3 +253,53 @@ def test_test_command_sends_a_signed_test_event_and_prints_the_answer(
     assert f"POST {rec.url()}" in out and "-> HTTP 200" in out and "\nok" in out
     (event,) = verified(rec)[1]  # type: ignore[misc]
     assert event["type"] == "test" and event["subaccount"] == SUB
+
+
+def test_a_reloaded_policy_sends_the_next_attempt_to_the_new_url(
+        tmp_path: Path, redis_server: RedisServer, r: redis.Redis) -> None:
+    with Receiver() as rec:
+        rec.always_fail_paths.add("/old")
+        cfg = policy(tmp_path, redis_server.url, f"url: {rec.url('/old')}\nretry: [1s]\n")
+
+        async def main() -> None:
+            pol = load_policy(cfg, check_keys=False)
+            client = store_client(pol.redis_url)
+            holder = PolicyHolder(cfg, pol, check_keys=False)
+            async with aiohttp.ClientSession() as session:
+                svc = WebhookService(holder, Store(client), session, poll_interval=0.02)
+                stop = asyncio.Event()
+                task = asyncio.create_task(svc.run(stop))
+                while r.exists(f"rl:{{sub:{SUB}}}:wh:cursor") == 0:
+                    await asyncio.sleep(0.02)
+                add_events(r, ["open"])
+                while not rec.got():
+                    await asyncio.sleep(0.02)
+                cfg.write_text(cfg.read_text().replace("/old", "/new"))
+                assert holder.reload("sighup")
+                while not rec.delivered():
+                    await asyncio.sleep(0.02)
+                stop.set()
+                await task
+            await client.close()
+        asyncio.run(main())
+    assert [(g.path, g.status) for g in rec.got()] == [("/old", 500), ("/new", 200)]
+    assert rec.got()[0].body == rec.got()[1].body
+
+
+def test_status_shows_batches_waiting_for_a_retry_and_secret_prints_a_usable_secret(
+        tmp_path: Path, redis_server: RedisServer, r: redis.Redis,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with Receiver(fail_first=10) as rec:
+        cfg = policy(tmp_path, redis_server.url, f"url: {rec.url()}\nretry: [1h]\n")
+        run_service(cfg, lambda: r.exists(f"rl:{{sub:{SUB}}}:wh:cursor") == 1)
+        add_events(r, ["open"])
+        run_service(cfg, lambda: len(rec.got()) == 1)
+    assert relaylab(["webhooks", "status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"{SUB}: url={rec.url()} batches_waiting=1 next_due=" in out and "dead_letters=0" in out
+    due = r.zrange(f"rl:{{sub:{SUB}}}:wh:due", 0, 0, withscores=True)[0][1] / 1000
+    assert 3500 < due - time.time() <= 3600  # the schedule's 1h
+    assert relaylab(["webhooks", "secret"]) == 0
+    secret = capsys.readouterr().out.strip()
+    standardwebhooks.Webhook(secret)  # accepted by the independent implementation
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32

@@ -10,8 +10,7 @@ are counted and dropped.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+from relaylab.events.apply import Event
 from relaylab.events.classify import Class, classify
 from relaylab.events.note import Note
 from relaylab.events.postfix_log import Delivery, Expired, Record
@@ -21,18 +20,6 @@ from relaylab.suppression.normalize import InvalidAddress, normalize_address
 __all__ = ["MAX_REPLY", "Event", "Tracker"]
 
 MAX_REPLY = 500  # characters of the remote reply kept in an event
-
-
-class Event(NamedTuple):
-    subaccount: str
-    position: int  # of the log line's end (logd/follow.py)
-    type: str
-    at: int  # epoch seconds of the log line
-    fields: tuple[str, ...]  # stream entry: name, value, ...
-    # For automatic suppression: the normalised recipient, and the blacklist entry to add
-    # if this bounce blocks it (hard and soft bounces only).
-    address: str | None = None
-    entry: str | None = None
 
 
 def _entry(address: str, at: int, cls: Class, dsn: str, reply: str) -> str:

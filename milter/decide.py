@@ -32,6 +32,7 @@ from milter.rewrite.longlines import reencode_long_lines
 from milter.state import MessageState
 from relaylab.dkim import signer
 from relaylab.dkim.keys import KeyLoadError, KeyStore
+from relaylab.events.verp import verp_address
 from relaylab.policy.model import (
     MissingKeyAction,
     Policy,
@@ -54,6 +55,7 @@ class Outcome:
     ops: tuple[HeaderOp, ...] = ()
     reply: tuple[int, tuple[int, int, int], str] | None = None  # (smtp code, enhanced, text)
     body: bytes | None = None  # the new body (tracking rewrote it), else unchanged
+    mail_from: str | None = None  # the new envelope sender (VERP), else unchanged
     fields: dict[str, Any] = attrs.field(factory=dict)  # for the per-message log line
     # Passed, but the operator should look: the log line is a warning (unsigned mail).
     warn: bool = False
@@ -128,6 +130,12 @@ def decide(
         actions.append(f"headers:{len(sub.headers)}")
     # Tokens name the recipient only when there is exactly one.
     recipient = msg.rcpt_addrs[0] if len(msg.rcpt_addrs) == 1 else ""
+    mail_from = None
+    if policy.bounces.enabled:  # asynchronous bounces come back to a signed address
+        assert policy.bounces.domain is not None
+        mail_from = verp_address(policy.bounces.secret, policy.bounces.domain, message_id,
+                                 recipient)
+        actions.append("verp")
     if sub.traffic is TrafficType.MARKETING:
         unsub_ops, unsub = tracking.unsubscribe_ops(sub, msg.headers, tokens, message_id, recipient)
         ops += unsub_ops
@@ -154,7 +162,7 @@ def decide(
                            reply=(451, (4, 7, 1), f"no DKIM key for From domain {domain or '-'}"),
                            fields={**fields, "reason": "no_key_for_domain"})
         actions.append("unsigned:no_key_for_domain")
-        return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body,
+        return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body, mail_from=mail_from,
                        fields={**fields, "actions": ",".join(actions)}, warn=True)
     try:
         signing_keys = [keys.get(ref) for ref in sending.keys]
@@ -185,4 +193,5 @@ def decide(
     fields["dkim"] = ",".join(f"{k.ref.domain}/{k.ref.selector}/{k.ref.algorithm.value}"
                               for k in signing_keys)
     fields["actions"] = ",".join(actions)
-    return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body, fields=fields)
+    return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body, fields=fields,
+                   mail_from=mail_from)

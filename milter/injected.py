@@ -22,7 +22,14 @@ from email.header import decode_header, make_header
 from milter.headers import Header, first_value
 from relaylab.events.note import encode_note
 from relaylab.resp import encode_command
-from relaylab.suppression.keys import daily_key, events_key, events_minid, hourly_key, queue_key
+from relaylab.suppression.keys import (
+    daily_key,
+    events_key,
+    events_minid,
+    hourly_key,
+    message_key,
+    queue_key,
+)
 
 __all__ = ["MAX_SUBJECT", "MAX_TAGS", "QUEUE_NOTE_TTL", "TAGS_HEADER", "injected_commands",
            "parse_tags"]
@@ -32,6 +39,7 @@ MAX_TAGS = 10
 MAX_SUBJECT = 200  # characters of the decoded Subject kept in the event
 MAX_FROM = 256
 QUEUE_NOTE_TTL = 6 * 86_400  # Postfix's maximal_queue_lifetime is 5 days by default
+MESSAGE_NOTE_TTL = 7 * 86_400  # asynchronous bounces come within days
 
 _TAG_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 
@@ -64,7 +72,8 @@ def decoded_header(headers: Sequence[Header], name: str, limit: int) -> str:
 
 def injected_commands(*, subaccount: str, retention_days: int, queue_id: str, message_id: str,
                       mail_from: str, recipients: Sequence[str], headers: Sequence[Header],
-                      size: int, tags: Sequence[str], now: float) -> list[bytes]:
+                      size: int, tags: Sequence[str], now: float,
+                      by_message_id: bool = False) -> list[bytes]:
     """XADD one `injected` event per recipient, count them (hour and day), and write the
     queue id's note for logd (with its TTL)."""
     if not recipients:
@@ -85,7 +94,9 @@ def injected_commands(*, subaccount: str, retention_days: int, queue_id: str, me
         note = queue_key(queue_id)
     except ValueError:
         return out  # no queue id Postfix would log: nothing for logd to correlate
-    out.append(encode_command(["SET", note, encode_note(subaccount, message_id, tags, mail_from,
-                                                        recipients),
-                               "EX", str(QUEUE_NOTE_TTL)]))
+    text = encode_note(subaccount, message_id, tags, mail_from, recipients)
+    out.append(encode_command(["SET", note, text, "EX", str(QUEUE_NOTE_TTL)]))
+    if by_message_id:  # for relaylab bounces: reports name the message, not the queue id
+        out.append(encode_command(["SET", message_key(message_id), text,
+                                   "EX", str(MESSAGE_NOTE_TTL)]))
     return out

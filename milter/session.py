@@ -44,6 +44,7 @@ PROTOCOL_FLAGS = RequestProtocolFlags(
     can_add_headers=True,
     can_change_headers=True,
     can_change_body=True,  # click/open tracking rewrites HTML parts
+    can_change_mail_from=True,  # VERP return paths (bounces.domain)
 )
 # An empty set switches a stage's macros off; Postfix then sends nothing for it.
 MACROS: dict[definitions.MacroStage, set[str]] = {
@@ -221,7 +222,8 @@ class MilterSession:
             subaccount=sub.name, retention_days=sub.plan.retention_days,
             queue_id=msg.queue_id or "", message_id=message_id, mail_from=msg.mail_from,
             recipients=msg.rcpt_addrs, headers=msg.headers, size=msg.size,
-            tags=parse_tags(msg.headers), now=time.time())
+            tags=parse_tags(msg.headers), now=time.time(),
+            by_message_id=outcome.mail_from is not None)
         client = self._services.shared.fast(policy)
         queue_id, lost = msg.queue_id, [False]
 
@@ -328,6 +330,8 @@ def encode_outcome(outcome: Outcome) -> list[bytes]:
             verdict = responses.TempFailWithCode(primary_code=primary, enhanced_code=enhanced, text=text)
         return [encode_payload(verdict.encode())]
     out: list[bytes] = []
+    if outcome.mail_from is not None:  # SMFIR_CHGFROM: address NUL
+        out.append(_packet(b"e<" + outcome.mail_from.encode() + b">\0"))
     if outcome.body is not None:
         body = outcome.body
         out.extend(_packet(b"b" + body[i:i + BODY_CHUNK]) for i in range(0, len(body), BODY_CHUNK))

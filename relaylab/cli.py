@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     from relaylab.events.cli import register as register_events
 
     register_events(sub)
+    from bounces.cli import register as register_bounces
+
+    register_bounces(sub)
     from webhooks.cli import register as register_webhooks
 
     register_webhooks(sub)

@@ -129,3 +129,9 @@ class LogdProcess(ChildProcess):
         if proc is not None:
             proc.kill()
             proc.wait()
+
+
+class BouncesProcess(ServiceProcess):
+    """`relaylab bounces`: the LMTP listener for the VERP bounce domain."""
+
+    service = "bounces"

@@ -29,7 +29,7 @@ from relaylab.policy.model import Policy
 __all__ = ["register"]
 
 EVENT_TYPES = ("injected", "dropped", "dropped_shadow", "ok", "deferred", "softbounce",
-               "hardbounce", "spambounce", "expired", "open", "click", "unsubscribe")
+               "hardbounce", "spambounce", "expired", "feedback", "open", "click", "unsubscribe")
 
 
 def register(subparsers: Any) -> None:

@@ -26,7 +26,7 @@ PAGE = 1000
 STAT_COLUMNS: tuple[tuple[str, str | tuple[str, str]], ...] = (
     ("injected", "injected"), ("ok", "ok"), ("deferred", "deferred"),
     ("softbounce", "softbounce"), ("hardbounce", "hardbounce"), ("spambounce", "spambounce"),
-    ("expired", "expired"), ("dropped", "dropped"), ("opens", "open"),
+    ("expired", "expired"), ("complaints", "feedback"), ("dropped", "dropped"), ("opens", "open"),
     ("unique_opens", ("unique", "open")), ("clicks", "click"),
     ("unique_clicks", ("unique", "click")), ("unsubscribes", "unsubscribe"))
 

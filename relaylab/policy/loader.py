@@ -22,6 +22,7 @@ import yaml
 from relaylab.dkim.keys import KeyLoadError, load_private_key
 from relaylab.policy.model import (
     WEBHOOK_EVENT_TYPES,
+    BouncesSettings,
     CountMode,
     DkimAlgorithm,
     DkimKeyRef,
@@ -248,7 +249,7 @@ def load_policy(
 
 def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
     top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
-                                 "tracker", "logd"})
+                                 "tracker", "logd", "bounces"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -269,6 +270,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
     # A broken tracker section is reported once, not again by every subaccount using it.
     tracker_ok = tracker.enabled or len(w.problems) == before
     logd = _logd(w, top["logd"][1], base) if "logd" in top else LogdSettings()
+    bounces = _bounces(w, top["bounces"][1], base) if "bounces" in top else BouncesSettings()
     dns = DnsSettings()
     if "dns" in top:
         d = w.mapping(top["dns"][1], "dns", {"spf_include"})
@@ -333,6 +335,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         policyd=policyd,
         tracker=tracker,
         logd=logd,
+        bounces=bounces,
         by_login=by_login,
     )
 
@@ -453,6 +456,45 @@ def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
         return None
     return Plan(name, hourly_limit=hourly, max_sessions=sessions, retention_days=retention,
                 monthly_quota=quota, bounces_before_block=bounces, soft_bounce_block=soft)
+
+
+def _bounces(w: _Walker, node: yaml.Node, base: Path) -> BouncesSettings:
+    m = w.mapping(node, "bounces", {"domain", "secret", "secret_file", "listen"})
+    kw: dict[str, object] = {}
+    if "domain" not in m:
+        w.fail(node, "bounces.domain", "missing: the domain of the VERP return paths")
+    else:
+        domain = w.string(m["domain"][1], "bounces.domain")
+        if domain is not None and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+                                               r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$", domain):
+            w.fail(m["domain"][1], "bounces.domain", f"not a domain name: {domain!r}")
+        elif domain is not None:
+            kw["domain"] = domain.lower()
+    if ("secret" in m) == ("secret_file" in m):
+        w.fail(node, "bounces", "needs exactly one of secret, secret_file (the token key)")
+    elif "secret" in m:
+        text = w.string(m["secret"][1], "bounces.secret")
+        if text is not None and len(text.encode()) < MIN_SECRET_BYTES:
+            w.fail(m["secret"][1], "bounces.secret", f"at least {MIN_SECRET_BYTES} bytes")
+        elif text is not None:
+            kw["secret"] = text.encode()
+    else:
+        rel = w.string(m["secret_file"][1], "bounces.secret_file")
+        if rel is not None:
+            path = Path(rel) if Path(rel).is_absolute() else base / rel
+            try:
+                secret = path.read_bytes().strip()
+            except OSError as e:
+                w.fail(m["secret_file"][1], "bounces.secret_file", f"cannot read {path}: {e.strerror or e}")
+            else:
+                if len(secret) < MIN_SECRET_BYTES:
+                    w.fail(m["secret_file"][1], "bounces.secret_file",
+                           f"a token key needs at least {MIN_SECRET_BYTES} bytes, got {len(secret)}")
+                else:
+                    kw["secret"], kw["secret_file"] = secret, path
+    if "listen" in m and (listen := w.listen(m["listen"][1], "bounces.listen")):
+        kw["listen_host"], kw["listen_port"] = listen
+    return BouncesSettings(**kw)  # type: ignore[arg-type]
 
 
 def _logd(w: _Walker, node: yaml.Node, base: Path) -> LogdSettings:

@@ -55,6 +55,22 @@ class Plan:
 
 
 @attrs.frozen
+class BouncesSettings:
+    """Asynchronous bounces (VERP): the milter sets the envelope sender of a subaccount's
+    mail to bounces+TOKEN@domain, and `relaylab bounces` receives mail for that domain."""
+
+    domain: str | None = None  # None: off
+    secret: bytes = attrs.field(default=b"", repr=False)  # HMAC key of the tokens
+    secret_file: Path | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8894  # LMTP, for Postfix's transport to the domain
+
+    @property
+    def enabled(self) -> bool:
+        return self.domain is not None and bool(self.secret)
+
+
+@attrs.frozen
 class LogdSettings:
     log_file: Path = Path("/var/log/mail.log")  # Postfix's maillog_file, or the syslog file
     # Names the checkpoint (rl:{logd}:checkpoint:NAME): one per mail host sharing a Redis.
@@ -266,6 +282,7 @@ class Policy:
     policyd: PolicydSettings = PolicydSettings()
     tracker: TrackerSettings = TrackerSettings()
     logd: LogdSettings = LogdSettings()
+    bounces: BouncesSettings = BouncesSettings()
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -31,6 +31,10 @@ rl:{q}:QUEUEID                 string  the milter's note on an accepted       6 
                                        id, tags, sender, recipients; one slot 5); logd deletes it
                                        for all, so logd reads a batch's notes once Postfix logs
                                        with one MGET                          "removed"
+rl:{q}:m:MESSAGEID             string  the same note by Relaylab message id,  7 days
+                                       for `relaylab bounces` (reports come
+                                       back days later); written only with
+                                       bounces.domain set
 rl:{sub:NAME}:logd             string  position (see events/follow.py) of     none
                                        the last log line whose events logd
                                        wrote for NAME; written in the same
@@ -177,3 +181,13 @@ def webhook_batch_key(subaccount: str, batch_id: str) -> str:
 
 def webhook_dead_key(subaccount: str) -> str:
     return f"rl:{scope_tag(subaccount)}:wh:dead"
+
+
+_MESSAGE_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def message_key(message_id: str) -> str:
+    """The note by Relaylab message id, for asynchronous bounces (relaylab bounces)."""
+    if not _MESSAGE_ID_RE.match(message_id):
+        raise ValueError(f"not a Relaylab message id: {message_id!r}")
+    return f"rl:{{q}}:m:{message_id}"

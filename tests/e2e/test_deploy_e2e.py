@@ -257,8 +257,10 @@ def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deploy
         USER, f"{d.prefix}/venv/bin/relaylab webhooks serve")
     assert hooks["env:RELAYLAB_CONFIG"] == str(d.policy)
     assert d.cli("webhooks", "secret").stdout.startswith("whsec_")  # the package has it
+    bounce = parse_unit(d.unit("bounces"))  # installed too; needs bounces.domain to run
+    assert (bounce["User"], bounce["ExecStart"]) == (USER, f"{d.prefix}/venv/bin/relaylab bounces")
     res = _run(["systemd-analyze", "verify",
-                *(str(d.unit(s)) for s in (*SERVICES, "logd", "webhooks"))], check=False)
+                *(str(d.unit(s)) for s in (*SERVICES, "logd", "webhooks", "bounces"))], check=False)
     assert res.returncode == 0 and "relaylab" not in res.stderr, res.stderr
 
 

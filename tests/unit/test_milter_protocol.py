@@ -53,10 +53,12 @@ def test_negotiates_only_the_events_and_macros_it_uses() -> None:
         assert protocol & P[flag].value, flag
     assert not protocol & P.REPLY_RCPT_TO.value
     assert protocol & definitions.ProtocolFlagsOther.HEADER_VALUE_LEADING_SPACE.value
-    # Header edits, body replacement (tracking rewrites HTML parts), the macro list.
+    # Header edits, body replacement (tracking rewrites HTML parts), the envelope sender
+    # (VERP return paths), the macro list.
     assert actions == (definitions.ActionFlags.ADD_HEADERS.value
                        | definitions.ActionFlags.CHANGE_HEADERS.value
                        | definitions.ActionFlags.CHANGE_BODY.value
+                       | definitions.ActionFlags.CHANGE_ENVELOPE_FROM.value
                        | definitions.ActionFlags.SET_MACROS_LIST.value)
     wanted: dict[int, bytes] = {}
     while symbols:  # 4-byte stage number, then the names up to a NUL

@@ -782,3 +782,16 @@ def test_logd_section(tmp_path: Path, keys: Keys) -> None:
     bad = write(tmp_path, VALID_HEAD + "logd: {start_at: middle}\n", keys, name="bad.yaml")
     p = only(problems(bad))
     assert p.key == "logd.start_at" and "must be end or start" in p.message
+
+
+def test_bounces_section(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path, VALID_HEAD + "bounces: {domain: Bounces.Relay.Test, secret: "
+                 + "s" * 32 + ", listen: '127.0.0.1:9999'}\n", keys)
+    b = load_policy(path).bounces
+    assert (b.domain, b.secret, b.listen_port, b.enabled) == ("bounces.relay.test", b"s" * 32,
+                                                             9999, True)
+    bad = write(tmp_path, VALID_HEAD + "bounces: {domain: 'not a domain', secret: short}\n", keys,
+                name="bad.yaml")
+    found = {p.key: p.message for p in problems(bad)}
+    assert "not a domain name" in found["bounces.domain"]
+    assert "at least 32 bytes" in found["bounces.secret"]

@@ -1,0 +1,197 @@
+"""Writing events to a subaccount's activity log in one script per subaccount: the events,
+the hourly and daily counters, bounce counting and automatic suppression (shared by
+relaylab logd, which also records log positions to write each event exactly once, and
+relaylab bounces).
+
+Per subaccount, one Lua script (APPLY) writes the batch's events to the activity stream,
+counts them per hour and day, counts bounces and blacklists an address when the plan
+says so, and records the position of the last line it wrote (rl:{sub:NAME}:logd) — all
+atomically, in the subaccount's slot. An event at or before that recorded position is
+skipped: after a crash logd re-reads from its last checkpoint, and the lines whose events
+were already written are not written twice. The checkpoint (which file, which offset) is
+saved after every subaccount's script has answered, so no line is skipped either.
+
+Automatic suppression (plan keys bounces_before_block, soft_bounce_block): a hardbounce
+counts against its address (field h:<address> of rl:{sub:NAME}:bounces); the
+bounces_before_block-th one blacklists it. With soft_bounce_block {count: N, days: D}, N
+softbounces within D days blacklist it too. Entries have reason hardbounce and source
+bounce, the DSN and reply in the comment; HSETNX keeps an existing entry (an
+unsubscribe stays an unsubscribe), and the whitelist still wins at RCPT time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import attrs
+
+from relaylab.limits.lua import Script
+from relaylab.policy.model import Plan, Policy
+from relaylab.resp import RedisReplyError
+from relaylab.suppression.keys import (
+    bounces_key,
+    daily_key,
+    events_key,
+    events_minid,
+    hourly_key,
+    list_key,
+    logd_position_key,
+)
+from relaylab.suppression.model import ListKind
+
+__all__ = ["APPLY", "Applied", "Calls", "Event", "SubaccountPlan", "applied", "apply_calls"]
+
+APPLY = Script("logd_apply", """
+-- ARGV[6] = '1': events without log positions (relaylab bounces): write them all.
+local nopos = ARGV[6] == '1'
+local last = -1
+if not nopos then last = tonumber(redis.call('GET', KEYS[2]) or '-1') end
+local bbb, soft_n, soft_s = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local events = cjson.decode(ARGV[5])
+local written, skipped, top = 0, 0, last
+local blocked, counts = {}, {}
+-- e: {position, type, time, daily key index, hourly key index, address, entry, fields...}
+for i = 1, #events do
+  local e = events[i]
+  local p, t, at, a = e[1], e[2], e[3], e[6]
+  if not nopos and p <= last then
+    skipped = skipped + 1
+  else
+    redis.call('XADD', KEYS[1], '*', unpack(e, 8))
+    for _, k in ipairs({e[4], e[5]}) do
+      local c = counts[k]
+      if not c then c = {}; counts[k] = c end
+      c[t] = (c[t] or 0) + 1
+    end
+    written = written + 1
+    if a ~= '' then
+      local block = false
+      if t == 'hardbounce' then
+        block = redis.call('HINCRBY', KEYS[4], 'h:' .. a, 1) >= bbb
+      elseif t == 'softbounce' and soft_n > 0 then
+        local field, keep = 's:' .. a, {}
+        local old = redis.call('HGET', KEYS[4], field)
+        if old then
+          for ts in string.gmatch(old, '%d+') do
+            if tonumber(ts) > at - soft_s then keep[#keep + 1] = ts end
+          end
+        end
+        keep[#keep + 1] = string.format('%d', at)
+        if #keep >= soft_n then
+          block = true
+        else
+          redis.call('HSET', KEYS[4], field, table.concat(keep, ' '))
+        end
+      end
+      if block then
+        if redis.call('HSETNX', KEYS[3], 'a:' .. a, e[7]) == 1 then
+          blocked[#blocked + 1] = a
+        end
+        redis.call('HDEL', KEYS[4], 'h:' .. a, 's:' .. a)
+      end
+    end
+    if p > top then top = p end
+  end
+end
+for k, c in pairs(counts) do
+  for t, n in pairs(c) do redis.call('HINCRBY', KEYS[k], t, n) end
+end
+if written > 0 then redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[1]) end
+if not nopos and top > last then redis.call('SET', KEYS[2], string.format('%.0f', top)) end
+return {written, skipped, blocked}
+""")
+
+DEFAULT_PLAN = Plan("default", hourly_limit=1, max_sessions=1, retention_days=7)
+
+
+class Event(NamedTuple):
+    subaccount: str
+    position: int  # of the log line's end (logd/follow.py)
+    type: str
+    at: int  # epoch seconds of the log line
+    fields: tuple[str, ...]  # stream entry: name, value, ...
+    # For automatic suppression: the normalised recipient, and the blacklist entry to add
+    # if this bounce blocks it (hard and soft bounces only).
+    address: str | None = None
+    entry: str | None = None
+
+
+@attrs.frozen
+class SubaccountPlan:
+    retention_days: int
+    bounces_before_block: int
+    soft_count: int  # 0: soft bounces never block
+    soft_seconds: int
+
+    @classmethod
+    def of(cls, policy: Policy | None, subaccount: str) -> SubaccountPlan:
+        sub = policy.subaccount(subaccount) if policy is not None else None
+        plan = sub.plan if sub is not None else DEFAULT_PLAN
+        soft = plan.soft_bounce_block
+        return cls(plan.retention_days, plan.bounces_before_block,
+                   soft.count if soft else 0, soft.days * 86_400 if soft else 0)
+
+
+@attrs.define
+class Applied:
+    written: int = 0
+    skipped: int = 0  # already written before a restart
+    blocked: list[tuple[str, str]] = attrs.field(factory=list)  # (subaccount, address)
+
+
+def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now: float,
+                *, positions: bool = True) -> list[tuple[str, tuple[list[str], list[str]]]]:
+    """(subaccount, (KEYS, ARGV)) of APPLY for each subaccount with events, in order.
+    Each event is a JSON array [position, type, time, daily key index, hourly key index,
+    address or "", entry or "", stream fields...]."""
+    by_sub: dict[str, list[Event]] = {}
+    for e in events:
+        evs = by_sub.get(e.subaccount)
+        if evs is None:
+            evs = by_sub[e.subaccount] = []
+        evs.append(e)
+    calls = []
+    for sub, evs in by_sub.items():
+        plan = plan_of[sub]
+        keys = [events_key(sub), logd_position_key(sub), list_key(sub, ListKind.BLACKLIST),
+                bounces_key(sub)]
+        index: dict[int, tuple[int, int]] = {}  # hour -> (daily, hourly) key indexes
+        payload = []
+        for e in evs:
+            hour = e.at // 3600
+            dh = index.get(hour)
+            if dh is None:
+                daily, hourly = daily_key(sub, e.at), hourly_key(sub, e.at)
+                d = keys.index(daily) + 1 if daily in keys else 0
+                if not d:
+                    keys.append(daily)
+                    d = len(keys)  # Lua's KEYS is 1-based
+                keys.append(hourly)
+                dh = index[hour] = (d, len(keys))
+            payload.append([e.position, e.type, e.at, dh[0], dh[1], e.address or "",
+                            e.entry or "", *e.fields])
+        args = [str(events_minid(now, plan.retention_days)), str(plan.bounces_before_block),
+                str(plan.soft_count), str(plan.soft_seconds),
+                json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+                "0" if positions else "1"]
+        calls.append((sub, (keys, args)))
+    return calls
+
+
+Calls = list[tuple[str, tuple[list[str], list[str]]]]
+
+
+def applied(calls: Calls, replies: Sequence[object]) -> Applied:
+    """The scripts' replies summed up; raises the first error reply."""
+    out = Applied()
+    for (sub, _), reply in zip(calls, replies, strict=True):
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        assert isinstance(reply, list)
+        written, skipped, blocked = reply
+        out.written += int(written)
+        out.skipped += int(skipped)
+        out.blocked += [(sub, a.decode()) for a in blocked]
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Callable
 from email.utils import getaddresses
 from typing import Any
@@ -80,6 +81,23 @@ def header_cap_reply(msg: MessageState) -> tuple[int, tuple[int, int, int], str]
             f"({msg.header_bytes} > {msg.max_header_bytes} bytes)")
 
 
+_API_ID_RE = re.compile(rb"[0-9a-f]{32}\Z")
+
+
+def api_message_id(policy: Policy, sub: Subaccount, msg: MessageState) -> str | None:
+    """The Relaylab message id a message from the subaccount's send API login carries (the
+    id the API already returned to its client), if it carries exactly one well-formed one.
+    Mail from any other login always gets a new id: a sender cannot choose it."""
+    api = sub.api_login
+    if api is None or msg.login is None or msg.login.lower() != api.login.lower():
+        return None
+    name = policy.milter.message_id_header.lower().encode()
+    values = [v.strip() for n, v in msg.headers if n.lower() == name]
+    if len(values) == 1 and _API_ID_RE.match(values[0]):
+        return values[0].decode()
+    return None
+
+
 def tagging_ops(policy: Policy, sub: Subaccount, headers: list[Header], message_id: str
                 ) -> list[HeaderOp]:
     ops = set_header(headers, "Precedence", sub.traffic.precedence)
@@ -122,7 +140,7 @@ def decide(
                        fields={**fields, "reason": "too_many_headers"
                                if msg.header_count > msg.max_headers else "header_too_large",
                                "headers": msg.header_count, "header_bytes": msg.header_bytes})
-    message_id = new_message_id()
+    message_id = api_message_id(policy, sub, msg) or new_message_id()
     fields["message_id"] = message_id
     ops = tagging_ops(policy, sub, msg.headers, message_id)
     actions = [f"precedence:{sub.traffic.precedence}", "message_id"]

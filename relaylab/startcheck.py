@@ -61,7 +61,7 @@ def unit_user(unit: Path) -> str | None:
 
 def files_to_read(policy: Policy) -> list[tuple[Path, str]]:
     """(path, what it is) for every file a service opens: the policy, DKIM keys, tracker
-    secrets, webhook secrets and passwords."""
+    secrets, webhook secrets and passwords, the send API's SASL passwords."""
     out: list[tuple[Path, str]] = [(policy.source, "the policy file")]
     out += [(k.path, f"DKIM key {k.selector}._domainkey.{k.domain}") for k in policy.all_keys()]
     out += [(k.secret_file, f"tracker key {k.id}") for k in policy.tracker.keys
@@ -72,6 +72,9 @@ def files_to_read(policy: Policy) -> list[tuple[Path, str]]:
             out.append((hook.secret_file, f"webhook secret of {sub.name}"))
         if hook is not None and hook.auth is not None and hook.auth.password_file is not None:
             out.append((hook.auth.password_file, f"webhook password of {sub.name}"))
+        api = sub.api_login
+        if api is not None and api.password_file is not None:
+            out.append((api.password_file, f"send API password of {sub.name}"))
     return out
 
 

@@ -22,6 +22,7 @@ import yaml
 from relaylab.dkim.keys import KeyLoadError, load_private_key
 from relaylab.policy.model import (
     WEBHOOK_EVENT_TYPES,
+    ApiLogin,
     BouncesSettings,
     CountMode,
     DkimAlgorithm,
@@ -307,6 +308,16 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
                 else:
                     login_seen[login.lower()] = name
                     by_login[login.lower()] = sub
+            # The send API's login maps to the subaccount like its own logins.
+            if sub.api_login is not None:
+                login = sub.api_login.login
+                if login.lower() in login_seen:
+                    w.fail(nodes["api_login"], f"subaccounts.{name}.api_login.login",
+                           f"SASL login {login!r} is already mapped to subaccount "
+                           f"{login_seen[login.lower()]!r}")
+                else:
+                    login_seen[login.lower()] = name
+                    by_login[login.lower()] = sub
             # A domain may sign for several subaccounts (a shop's orders and its
             # newsletter); a selector is one DNS record, so it must mean one key file.
             for dom in sub.domains:
@@ -526,7 +537,7 @@ def _subaccount(
     """The subaccount, plus the YAML node of each login and domain for later errors."""
     key = f"subaccounts.{name}"
     s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers",
-                              "suppression", "webhook"})
+                              "suppression", "webhook", "api_login"})
     ok = True
     for required in ("logins", "traffic", "domains"):
         if required not in s:
@@ -595,6 +606,17 @@ def _subaccount(
         before = len(w.problems)
         webhook = _webhook(w, f"{key}.webhook", s["webhook"][1], base)
         ok = ok and len(w.problems) == before
+    api_login = None
+    if "api_login" in s:
+        before = len(w.problems)
+        api_login = _api_login(w, f"{key}.api_login", s["api_login"][1], base)
+        if api_login is not None:
+            nodes["api_login"] = s["api_login"][1]
+            if api_login.login.lower() in (x.lower() for x in logins):
+                w.fail(s["api_login"][1], f"{key}.api_login.login",
+                       f"{api_login.login!r} is one of this subaccount's logins: the API needs a "
+                       f"login of its own (the milter trusts the message ids it sets)")
+        ok = ok and len(w.problems) == before
     if not logins:
         w.fail(s["logins"][1], f"{key}.logins", "at least one SASL login is required")
         ok = False
@@ -602,7 +624,28 @@ def _subaccount(
         return None
     return Subaccount(name=name, logins=tuple(logins), plan=plan, traffic=traffic,
                       domains=tuple(domains), tracking=tracking, headers=tuple(headers),
-                      suppression_shadow=shadow, webhook=webhook), nodes
+                      suppression_shadow=shadow, webhook=webhook, api_login=api_login), nodes
+
+
+def _api_login(w: _Walker, key: str, node: yaml.Node, base: Path) -> ApiLogin | None:
+    """`{login, password | password_file}`: the send API's SASL login for the subaccount."""
+    m = w.mapping(node, key, {"login", "password", "password_file"})
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    if "login" not in m or ("password" in m) == ("password_file" in m):
+        w.fail(node, key, "needs a login and exactly one of password, password_file")
+        return None
+    login = w.string(m["login"][1], f"{key}.login")
+    if login is not None and (not login or any(c.isspace() or c == "\0" for c in login)):
+        w.fail(m["login"][1], f"{key}.login", "a SASL login is one word without spaces")
+        login = None
+    vnode, vkey, password, pfile = _secret_text(w, m, key, "password", base)
+    if password is not None and not password:
+        w.fail(vnode, vkey, "the password is empty")
+        password = None
+    if login is None or password is None:
+        return None
+    return ApiLogin(login=login, password=password, password_file=pfile)
 
 
 def _domain(

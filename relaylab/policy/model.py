@@ -159,6 +159,19 @@ class Webhook:
 
 
 @attrs.frozen
+class ApiLogin:
+    """The SASL login the send API (api/inject.py) authenticates with to the local Postfix
+    when it injects a message for this subaccount: mapped to the subaccount like its
+    `logins`, so the milter, policyd, suppression and tracking treat API mail exactly as
+    SMTP mail. The milter also keeps the Relaylab message id such a message carries (the
+    id the API returned), which it replaces for every other login."""
+
+    login: str
+    password: str = attrs.field(repr=False)
+    password_file: Path | None = None  # where the password was read from (None: inline)
+
+
+@attrs.frozen
 class Subaccount:
     name: str
     logins: tuple[str, ...]
@@ -170,6 +183,7 @@ class Subaccount:
     # Suppression in shadow mode: log and count what would be refused, refuse nothing.
     suppression_shadow: bool = False
     webhook: Webhook | None = None
+    api_login: ApiLogin | None = None
 
     def domain(self, name: str) -> SendingDomain | None:
         name = name.lower()

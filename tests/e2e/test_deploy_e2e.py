@@ -13,8 +13,13 @@ once failed every linked page), not on the tests' Python.
 
 The Postfix instance: main.cf is Debian's /usr/share/postfix/main.cf.debian plus what
 Debian's postinst sets on an "Internet Site" install (DEBIAN_POSTINST), master.cf is
-/usr/share/postfix/master.cf.dist; then the shipped commands; then ISOLATION (and only
-that): what a throwaway instance on loopback next to the host's own Postfix needs.
+/usr/share/postfix/master.cf.dist; then the shipped commands and the README's for a log
+file; then ISOLATION (and only that): what a throwaway instance on loopback next to the
+host's own Postfix needs. smtpd runs chrooted in the queue directory as on Debian, with
+the SASL database where the README's commands put it, inside the chroot.
+
+README shell blocks marked `<!-- NAME: run by tests/e2e/test_deploy_e2e.py -->` are run
+from the README itself (readme_block()), the host's paths replaced by the scratch ones.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -52,7 +59,11 @@ from relaylab.suppression.keys import events_key
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install.sh"
-USER = "rl-deploy-e2e"  # not "relaylab": never touch a real installation's user
+# Not "relaylab": never touch a real installation's user; and one per run, so that runs
+# from two checkouts at once do not delete each other's.
+USER = f"rl-deploy-{os.getpid()}"
+OTHER_USER = f"rl-undeploy-{os.getpid()}"
+README = REPO / "README.md"
 SERVICES = ("milter", "policyd", "tracker")
 LOGIN, PASSWORD = "shop@relay.test", "shop-secret"
 DOMAIN = "shop.example.com"
@@ -84,8 +95,9 @@ def _run(argv: list[str], *, check: bool = True, env: dict[str, str] | None = No
 
 
 class DebianDefaultPostfix(PostfixInstance):
-    """A throwaway Postfix whose config is Debian's default plus the shipped commands.
-    The lifecycle, SASL db and log helpers are devstack's; the main.cf/master.cf are not."""
+    """A throwaway Postfix whose config is Debian's default plus the shipped commands,
+    smtpd chrooted as Debian's master.cf has it, its SASL database and log set up by the
+    README's commands. The lifecycle and log helpers are devstack's."""
 
     def __init__(self, dir: Path, sink_port: int, policy: Path, relaylab: Path) -> None:
         super().__init__(dir, submit_port=free_port(), sink_port=sink_port,
@@ -98,6 +110,18 @@ class DebianDefaultPostfix(PostfixInstance):
     def postconf(self, *args: str) -> None:
         _run(["postconf", "-c", str(self.conf_dir), *args])
 
+    def write_sasl(self) -> None:
+        """README step 4, Cyrus sasldb: /etc/postfix/sasl is this instance's (Debian's
+        package ships that directory), /var/spool/postfix its queue directory."""
+        self.sasl_dir.mkdir(parents=True, exist_ok=True)
+        user, _, realm = LOGIN.partition("@")
+        script = readme_block("cyrus-sasldb", {
+            "/etc/postfix/sasl": str(self.sasl_dir), "/var/spool/postfix": str(self.queue_dir),
+            "saslpasswd2 -c": "saslpasswd2 -p -c",  # the password on stdin
+            "-u relay.example.net shop-tx": f"-u {realm} {user}"})
+        res = subprocess.run(["bash", "-euc", script], input=PASSWORD, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+
     def write_config(self) -> None:
         shutil.copy("/usr/share/postfix/main.cf.debian", self.conf_dir / "main.cf")
         shutil.copy("/usr/share/postfix/master.cf.dist", self.conf_dir / "master.cf")
@@ -109,21 +133,29 @@ class DebianDefaultPostfix(PostfixInstance):
                     str(self.policy)], env={"MAIL_CONFIG": str(self.conf_dir)})
         self.shipped_output = res.stdout
 
+        # There is no syslog here: the README's lines for that (`service postfix start`
+        # is the harness's start(), after configure-instance.sh below).
+        block = readme_block("postfix-without-syslog", {
+            "postconf -e": f"postconf -c {self.conf_dir} -e", "/var/log/postfix.log": str(self.log_path)})
+        postconf, start = block.strip().splitlines()
+        assert start.startswith("service postfix start"), start
+        _run(["bash", "-euc", postconf])
+
         # ---- ISOLATION: a throwaway instance on loopback, nothing else ---------------
         self.postconf("-e",
                       f"queue_directory={self.queue_dir}",
                       f"data_directory={self.data_dir}",    # master.lock
-                      f"maillog_file_prefixes={self.dir}",  # there is no syslog here:
-                      f"maillog_file={self.log_path}",      # postlogd writes the log
+                      f"maillog_file_prefixes={self.dir}",  # the log is not under /var
                       f"relayhost=[{LOCALHOST}]:{self.sink_port}",
-                      f"cyrus_sasl_config_path={self.sasl_dir}",  # the SASL backend: sasldb
+                      f"cyrus_sasl_config_path={self.sasl_dir}",  # /etc/postfix/sasl
                       "inet_protocols=ipv4")                # the box has no IPv6
-        # chroot n: the sasldb lives outside the queue directory (harness gotcha 5).
-        self.postconf("-F", "*/*/chroot=n")
         master = (self.conf_dir / "master.cf").read_text()
         master = re.sub(r"(?m)^smtp(\s+inet)", rf"{LOCALHOST}:{self.smtp_port}\1", master)
         master = re.sub(r"(?m)^submission(\s+inet)", rf"{LOCALHOST}:{self.submit_port}\1", master)
         (self.conf_dir / "master.cf").write_text(master)
+        # What Debian's init script and postfix@.service run before `postfix start`: the
+        # files the chrooted daemons need, copied into the queue directory.
+        _run(["/usr/lib/postfix/configure-instance.sh", "-"], env={"MAIL_CONFIG": str(self.conf_dir)})
 
 
 class UnitProcess(ChildProcess):
@@ -154,6 +186,52 @@ class UnitProcess(ChildProcess):
             self.stop()
             raise RuntimeError(f"{u['ExecStart']} did not start:\n{self.log_text()}") from None
         return self
+
+
+class ReadmeServices:
+    """The three services started by the README's commands for a host without systemd
+    (run as root, as there): the relaylab user and paths replaced by this install's."""
+
+    def __init__(self, d: Deployment, log_dir: Path, ports: dict[str, int]) -> None:
+        self.script = readme_block("services-without-systemd", {
+            "-u relaylab": f"-u {USER}", "/usr/local/bin/relaylab": str(d.relaylab),
+            "/var/log/": f"{log_dir}/"})
+        self.log_dir = log_dir
+        self.ports = ports
+        self._shell: subprocess.Popen[bytes] | None = None
+
+    def log(self, service: str) -> str:
+        return (self.log_dir / f"relaylab-{service}.log").read_text(errors="replace")
+
+    def start(self) -> ReadmeServices:
+        # Its own process group: the shell exits at once, the services stay in the group.
+        self._shell = subprocess.Popen(["bash", "-euc", self.script], stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        assert self._shell.wait(10) == 0
+        for service, port in self.ports.items():
+            try:
+                wait_listening(port, 20)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"{service} did not start:\n{self.log(service)}") from None
+        return self
+
+    def stop(self) -> None:
+        if self._shell is None:
+            return
+        group = self._shell.pid
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
 
 
 def parse_unit(path: Path) -> dict[str, str]:
@@ -206,9 +284,29 @@ def drop_user(user: str) -> None:
         subprocess.run(["groupdel", user], capture_output=True)
 
 
+def drop_stale_users() -> None:
+    """The users of earlier runs whose process is gone (interrupted before uninstalling)."""
+    for pw in pwd.getpwall():
+        m = re.fullmatch(r"rl-(?:un)?deploy-([0-9]+)", pw.pw_name)
+        if m and not Path(f"/proc/{m[1]}").exists():
+            drop_user(pw.pw_name)
+
+
+def readme_block(name: str, replace: dict[str, str]) -> str:
+    """The README's shell block after the comment `<!-- NAME: ... -->`, with the host's
+    paths replaced by this test's (each must occur)."""
+    m = re.search(rf"<!-- {name}: [^>]*-->\n\s*```sh\n(.*?)^\s*```", README.read_text(), re.S | re.M)
+    assert m is not None, f"no block {name} in README.md"
+    block = textwrap.dedent(m[1])
+    for old, new in replace.items():
+        assert old in block, (old, block)
+        block = block.replace(old, new)
+    return block
+
+
 @pytest.fixture(scope="module")
 def deployed() -> Iterator[Deployment]:
-    drop_user(USER)
+    drop_stale_users()
     root = make_workdir("relaylab-deploy-")
     res = install(root)
     d = Deployment(root=root, prefix=root / "opt/relaylab", etc=root / "etc/relaylab",
@@ -302,13 +400,17 @@ def dkim_keys(deployed: Deployment) -> tuple[Path, Path]:
 
 @dataclass
 class Running:
-    """The deployed relay, running: the services from their units, the Debian-default
-    Postfix, a sink behind it."""
+    """The deployed relay, running: the services (from their units, or as the README
+    starts them without systemd), the Debian-default Postfix, a sink behind it."""
 
     sink: SinkProcess
     procs: dict[str, UnitProcess]
+    readme: ReadmeServices | None
     postfix: DebianDefaultPostfix
     ports: dict[str, int]
+
+    def log(self, service: str) -> str:
+        return self.readme.log(service) if self.readme is not None else self.procs[service].log_text()
 
 
 def write_policy(d: Deployment, redis_url: str, ports: dict[str, int], subaccount: dict[str, object],
@@ -333,21 +435,27 @@ def write_policy(d: Deployment, redis_url: str, ports: dict[str, int], subaccoun
 
 
 @contextmanager
-def running(d: Deployment, ports: dict[str, int]) -> Iterator[Running]:
+def running(d: Deployment, ports: dict[str, int], *, systemd: bool = True) -> Iterator[Running]:
+    """systemd: the services started as their units say; else by the README's commands."""
     workdir = make_workdir("relaylab-deploy-run-")
     sink = SinkProcess(workdir / "sink")
-    procs = {s: UnitProcess(d.unit(s), workdir / f"{s}.log", ports[s]) for s in SERVICES}
+    procs = {s: UnitProcess(d.unit(s), workdir / f"{s}.log", ports[s]) for s in SERVICES} if systemd else {}
+    readme = None if systemd else ReadmeServices(d, workdir, ports)
     pf = DebianDefaultPostfix(workdir / "postfix", sink.port, d.policy, d.relaylab)
     try:
         sink.start()
         for p in procs.values():
             p.start()
+        if readme is not None:
+            readme.start()
         pf.start()
-        yield Running(sink, procs, pf, ports)
+        yield Running(sink, procs, readme, pf, ports)
     finally:
         pf.stop()
         for p in procs.values():
             p.stop()
+        if readme is not None:
+            readme.stop()
         sink.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -399,7 +507,7 @@ def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
             assert t.accepted, t.steps
         (delivered,) = sink.wait_for(1, 30)
         assert verdicts(d, delivered, dkim_keys) == ["rsa-sha256:pass", "ed25519-sha256:pass"]
-        assert f"queue_id={t.queue_id}" in r.procs["milter"].log_text()  # the milter saw it
+        assert f"queue_id={t.queue_id}" in r.log("milter")  # the milter saw it
         usage = d.cli("limits", "show", "--config", str(d.policy), "deploy-shop").stdout
         assert re.search(r"(?m)^deploy-shop\s+shared\s+1/60000\s", usage), usage  # policyd counted
 
@@ -449,7 +557,7 @@ def test_deployed_relay_tracks_html_links_and_the_installed_tracker_redirects_an
     message.add_alternative(NEWS_HTML, subtype="html", cte="quoted-printable")
     events = redis.Redis.from_url(redis_server.url, decode_responses=True)
     events.delete(events_key("deploy-shop"))
-    with running(d, ports) as r:
+    with running(d, ports, systemd=False) as r:  # as in a container
         with SMTPSession(r.postfix.submit_port) as s:
             assert s.auth_plain(LOGIN, PASSWORD).code == 235
             t = s.send(f"news@{DOMAIN}", ["reader@example.org"], message.as_bytes(policy=email.policy.SMTP))
@@ -458,7 +566,7 @@ def test_deployed_relay_tracks_html_links_and_the_installed_tracker_redirects_an
 
         # -- signed (after the rewriting) and tracked --------------------------------------
         assert verdicts(d, delivered, dkim_keys) == ["rsa-sha256:pass", "ed25519-sha256:pass"]
-        milter_log = r.procs["milter"].log_text()
+        milter_log = r.log("milter")
         line = next(ln for ln in milter_log.splitlines() if f"queue_id={t.queue_id}" in ln and "links=" in ln)
         assert "rewrite_error" not in line and " links=1 " in f"{line} " and "pixels=1" in line, line
         parsed = email.message_from_bytes(delivered.read_bytes(), policy=email.policy.default)
@@ -485,7 +593,16 @@ def test_deployed_relay_tracks_html_links_and_the_installed_tracker_redirects_an
             assert time.monotonic() < deadline, "no click recorded"
             time.sleep(0.05)
         assert [(c["url"], c["recipient"]) for c in clicks] == [(LINK, "reader@example.org")]
-        assert re.search(r"(?m) event=click subaccount=deploy-shop ", r.procs["tracker"].log_text())
+        assert re.search(r"(?m) event=click subaccount=deploy-shop ", r.log("tracker"))
+
+        # -- `relaylab reload` without systemd, from a checkout: the installed policy -----
+        env = {k: v for k, v in os.environ.items() if k != "RELAYLAB_CONFIG"}
+        res = subprocess.run([str(d.relaylab), "reload"], cwd=REPO, capture_output=True, text=True, env=env)
+        assert res.returncode == 0 and res.stdout.startswith("reload requested"), res.stdout + res.stderr
+        deadline = time.monotonic() + 15
+        while not all(" event=reloaded " in r.log(s) for s in SERVICES):
+            assert time.monotonic() < deadline, {s: r.log(s)[-500:] for s in SERVICES}
+            time.sleep(0.1)
     events.close()
 
 
@@ -570,8 +687,7 @@ def test_install_again_keeps_the_policy_fixes_key_permissions_and_replaces_an_ol
 
 
 def test_uninstall_removes_the_install_and_its_user_but_keeps_policy_and_keys() -> None:
-    user = "rl-deploy-e2e2"
-    drop_user(user)
+    user = OTHER_USER
     root = make_workdir("relaylab-uninstall-")
     try:
         install(root, user)

@@ -21,7 +21,13 @@ Scripted answers, for delivery tests: a recipient whose local part starts with
                        zen.spamhaus.org (a reputation block)
 ``rcpt-450-…``         450 4.2.0 <addr>: Recipient address rejected: Greylisted
 ``rcpt-450then250-…``  450 as above at the first attempt for that address, 250 after
+``rcpt-250dsn-…``      250, and then a DSN (RFC 3464: 5.1.1 User unknown) mailed back to
+                       the envelope sender, as a server that bounces after accepting
+``rcpt-250arf-…``      250, and then an ARF feedback report (abuse) mailed back to it
 =====================  ==================================================================
+
+The reports of ``rcpt-250dsn``/``rcpt-250arf`` go by SMTP to 127.0.0.1:``--report-port``
+(the relay's own Postfix) with a null sender; without that option they are not sent.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class MaildirStore:
         self._host = socket.gethostname().replace("/", "_").replace(":", "_")
         self._dirs = {sub: str(self.maildir / sub) for sub in ("tmp", "new", "meta")}
         self.attempts: dict[str, int] = {}  # scripted recipient -> RCPTs seen (rcpt-450then250)
+        self.report_port: int | None = None  # where rcpt-250dsn/arf reports are mailed
 
     def store(self, mail_from: str, rcpt_tos: list[str], peer: Any, content: bytes) -> str:
         """Store `content` (the DATA bytes, CRLF kept, dot-stuffing undone); its name."""
@@ -128,6 +135,58 @@ def scripted_reply(address: str, attempts: dict[str, int], peer: Any) -> str | N
     if script == "450" or (script == "450then250" and n == 1):
         return f"450 4.2.0 <{address}>: Recipient address rejected: Greylisted, try again later"
     return None
+
+
+def scripted_report(address: str) -> str | None:
+    """"dsn" or "arf" for rcpt-250dsn-… / rcpt-250arf-… recipients, else None."""
+    local = address.rpartition("@")[0].lower()
+    if local.startswith("rcpt-250dsn-"):
+        return "dsn"
+    if local.startswith("rcpt-250arf-"):
+        return "arf"
+    return None
+
+
+def report_message(kind: str, to: str, rcpt: str, original: bytes) -> bytes:
+    """A DSN (5.1.1) or an ARF abuse report about `rcpt`, returning the original's header."""
+    header = original.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    if kind == "dsn":
+        report = (f"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; {HOSTNAME}"
+                  f"\r\n\r\nFinal-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.1.1"
+                  f"\r\nDiagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: "
+                  f"User unknown\r\n\r\n--R\r\nContent-Type: text/rfc822-headers\r\n\r\n")
+        subject, rtype = "Undelivered Mail Returned to Sender", "delivery-status"
+    else:
+        report = (f"Content-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
+                  f"User-Agent: devstack-sink/1\r\nVersion: 1\r\nOriginal-Rcpt-To: <{rcpt}>"
+                  f"\r\n\r\n--R\r\nContent-Type: text/rfc822-headers\r\n\r\n")
+        subject, rtype = "Complaint", "feedback-report"
+    return (f"From: MAILER-DAEMON@{HOSTNAME}\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+            f"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type={rtype}; "
+            f"boundary=\"R\"\r\n\r\n--R\r\nContent-Type: text/plain\r\n\r\nA report.\r\n"
+            f"--R\r\n{report}").encode() + header + b"\r\n--R--\r\n"
+
+
+async def mail_report(port: int, to: str, message: bytes) -> None:
+    """Send `message` from <> to `to` by SMTP on 127.0.0.1:port (errors are printed)."""
+    try:
+        reader, writer = await asyncio.open_connection(LOCALHOST, port)
+        body = message.replace(b"\r\n.", b"\r\n..")
+        for line in (None, f"EHLO {HOSTNAME}", "MAIL FROM:<>", f"RCPT TO:<{to}>", "DATA", body,
+                     "QUIT"):
+            if line is not None:
+                writer.write(line + b"\r\n.\r\n" if isinstance(line, bytes)
+                             else line.encode() + b"\r\n")
+            while True:
+                reply = await reader.readline()
+                if not reply or reply[3:4] != b"-":
+                    break
+            if not reply or reply[:1] not in (b"2", b"3"):
+                print(f"sink: report to {to} refused: {reply!r}", flush=True)
+                break
+        writer.close()
+    except OSError as e:
+        print(f"sink: report to {to} failed: {e}", flush=True)
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -250,6 +309,14 @@ class SinkProtocol(asyncio.Protocol):
         assert self._mail_from is not None  # DATA needs RCPT, RCPT needs MAIL
         name = self._store.store(self._mail_from, self._rcpts, self._peer, content)
         out.append(f"250 2.0.0 Ok: stored as {name}\r\n".encode())
+        port = self._store.report_port
+        if port is not None and self._mail_from:
+            for rcpt in self._rcpts:
+                kind = scripted_report(rcpt)
+                if kind is not None:
+                    asyncio.get_running_loop().create_task(
+                        mail_report(port, self._mail_from, report_message(
+                            kind, self._mail_from, rcpt, content)))
         self._reset()
         return True
 
@@ -258,9 +325,11 @@ class SinkProtocol(asyncio.Protocol):
         self._rcpts = []
 
 
-async def serve(port: int, maildir: Path, trace_headers: bool = False) -> None:
+async def serve(port: int, maildir: Path, trace_headers: bool = False,
+                report_port: int | None = None) -> None:
     """Serve on 127.0.0.1:`port` until SIGTERM/SIGINT."""
     store = MaildirStore(maildir, trace_headers=trace_headers)
+    store.report_port = report_port
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SinkProtocol(store), host=LOCALHOST, port=port,
                                       reuse_address=True)
@@ -282,10 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="prepend X-Sink-* envelope headers (breaks byte-exactness)",
     )
+    ap.add_argument("--report-port", type=int,
+                    help="mail the rcpt-250dsn/rcpt-250arf reports to 127.0.0.1:PORT")
     a = ap.parse_args(argv)
     # uvloop when available: the sink shares the box with what benchmarks measure, so
     # its CPU per message should be as small as the services' own.
-    eventloop.run(serve(a.port, a.maildir, a.trace_headers))
+    eventloop.run(serve(a.port, a.maildir, a.trace_headers, a.report_port))
     return 0
 
 
@@ -311,6 +382,7 @@ class SinkProcess(ChildProcess):
         self.port: int = free_port() if port is None else port
         self.trace_headers = trace_headers
         self.start_timeout = start_timeout
+        self.report_port: int | None = None  # see the module docstring (rcpt-250dsn)
 
     def __repr__(self) -> str:
         return f"SinkProcess(maildir={str(self.maildir)!r}, port={self.port})"
@@ -339,6 +411,8 @@ class SinkProcess(ChildProcess):
         ]
         if self.trace_headers:
             argv.append("--trace-headers")
+        if self.report_port is not None:
+            argv += ["--report-port", str(self.report_port)]
         env = dict(os.environ)
         # Make the child import this very copy of relaylab even if it is not installed.
         pkg_root = str(Path(__file__).resolve().parents[2])

@@ -59,6 +59,8 @@ def verify(secret: bytes, token: str, recipient: str) -> tuple[str, bool] | None
         return None
     if len(raw) != 16 + MAC_BYTES:
         return None
+    if base64.b32encode(raw).decode().rstrip("=").lower() != token.lower():
+        return None  # one spelling only: the last character's two spare bits are zero
     mid, mac = raw[:16], raw[16:]
     if recipient and hmac.compare_digest(mac, _mac(secret, mid, recipient)):
         return mid.hex(), True

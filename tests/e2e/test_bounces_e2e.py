@@ -40,6 +40,9 @@ class BounceStack(RelayStack):
             "relay_domains": DOMAIN,
             "transport_maps": f"inline:{{ {DOMAIN}=lmtp:inet:127.0.0.1:{self.bounce_port} }}"})
         self.secret = secrets.token_urlsafe(32)
+        # The sink mails its scripted reports (rcpt-250dsn-…, rcpt-250arf-…) back to the
+        # return path through the relay's Postfix, as a remote server would.
+        self.sink.report_port = self.postfix.noauth_port
         self.bounces = BouncesProcess(self.config, self.workdir / "bounces.log", self.bounce_port)
 
     def policy_dict(self, **milter_overrides: Any) -> dict[str, Any]:
@@ -122,37 +125,41 @@ def events(r: redis.Redis) -> list[dict[str, str]]:
 
 def test_dsn_mailed_back_later_is_a_hard_bounce_and_blocks_the_address(
         st: BounceStack, r: redis.Redis) -> None:
-    verp, message_id = send(st, ["late@example.net"])
+    late = "rcpt-250dsn-late@example.net"  # the sink says 250, then mails a DSN back
+    verp, message_id = send(st, [late])
     assert VERP.match(verp), verp  # the return path the remote server saw
-    report(st, verp, dsn(verp, "late@example.net", "5.1.1",
-                     "550 5.1.1 <late@example.net>: Recipient address rejected: User unknown",
-                     message_id))
     wait_until(lambda: bool(events(r)), 20)
     (e,) = events(r)
     assert (e["type"], e["recipient"], e["message_id"], e["dsn"], e["source"]) == (
-        "hardbounce", "late@example.net", message_id, "5.1.1", "dsn")
-    entry = Entry.from_field("a:late@example.net", r.hget(f"rl:{{sub:{SUB}}}:bl",
-                                                         "a:late@example.net") or "")
+        "hardbounce", late, message_id, "5.1.1", "dsn")
+    entry = Entry.from_field(f"a:{late}", r.hget(f"rl:{{sub:{SUB}}}:bl", f"a:{late}") or "")
     assert (entry.reason.value, entry.source.value) == ("hardbounce", "bounce")
+    assert "dsn=5.1.1" in entry.comment
     a = st.accounts[0]
     with SMTPSession(st.postfix.submit_port) as s:
         assert s.auth_plain(a.login, a.password).code == 235
         assert s.mail("app@shop.example.com").code == 250
-        refused = s.rcpt("late@example.net")
+        refused = s.rcpt(late)
         assert refused.code == 550 and "hardbounce" in refused.text
 
 
 def test_feedback_report_is_a_feedback_event_and_a_spam_complaint_entry(
         st: BounceStack, r: redis.Redis) -> None:
-    verp, message_id = send(st, ["angry@example.net"])
-    report(st, verp, arf(verp, "angry@example.net", message_id))
+    angry = "rcpt-250arf-angry@example.net"  # the sink says 250, then mails an ARF report
+    verp, message_id = send(st, [angry])
     wait_until(lambda: bool(events(r)), 20)
     (e,) = events(r)
-    assert (e["type"], e["recipient"], e["feedback_type"]) == ("feedback", "angry@example.net",
-                                                               "abuse")
-    raw = r.hget(f"rl:{{sub:{SUB}}}:bl", "a:angry@example.net")
+    assert (e["type"], e["recipient"], e["feedback_type"], e["message_id"]) == (
+        "feedback", angry, "abuse", message_id)
+    raw = r.hget(f"rl:{{sub:{SUB}}}:bl", f"a:{angry}")
     assert raw is not None
-    assert Entry.from_field("a:angry@example.net", raw).reason.value == "spam_complaint"
+    assert Entry.from_field(f"a:{angry}", raw).reason.value == "spam_complaint"
+    # A report mailed by hand through Postfix is read the same way.
+    r.delete(f"rl:{{sub:{SUB}}}:bl")
+    verp, message_id = send(st, ["other@example.net"])
+    report(st, verp, arf(verp, "other@example.net", message_id))
+    wait_until(lambda: len(events(r)) == 2, 20)
+    assert r.hget(f"rl:{{sub:{SUB}}}:bl", "a:other@example.net") is not None
 
 
 def test_forged_foreign_and_malformed_reports_are_dropped_and_the_next_one_still_counts(

@@ -20,6 +20,7 @@ from relaylab.suppression.normalize import InvalidAddress, normalize_address
 __all__ = ["MAX_REPLY", "Event", "Tracker"]
 
 MAX_REPLY = 500  # characters of the remote reply kept in an event
+MAX_TRACKED = 200_000  # queue ids whose final recipients are remembered (for `expired`)
 
 
 def _entry(address: str, at: int, cls: Class, dsn: str, reply: str) -> str:
@@ -69,6 +70,8 @@ class Tracker:
         if status == "sent" or status == "bounced":
             final = self._final.get(d.queue_id)
             if final is None:
+                if len(self._final) >= MAX_TRACKED:  # removals not seen (a lost log): oldest go
+                    del self._final[next(iter(self._final))]
                 final = self._final[d.queue_id] = set()
             final.add(d.recipient.lower())
         reply = d.text[:MAX_REPLY]

@@ -91,7 +91,22 @@ def commands(policy: Policy) -> list[PostconfCommand]:
         PostconfCommand(("postconf", "-P",
                          "submission/inet/smtpd_relay_restrictions = permit_sasl_authenticated,reject")),
     ]
+    b = policy.bounces
+    if b.enabled and b.domain is not None:
+        out += [
+            main("relay_domains", f"$mydestination, {b.domain}",
+                 "Asynchronous bounces: accept mail for the VERP domain (its MX points here;\n"
+                 "add any other domain you relay for) ..."),
+            main("transport_maps",
+                 f"inline:{{ {b.domain}={_lmtp(b.listen_host, b.listen_port)} }}",
+                 "... and hand it to relaylab bounces over LMTP (with transport_maps already\n"
+                 "set, add this entry to your map instead)."),
+        ]
     return out
+
+
+def _lmtp(host: str, port: int) -> str:
+    return f"lmtp:inet:[{host}]:{port}" if ":" in host else f"lmtp:inet:{host}:{port}"
 
 
 def script(policy: Policy) -> str:

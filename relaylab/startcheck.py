@@ -75,6 +75,8 @@ def files_to_read(policy: Policy) -> list[tuple[Path, str]]:
         api = sub.api_login
         if api is not None and api.password_file is not None:
             out.append((api.password_file, f"send API password of {sub.name}"))
+    if policy.bounces.secret_file is not None:
+        out.append((policy.bounces.secret_file, "bounces secret"))
     return out
 
 
@@ -140,6 +142,8 @@ def listen_ports(policy: Policy) -> list[tuple[str, str, int]]:
            ("policyd", policy.policyd.listen_host, policy.policyd.listen_port)]
     if policy.tracker.enabled:
         out.append(("tracker", policy.tracker.listen_host, policy.tracker.listen_port))
+    if policy.bounces.enabled:
+        out.append(("bounces", policy.bounces.listen_host, policy.bounces.listen_port))
     return out
 
 

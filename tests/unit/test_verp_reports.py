@@ -5,6 +5,7 @@ reports are read and which are refused as malformed."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,24 @@ def test_arf_report() -> None:
 def test_malformed_reports_raise_malformed(raw: bytes) -> None:
     with pytest.raises(MalformedReport):
         parse_report(raw)
+
+
+def test_relaylab_check_and_postfix_config_know_the_bounces_service(tmp_path: Path) -> None:
+    from relaylab import postfixconf
+    from relaylab.policy.loader import load_policy
+    from relaylab.startcheck import files_to_read, listen_ports
+
+    (tmp_path / "b.secret").write_text("s" * 40 + "\n")
+    cfg = tmp_path / "relaylab.yaml"
+    cfg.write_text("subaccounts:\n  shop:\n    logins: [shop@relay.example.net]\n"
+                   "    traffic: transactional\n"
+                   "    domains: {shop.example.com: {dkim: [{selector: s, key: k.pem}]}}\n"
+                   "bounces: {domain: bounces.relay.test, secret_file: b.secret, "
+                   "listen: '127.0.0.1:9925'}\n")
+    policy = load_policy(cfg, check_keys=False)
+    assert ("bounces", "127.0.0.1", 9925) in listen_ports(policy)
+    assert (tmp_path / "b.secret", "bounces secret") in files_to_read(policy)
+    run = [" ".join(c.argv) for c in postfixconf.commands(policy)]
+    assert "postconf -e relay_domains = $mydestination, bounces.relay.test" in run
+    assert ("postconf -e transport_maps = inline:{ bounces.relay.test=lmtp:inet:127.0.0.1:9925 }"
+            in run)

@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     from webhooks.cli import register as register_webhooks
 
     register_webhooks(sub)
+    from api.cli import register as register_api
+
+    register_api(sub)
 
     p = command(sub, "demo", "run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"),

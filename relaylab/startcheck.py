@@ -144,6 +144,8 @@ def listen_ports(policy: Policy) -> list[tuple[str, str, int]]:
         out.append(("tracker", policy.tracker.listen_host, policy.tracker.listen_port))
     if policy.bounces.enabled:
         out.append(("bounces", policy.bounces.listen_host, policy.bounces.listen_port))
+    if policy.api.clients:  # without clients the API answers nobody: not deployed
+        out.append(("api", policy.api.listen_host, policy.api.listen_port))
     return out
 
 

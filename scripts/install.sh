@@ -7,7 +7,7 @@
 #     package; the documentation the units point at under share/doc/relaylab
 #   * ETC (/etc/relaylab): the example policy (only if there is none yet) and keys/, a
 #     directory the service user can read (root:USER 2750; key files root:USER 0640)
-#   * systemd units for the milter, policyd, the tracker, logd, webhooks and bounces in UNIT_DIR
+#   * systemd units for the milter, policyd, the tracker, logd, webhooks, bounces and the API in UNIT_DIR
 #   * `relaylab` on PATH: BIN_DIR/relaylab, a wrapper that runs the venv's with
 #     RELAYLAB_CONFIG=ETC/relaylab.yaml unless it is set (else a conf/relaylab.yaml in
 #     the current directory, as in a checkout, would win)
@@ -54,7 +54,7 @@ prefix=${prefix:-$root/opt/relaylab}
 etc=${etc:-$root/etc/relaylab}
 unit_dir=${unit_dir:-$root/etc/systemd/system}
 bin_dir=${bin_dir:-$root/usr/local/bin}
-services=(milter policyd tracker logd webhooks bounces)
+services=(milter policyd tracker logd webhooks bounces api)
 marker=$prefix/.relaylab-install   # what this script made: only then does it delete
 
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
@@ -184,4 +184,5 @@ mv -f "$bin_dir/relaylab.tmp" "$bin_dir/relaylab"   # replaces an earlier symlin
 say "done. Next: edit $etc/relaylab.yaml, make DKIM keys (relaylab dkim keygen ... --out"
 say "$etc/keys/DOMAIN.SELECTOR.key), relaylab check, systemctl enable --now"
 say "relaylab-milter relaylab-policyd relaylab-tracker relaylab-logd relaylab-webhooks (and"
-say "relaylab-bounces with bounces.domain set), relaylab postfix config --apply"
+say "relaylab-bounces with bounces.domain set, relaylab-api with api.clients set),"
+say "relaylab postfix config --apply"

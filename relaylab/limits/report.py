@@ -38,14 +38,30 @@ class UsageReport:
 def read_usage(redis: Any, sub: Subaccount, now: float | None = None) -> UsageReport:
     """`redis` is a synchronous redis-py client (decode_responses either way)."""
     now = time.time() if now is None else now
-    u = keys.UsageKeys.at(sub.name, now)
     pipe = redis.pipeline(transaction=False)
+    _queue_usage(pipe, sub, now)
+    return _usage_report(sub, now, pipe.execute())
+
+
+async def read_usage_async(redis: Any, sub: Subaccount, now: float | None = None) -> UsageReport:
+    """read_usage with redis-py's asyncio client (the HTTP API's `smtp` endpoint)."""
+    now = time.time() if now is None else now
+    pipe = redis.pipeline(transaction=False)
+    _queue_usage(pipe, sub, now)
+    return _usage_report(sub, now, await pipe.execute())
+
+
+def _queue_usage(pipe: Any, sub: Subaccount, now: float) -> None:
+    u = keys.UsageKeys.at(sub.name, now)
     pipe.hgetall(keys.window_key(sub.name))
     pipe.zcount(keys.sessions_key(sub.name), int(now * 1000), "+inf")
     pipe.hget(u.hour_key, u.hour_field)
     pipe.hget(u.day_key, u.day_field)
     pipe.hget(u.month_key, u.month_field)
-    raw_window, sessions, hour, day, month = pipe.execute()
+
+
+def _usage_report(sub: Subaccount, now: float, replies: Any) -> UsageReport:
+    raw_window, sessions, hour, day, month = replies
     buckets = window.parse_window_hash(raw_window)
     minute = window.minute(now)
     live = {b: c for b, c in buckets.items() if b >= window.oldest_live(minute)}

@@ -22,7 +22,9 @@ import yaml
 from relaylab.dkim.keys import KeyLoadError, load_private_key
 from relaylab.policy.model import (
     WEBHOOK_EVENT_TYPES,
+    ApiClient,
     ApiLogin,
+    ApiSettings,
     BouncesSettings,
     CountMode,
     DkimAlgorithm,
@@ -250,7 +252,7 @@ def load_policy(
 
 def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
     top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
-                                 "tracker", "logd", "bounces"})
+                                 "tracker", "logd", "bounces", "api"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -334,6 +336,8 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
                 w.fail(nodes["tracking"], f"subaccounts.{name}.tracking",
                        "tracking needs the tracker section (base_url and keys)")
             subaccounts.append(sub)
+    api = _api(w, top["api"][1], {s.name for s in subaccounts}) if "api" in top \
+        else ApiSettings()
     if w.problems:
         return None
     return Policy(
@@ -347,6 +351,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         tracker=tracker,
         logd=logd,
         bounces=bounces,
+        api=api,
         by_login=by_login,
     )
 
@@ -506,6 +511,83 @@ def _bounces(w: _Walker, node: yaml.Node, base: Path) -> BouncesSettings:
     if "listen" in m and (listen := w.listen(m["listen"][1], "bounces.listen")):
         kw["listen_host"], kw["listen_port"] = listen
     return BouncesSettings(**kw)  # type: ignore[arg-type]
+
+
+_API_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
+_SECRET_HASH_RE = re.compile(r"^scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
+
+
+def _api(w: _Walker, node: yaml.Node, subaccounts: set[str]) -> ApiSettings:
+    """The HTTP API: where it listens and its clients, each `{key, secret_hash,
+    subaccounts: [...] | operator: true}` (`relaylab api keygen` prints one)."""
+    m = w.mapping(node, "api", {"listen", "workers", "clients"})
+    kw: dict[str, object] = {}
+    if "listen" in m and (listen := w.listen(m["listen"][1], "api.listen")):
+        kw["listen_host"], kw["listen_port"] = listen
+    if "workers" in m:
+        workers = w.integer(m["workers"][1], "api.workers", minimum=1)
+        if workers is not None:
+            kw["workers"] = workers
+    clients: list[ApiClient] = []
+    keys_seen: dict[str, str] = {}
+    if "clients" in m:
+        for name, (knode, cnode) in w.mapping(m["clients"][1], "api.clients", None).items():
+            key = f"api.clients.{name}"
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
+                w.fail(knode, key, "name must be 1-64 of A-Z a-z 0-9 . _ - ")
+                continue
+            c = w.mapping(cnode, key, {"key", "secret_hash", "subaccounts", "operator"})
+            if not isinstance(cnode, yaml.MappingNode):
+                continue
+            missing = [k for k in ("key", "secret_hash") if k not in c]
+            if missing:
+                w.fail(cnode, key, f"missing {' and '.join(missing)} "
+                                   f"(`relaylab api keygen` prints a client to paste)")
+                continue
+            app_key = w.string(c["key"][1], f"{key}.key")
+            if app_key is not None and not _API_KEY_RE.match(app_key):
+                w.fail(c["key"][1], f"{key}.key", "an app key is 8-128 of A-Z a-z 0-9 _ -")
+                app_key = None
+            if app_key is not None and app_key in keys_seen:
+                w.fail(c["key"][1], f"{key}.key",
+                       f"the app key is already client {keys_seen[app_key]!r}'s")
+                app_key = None
+            if app_key is not None:
+                keys_seen[app_key] = name
+            secret_hash = w.string(c["secret_hash"][1], f"{key}.secret_hash")
+            hm = _SECRET_HASH_RE.match(secret_hash) if secret_hash is not None else None
+            if secret_hash is not None and (
+                    hm is None or not _valid_b64(hm[4]) or not _valid_b64(hm[5])
+                    or int(hm[1]) < 2 or int(hm[1]) & (int(hm[1]) - 1)):
+                w.fail(c["secret_hash"][1], f"{key}.secret_hash",
+                       "expected scrypt$N$r$p$SALT$HASH as `relaylab api keygen` prints it "
+                       "(never the secret itself)")
+                secret_hash = None
+            operator = False
+            if "operator" in c:
+                operator = bool(w.boolean(c["operator"][1], f"{key}.operator"))
+            granted: set[str] = set()
+            if "subaccounts" in c:
+                for item, sub in w.string_list(c["subaccounts"][1], f"{key}.subaccounts"):
+                    if sub not in subaccounts:
+                        w.fail(item, f"{key}.subaccounts", f"no subaccount {sub!r} in this policy")
+                    else:
+                        granted.add(sub)
+            elif not operator:
+                w.fail(cnode, key, "needs subaccounts: [...] (or operator: true to see all)")
+            if app_key is not None and secret_hash is not None:
+                clients.append(ApiClient(name=name, key=app_key, secret_hash=secret_hash,
+                                         subaccounts=frozenset(granted), operator=operator))
+    kw["clients"] = tuple(clients)
+    return ApiSettings(**kw)  # type: ignore[arg-type]
+
+
+def _valid_b64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
 
 
 def _logd(w: _Walker, node: yaml.Node, base: Path) -> LogdSettings:

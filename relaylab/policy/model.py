@@ -281,6 +281,35 @@ class TrackerSettings:
 
 
 @attrs.frozen
+class ApiClient:
+    """An HTTP API client (api/): HTTP Basic user `key`, password its secret, which is
+    stored only as a slow hash (api/auth.py: scrypt with a salt of its own)."""
+
+    name: str
+    key: str
+    secret_hash: str = attrs.field(repr=False)  # "scrypt$N$r$p$salt$hash" (base64)
+    subaccounts: frozenset[str] = frozenset()  # what it may see and change
+    operator: bool = False  # sees every subaccount (and the global lists)
+
+    def may_see(self, subaccount: str) -> bool:
+        return self.operator or subaccount in self.subaccounts
+
+
+@attrs.frozen
+class ApiSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8895
+    workers: int = 1
+    clients: tuple[ApiClient, ...] = ()
+
+    def client(self, key: str) -> ApiClient | None:
+        for c in self.clients:
+            if c.key == key:
+                return c
+        return None
+
+
+@attrs.frozen
 class DnsSettings:
     spf_include: str | None = None
 
@@ -297,6 +326,7 @@ class Policy:
     tracker: TrackerSettings = TrackerSettings()
     logd: LogdSettings = LogdSettings()
     bounces: BouncesSettings = BouncesSettings()
+    api: ApiSettings = ApiSettings()
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -357,8 +357,13 @@ def test_install_creates_user_config_keys_dir_units_and_command(deployed: Deploy
     assert d.cli("webhooks", "secret").stdout.startswith("whsec_")  # the package has it
     bounce = parse_unit(d.unit("bounces"))  # installed too; needs bounces.domain to run
     assert (bounce["User"], bounce["ExecStart"]) == (USER, f"{d.prefix}/venv/bin/relaylab bounces")
+    api = parse_unit(d.unit("api"))  # installed too; answers only clients in api.clients
+    assert (api["User"], api["ExecStart"]) == (USER, f"{d.prefix}/venv/bin/relaylab api serve")
+    assert api["env:RELAYLAB_CONFIG"] == str(d.policy)
+    assert d.cli("api", "keygen", "--operator").stdout.startswith("app key: ")  # packaged
     res = _run(["systemd-analyze", "verify",
-                *(str(d.unit(s)) for s in (*SERVICES, "logd", "webhooks", "bounces"))], check=False)
+                *(str(d.unit(s)) for s in (*SERVICES, "logd", "webhooks", "bounces", "api"))],
+               check=False)
     assert res.returncode == 0 and "relaylab" not in res.stderr, res.stderr
 
 

@@ -1,0 +1,125 @@
+"""The API's processes: N workers on one port (SO_REUSEPORT), each an asyncio loop with
+its own Redis connections, under relaylab.workers' supervisor (as the tracker).
+
+Routes: one module per area, each with `setup(app)` (its handlers) and `paths()` (its part
+of the OpenAPI document); ROUTE_MODULES lists them, so another area (the send API) is one
+more module here. SIGHUP or editing the policy reloads it (clients, grants, plans).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from types import ModuleType
+
+from aiohttp import web
+
+from api.auth import Authenticator
+from api.context import CONTEXT, ApiContext, auth_middleware
+from api.envelope import envelope_middleware, ok
+from relaylab import eventloop
+from relaylab.logfmt import log_event
+from relaylab.policy.model import Policy
+from relaylab.policy.reloader import PolicyHolder
+from relaylab.redisclient import async_client
+from relaylab.resp import RespClient
+from relaylab.workers import run_workers
+
+__all__ = ["ROUTE_MODULES", "make_app", "run", "serve_worker"]
+
+log = logging.getLogger("relaylab.api")
+
+REDIS_TIMEOUT = 5.0
+SHUTDOWN_GRACE = 5.0
+MAX_BODY = 32 * 1024 * 1024  # new_sendmail carries attachments
+
+ROUTE_MODULES = ("api.smtp", "api.openapi")
+
+
+def route_modules() -> list[ModuleType]:
+    return [importlib.import_module(name) for name in ROUTE_MODULES]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return ok(request, {"status": "up"})
+
+
+def make_app(context: ApiContext) -> web.Application:
+    app = web.Application(middlewares=[envelope_middleware, auth_middleware],
+                          client_max_size=MAX_BODY)
+    app[CONTEXT] = context
+    app.router.add_get("/healthz", healthz)
+    for module in route_modules():
+        module.setup(app)
+    return app
+
+
+def make_context(holder_policy: PolicyHolder | Policy) -> ApiContext:
+    if isinstance(holder_policy, PolicyHolder):
+        holder = holder_policy
+
+        def policy_of() -> Policy:
+            return holder.policy
+    else:
+        fixed = holder_policy
+
+        def policy_of() -> Policy:
+            return fixed
+    policy = policy_of()
+    return ApiContext(policy_of=policy_of, redis=async_client(policy.redis_url, REDIS_TIMEOUT),
+                      fast=RespClient(policy.redis_url, connect_timeout=REDIS_TIMEOUT,
+                                      command_timeout=REDIS_TIMEOUT),
+                      auth=Authenticator(lambda: policy_of().api))
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def serve_worker(config: Path, host: str | None, port: int | None, *, worker: int = 0,
+                       ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
+                       ) -> None:
+    holder = PolicyHolder.load(config, check_keys=False)
+    policy = holder.policy
+    host = host or policy.api.listen_host
+    port = port or policy.api.listen_port
+    context = make_context(holder)
+    runner = web.AppRunner(make_app(context), access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE)
+    await runner.setup()
+    site = web.SockSite(runner, listen_socket(host, port))
+    await site.start()
+    holder.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log_event(log, "listening", host=host, port=port, worker=worker, pid=os.getpid(),
+              clients=len(policy.api.clients))
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log_event(log, "stopping", worker=worker, pid=os.getpid())
+        await holder.stop()
+        await runner.cleanup()
+        await context.fast.close()
+        await context.redis.aclose()
+
+
+def run(config: Path, host: str | None, port: int | None, workers: int) -> None:
+    """Run `workers` processes (1: this process) until SIGTERM/SIGINT."""
+    run_workers(workers, lambda n: eventloop.run(serve_worker(config, host, port, worker=n)), log)

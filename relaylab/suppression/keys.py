@@ -63,6 +63,10 @@ rl:{sub:NAME}:wh:b:BATCHID     hash    one webhook batch: body (the JSON      no
 rl:{sub:NAME}:wh:dead          stream  dead letters: batches whose retries    trimmed to the
                                        to the URL and backup URL ran out      plan's retention
                                        (batch, body, n, tries, error, url)    (MINID ~)
+rl:{sub:NAME}:templates        hash    send API templates (add_template):     none; at most
+                                       field = template id (32 hex) -> JSON   api/template_store
+                                       {html, text, created}                  .MAX_TEMPLATES per
+                                                                              subaccount
 =============================  ======  =====================================  ==================
 
 One hash per list (rather than one key per entry) keeps a 1,000,000-entry list at a
@@ -88,6 +92,7 @@ __all__ = [
     "logd_position_key",
     "queue_key",
     "scope_tag",
+    "templates_key",
     "unique_key",
     "webhook_batch_key",
     "webhook_cursor_key",
@@ -191,3 +196,8 @@ def message_key(message_id: str) -> str:
     if not _MESSAGE_ID_RE.match(message_id):
         raise ValueError(f"not a Relaylab message id: {message_id!r}")
     return f"rl:{{q}}:m:{message_id}"
+
+
+def templates_key(subaccount: str) -> str:
+    """The send API's templates of a subaccount (api/template_store.py)."""
+    return f"rl:{scope_tag(subaccount)}:templates"

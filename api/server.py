@@ -20,9 +20,11 @@ from types import ModuleType
 
 from aiohttp import web
 
+from api.activity import Activity
 from api.auth import Authenticator
 from api.context import CONTEXT, ApiContext, auth_middleware
 from api.envelope import envelope_middleware, ok
+from api.events import ACTIVITY
 from relaylab import eventloop
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
@@ -39,7 +41,8 @@ REDIS_TIMEOUT = 5.0
 SHUTDOWN_GRACE = 5.0
 MAX_BODY = 32 * 1024 * 1024  # new_sendmail carries attachments
 
-ROUTE_MODULES = ("api.smtp", "api.openapi")
+ROUTE_MODULES = ("api.smtp", "api.events", "api.blacklists", "api.whitelists", "api.openapi")
+INDEX_INTERVAL = 1.0  # seconds between a worker's runs of the activity index
 
 
 def route_modules() -> list[ModuleType]:
@@ -54,10 +57,31 @@ def make_app(context: ApiContext) -> web.Application:
     app = web.Application(middlewares=[envelope_middleware, auth_middleware],
                           client_max_size=MAX_BODY)
     app[CONTEXT] = context
+    app[ACTIVITY] = Activity(context.fast, lambda name: retention_days(context.policy, name))
     app.router.add_get("/healthz", healthz)
     for module in route_modules():
         module.setup(app)
     return app
+
+
+def retention_days(policy: Policy, name: str) -> int:
+    sub = policy.subaccount(name)
+    return sub.plan.retention_days if sub is not None else 7
+
+
+async def index_forever(app: web.Application, stop: asyncio.Event) -> None:
+    """Keep every subaccount's activity index current (queries also catch up first)."""
+    activity, context = app[ACTIVITY], app[CONTEXT]
+    while not stop.is_set():
+        for sub in context.policy.subaccounts:
+            try:
+                await activity.catch_up(sub.name, rounds=20)
+            except Exception as e:  # Redis away: the next round tries again
+                log_event(log, "index_failed", logging.WARNING, subaccount=sub.name,
+                          error=f"{type(e).__name__}: {e}")
+                break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), INDEX_INTERVAL)
 
 
 def make_context(holder_policy: PolicyHolder | Policy) -> ApiContext:
@@ -95,7 +119,8 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     host = host or policy.api.listen_host
     port = port or policy.api.listen_port
     context = make_context(holder)
-    runner = web.AppRunner(make_app(context), access_log=None, handle_signals=False,
+    app = make_app(context)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
     site = web.SockSite(runner, listen_socket(host, port))
@@ -110,9 +135,11 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
               clients=len(policy.api.clients))
     if ready is not None:
         ready.set()
+    indexer = asyncio.create_task(index_forever(app, stop))
     try:
         await stop.wait()
     finally:
+        await indexer
         log_event(log, "stopping", worker=worker, pid=os.getpid())
         await holder.stop()
         await runner.cleanup()

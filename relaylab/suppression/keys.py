@@ -67,6 +67,15 @@ rl:{sub:NAME}:templates        hash    send API templates (add_template):     no
                                        field = template id (32 hex) -> JSON   api/template_store
                                        {html, text, created}                  .MAX_TEMPLATES per
                                                                               subaccount
+rl:{sub:NAME}:ix:pos           string  relaylab api's index: id of the last   none
+                                       events stream entry it indexed
+rl:{sub:NAME}:ix:t:TYPE        zset    activity index by event type: member   EXPIRE retention;
+rl:{sub:NAME}:ix:r:RECIPIENT           = stream id (seq zero-padded to 10),   entries older than
+rl:{sub:NAME}:ix:m:MESSAGEID           score = its ms; by lower-cased         retention removed
+rl:{sub:NAME}:ix:g:TAG                 recipient, message id, tag             on every write
+rl:{sub:NAME}:ix:gc:TAG:DAY    hash    event type -> count of TAG's events    EXPIRE retention
+                                       on DAY (days since 1970, UTC)          + 1 day
+rl:{sub:NAME}:ix:tags          zset    tags seen -> last ms seen              as ix:t
 =============================  ======  =====================================  ==================
 
 One hash per list (rather than one key per entry) keeps a 1,000,000-entry list at a
@@ -82,6 +91,7 @@ import time
 from relaylab.suppression.model import GLOBAL, ListKind, Scope
 
 __all__ = [
+    "activity_index_prefix",
     "bounces_key",
     "checkpoint_key",
     "daily_key",
@@ -165,6 +175,12 @@ def checkpoint_key(name: str) -> str:
     if not _NAME_RE.match(name):
         raise ValueError(f"not a valid logd name: {name!r}")
     return f"rl:{{logd}}:checkpoint:{name}"
+
+
+def activity_index_prefix(subaccount: str) -> str:
+    """Prefix of relaylab api's activity index keys of the subaccount (api/activity.py
+    builds the rest inside its scripts: same hash tag, same slot)."""
+    return f"rl:{scope_tag(subaccount)}:ix:"
 
 
 def webhook_cursor_key(subaccount: str) -> str:

@@ -1,0 +1,284 @@
+"""The activity log as the API reads it: each subaccount's events stream
+(rl:{sub:NAME}:events, written by the milter, logd, bounces and the tracker) plus an
+index the API keeps beside it, so that a filtered page costs the same at 1,000,000 events
+as at 1,000.
+
+Index (keys in relaylab/suppression/keys.py, all under the subaccount's hash tag): one
+sorted set per event type, recipient, message id and tag, whose members are stream entry
+ids (score: the entry's ms). INDEX reads the stream from its cursor (rl:{sub:NAME}:ix:pos)
+and adds what is new, in one script, so several API workers may run it at once; every
+query first runs it (so an event written a moment ago is found), and each worker also
+runs it every second. Writers of the stream are not touched.
+
+QUERY pages through the most selective index (message id, recipient, tag, type: in that
+order) or, with no such filter, the stream itself, in time order, checks the other
+filters on each entry, and returns one page: all inside Redis, one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from relaylab.limits.lua import Script
+from relaylab.resp import RedisReplyError, RespClient
+from relaylab.suppression.keys import activity_index_prefix, events_key
+
+__all__ = ["INDEX", "QUERY", "Activity", "Page", "entry_time"]
+
+INDEX_BATCH = 5000
+SCAN_BUDGET = 200_000  # entries one query may examine (a filter that matches nothing)
+
+INDEX = Script("api_index", """
+-- KEYS: 1 the events stream, 2 the index cursor. ARGV: 1 count, 2 index key prefix,
+-- 3 index ttl seconds, 4 MINID (ms): index entries before it are gone from the stream
+local pos = redis.call('GET', KEYS[2]) or '0-0'
+local entries = redis.call('XRANGE', KEYS[1], '(' .. pos, '+', 'COUNT', tonumber(ARGV[1]))
+if #entries == 0 then return 0 end
+local p, ttl = ARGV[2], tonumber(ARGV[3])
+local touched, counts = {}, {}
+local function add(key, score, member)
+  redis.call('ZADD', key, score, member)
+  touched[key] = true
+end
+for i = 1, #entries do
+  local id, f = entries[i][1], entries[i][2]
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  local member = ms .. '-' .. string.format('%010d', tonumber(seq))
+  local score = tonumber(ms)
+  local t, tags = nil, nil
+  for j = 1, #f, 2 do
+    local k, v = f[j], f[j + 1]
+    if k == 'type' then t = v; add(p .. 't:' .. v, score, member)
+    elseif k == 'recipient' and v ~= '' then add(p .. 'r:' .. string.lower(v), score, member)
+    elseif k == 'message_id' and v ~= '' then add(p .. 'm:' .. v, score, member)
+    elseif k == 'tags' then tags = v end
+  end
+  if tags then
+    local day = math.floor(score / 86400000)
+    for tag in string.gmatch(tags, '[^,]+') do
+      add(p .. 'g:' .. tag, score, member)
+      redis.call('ZADD', p .. 'tags', score, tag)
+      if t then
+        local ck = p .. 'gc:' .. tag .. ':' .. day
+        counts[ck] = counts[ck] or {}
+        counts[ck][t] = (counts[ck][t] or 0) + 1
+      end
+    end
+  end
+  pos = id
+end
+for k in pairs(touched) do
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[4])
+  redis.call('EXPIRE', k, ttl)
+end
+for k, c in pairs(counts) do
+  for t, n in pairs(c) do redis.call('HINCRBY', k, t, n) end
+  redis.call('EXPIRE', k, ttl + 86400)
+end
+redis.call('ZREMRANGEBYSCORE', p .. 'tags', '-inf', '(' .. ARGV[4])
+redis.call('EXPIRE', p .. 'tags', ttl)
+redis.call('SET', KEYS[2], pos)
+return #entries
+""")
+
+QUERY = Script("api_query", """
+-- KEYS: 1 the events stream, 2 the index to page through (= KEYS[1]: the stream itself)
+-- ARGV: 1 min ms, 2 max ms, 3 offset, 4 limit, 5 '1' newest first, 6 budget,
+--       7.. filters: field, value, ... (recipient compared lower-cased; tags: one of them)
+-- Reply: {examined, exhausted (1: nothing more matches), id1, fields1, id2, fields2, ...}
+local lo, hi = ARGV[1], ARGV[2]
+local offset, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local desc, budget = ARGV[5] == '1', tonumber(ARGV[6])
+local want = {}
+for i = 7, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+local function matches(f)
+  local seen = {}
+  for j = 1, #f, 2 do
+    local k, v = f[j], f[j + 1]
+    local w = want[k]
+    if w then
+      if k == 'recipient' then v = string.lower(v) end
+      if k == 'tags' then
+        if not string.find(',' .. v .. ',', ',' .. w .. ',', 1, true) then return false end
+      elseif v ~= w then return false end
+      seen[k] = true
+    end
+  end
+  for k in pairs(want) do if not seen[k] then return false end end
+  return true
+end
+local out = {0, 0}
+local skipped, found, examined = 0, 0, 0
+local function take(id, f)
+  examined = examined + 1
+  if matches(f) then
+    if skipped < offset then skipped = skipped + 1
+    else out[#out + 1] = id; out[#out + 1] = f; found = found + 1 end
+  end
+end
+local page = 200
+if KEYS[2] == KEYS[1] then
+  local a, b = lo, hi
+  while true do
+    local rows
+    if desc then rows = redis.call('XREVRANGE', KEYS[1], b, a, 'COUNT', page)
+    else rows = redis.call('XRANGE', KEYS[1], a, b, 'COUNT', page) end
+    for i = 1, #rows do
+      take(rows[i][1], rows[i][2])
+      if found >= limit then break end
+    end
+    if found >= limit or examined >= budget then break end
+    if #rows < page then out[2] = 1; break end
+    local last = rows[#rows][1]
+    if desc then b = '(' .. last else a = '(' .. last end
+    page = 1000
+  end
+else
+  local start = 0
+  while true do
+    local ids
+    if desc then ids = redis.call('ZREVRANGEBYSCORE', KEYS[2], hi, lo, 'LIMIT', start, page)
+    else ids = redis.call('ZRANGEBYSCORE', KEYS[2], lo, hi, 'LIMIT', start, page) end
+    for i = 1, #ids do
+      local ms, seq = string.match(ids[i], '^(%d+)-(%d+)$')
+      local id = ms .. '-' .. tonumber(seq)
+      local rows = redis.call('XRANGE', KEYS[1], id, id)
+      if #rows == 1 then take(id, rows[1][2]) end
+      if found >= limit then break end
+    end
+    if found >= limit or examined >= budget then break end
+    if #ids < page then out[2] = 1; break end
+    start = start + #ids
+    page = 1000
+  end
+end
+out[1] = examined
+return out
+""")
+
+# Index kinds by selectivity: the first filter present picks the index.
+_INDEXES = (("message_id", "m:"), ("recipient", "r:"), ("tags", "g:"), ("type", "t:"))
+
+
+@attrs.frozen
+class Page:
+    rows: list[tuple[str, str, dict[str, str]]]  # (subaccount, stream id, fields)
+    complete: bool  # False: the scan budget ran out before the page was full
+
+
+def entry_time(entry_id: str) -> float:
+    return int(entry_id.split("-")[0]) / 1000
+
+
+def _sort_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+async def call(fast: RespClient, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def done(reply: Any) -> None:
+        if not fut.done():
+            if isinstance(reply, BaseException):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    fast.evalsha(fast.script_prefix(script, keys, ()), list(args), done)
+    result = await fut
+    if isinstance(result, RedisReplyError):
+        raise result
+    return result
+
+
+@attrs.define
+class Activity:
+    fast: RespClient
+    retention_of: Any  # Callable[[str], int]: the subaccount's retention in days
+
+    async def catch_up(self, subaccount: str, *, rounds: int = 1) -> int:
+        """Index what the stream got since the last run (at most `rounds` batches)."""
+        days = int(self.retention_of(subaccount))
+        minid = str(int((time.time() - days * 86_400) * 1000))
+        keys = [events_key(subaccount), activity_index_prefix(subaccount) + "pos"]
+        args = [str(INDEX_BATCH), activity_index_prefix(subaccount), str(days * 86_400), minid]
+        total = 0
+        for _ in range(rounds):
+            n = int(await call(self.fast, INDEX, keys, args))
+            total += n
+            if n < INDEX_BATCH:
+                break
+        return total
+
+    async def query(self, subaccounts: Sequence[str], equals: Mapping[str, str], *,
+                    since: float | None, until: float | None, offset: int, limit: int,
+                    descending: bool) -> Page:
+        """One page of events matching every filter (stream field -> value) across the
+        subaccounts, in time order."""
+        await asyncio.gather(*(self.catch_up(s) for s in subaccounts))
+        lo = str(int(since * 1000)) if since is not None else "-inf"
+        hi = str(int(until * 1000)) if until is not None else "+inf"
+        filters = {k: (v.lower() if k == "recipient" else v) for k, v in equals.items()}
+        index = next(((field, prefix) for field, prefix in _INDEXES if field in filters), None)
+        pairs = [x for kv in filters.items() for x in kv]
+        # Across subaccounts: each gives its first offset+limit, merged in time order.
+        n = offset + limit if len(subaccounts) > 1 else limit
+        first = 0 if len(subaccounts) > 1 else offset
+        calls = []
+        for sub in subaccounts:
+            stream = events_key(sub)
+            key = stream if index is None else \
+                activity_index_prefix(sub) + index[1] + filters[index[0]]
+            if key == stream:
+                a = "-" if since is None else str(int(since * 1000))
+                b = "+" if until is None else str(int(until * 1000))
+            else:
+                a, b = lo, hi
+            calls.append(call(self.fast, QUERY, [stream, key],
+                              [a, b, str(first), str(n), "1" if descending else "0",
+                               str(SCAN_BUDGET), *pairs]))
+        replies = await asyncio.gather(*calls)
+        rows: list[tuple[str, str, dict[str, str]]] = []
+        complete = True
+        for sub, reply in zip(subaccounts, replies, strict=True):
+            if int(reply[1]) == 0 and (len(reply) - 2) // 2 < n:
+                complete = False
+            for i in range(2, len(reply), 2):
+                f = reply[i + 1]
+                rows.append((sub, _text(reply[i]),
+                             {_text(f[j]): _text(f[j + 1]) for j in range(0, len(f), 2)}))
+        if len(subaccounts) > 1:
+            rows.sort(key=lambda r: _sort_key(r[1]), reverse=descending)
+            rows = rows[offset:offset + limit]
+        return Page(rows, complete)
+
+    async def tag_counts(self, subaccount: str, tags: Sequence[str] | None, day_from: int,
+                         day_to: int) -> dict[str, dict[str, int]]:
+        """tag -> event type -> count over the days (days since 1970) inclusive."""
+        await self.catch_up(subaccount, rounds=20)
+        prefix = activity_index_prefix(subaccount)
+        if tags is None:
+            reply = await self.fast.execute("ZRANGEBYSCORE", prefix + "tags",
+                                            str(day_from * 86_400_000), "+inf")
+            tags = sorted(_text(t) for t in reply)
+        out: dict[str, dict[str, int]] = {}
+        for tag in tags:
+            replies = await asyncio.gather(*(self.fast.execute("HGETALL", f"{prefix}gc:{tag}:{d}")
+                                             for d in range(day_from, day_to + 1)))
+            counts: dict[str, int] = {}
+            for flat in replies:
+                for j in range(0, len(flat), 2):
+                    k = _text(flat[j])
+                    counts[k] = counts.get(k, 0) + int(flat[j + 1])
+            out[tag] = counts
+        return out

@@ -1,68 +1,18 @@
-"""A running `relaylab api serve` on real Redis, with two customers' subaccounts and
-three clients: one per customer and an operator."""
+"""A running `relaylab api serve` on real Redis (tests/apiharness.py)."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
-import attrs
 import pytest
 import redis
-from apiclient import ApiClient
+from apiharness import RunningApi, policy_text
 
-from api.auth import hash_secret
 from relaylab.devstack.api import ApiProcess
 from relaylab.devstack.ports import free_port
 from relaylab.devstack.redis import RedisServer
 from relaylab.devstack.workdir import make_workdir
-
-# A cheaper KDF than the default in these fixtures: every process start verifies once.
-TEST_N = 2 ** 10
-CLIENTS = {  # name: (key, secret, grant)
-    "alpha": ("alpha-key-0000000001", "alpha-secret", "subaccounts: [shop-a, shop-a2]"),
-    "beta": ("beta-key-00000000002", "beta-secret", "subaccounts: [shop-b]"),
-    "ops": ("ops-key-000000000003", "ops-secret", "operator: true"),
-}
-
-
-def subaccount(name: str) -> str:
-    return f"""\
-  {name}:
-    logins: [{name}@relay.example.net]
-    traffic: transactional
-    domains:
-      {name}.example.com:
-        dkim: [{{selector: r1, key: keys/none.pem}}]
-"""
-
-
-def policy_text(redis_url: str) -> str:
-    clients = "".join(
-        f"    {name}:\n      key: {key}\n      secret_hash: \"{hash_secret(secret, n=TEST_N)}\"\n"
-        f"      {grant}\n" for name, (key, secret, grant) in CLIENTS.items())
-    return (f"redis: {{url: \"{redis_url}\"}}\nplans:\n  small: {{hourly_limit: 500, "
-            f"max_sessions: 5, retention_days: 3, monthly_quota: 10000}}\nsubaccounts:\n"
-            + subaccount("shop-a") + "    plan: small\n" + subaccount("shop-a2")
-            + subaccount("shop-b") + "api:\n  clients:\n" + clients)
-
-
-@attrs.define
-class RunningApi:
-    process: ApiProcess
-    redis: redis.Redis
-    config: Path
-
-    @property
-    def port(self) -> int:
-        return self.process.port
-
-    def client(self, name: str | None, secret: str | None = None) -> ApiClient:
-        if name is None:
-            return ApiClient(self.port, None, None)
-        key, good, _ = CLIENTS[name]
-        return ApiClient(self.port, key, good if secret is None else secret)
 
 
 @pytest.fixture(scope="session")

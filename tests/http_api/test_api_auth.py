@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import RunningApi
+from apiharness import RunningApi
 
 
 def test_no_credentials_is_401_in_the_envelope_with_a_basic_challenge(api: RunningApi) -> None:

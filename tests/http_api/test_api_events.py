@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import RunningApi
+from apiharness import RunningApi
 
 from relaylab.suppression.store import SyncSuppressionStore
 

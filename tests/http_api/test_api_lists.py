@@ -3,7 +3,7 @@ bodies): add, list, look up, remove, the CLI's guardrails, and each client's own
 
 from __future__ import annotations
 
-from conftest import RunningApi
+from apiharness import RunningApi
 
 from relaylab.suppression.model import Kind, ListKind
 from relaylab.suppression.store import SyncSuppressionStore

@@ -520,10 +520,12 @@ _SECRET_HASH_RE = re.compile(r"^scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$
 def _api(w: _Walker, node: yaml.Node, subaccounts: set[str]) -> ApiSettings:
     """The HTTP API: where it listens and its clients, each `{key, secret_hash,
     subaccounts: [...] | operator: true}` (`relaylab api keygen` prints one)."""
-    m = w.mapping(node, "api", {"listen", "workers", "clients"})
+    m = w.mapping(node, "api", {"listen", "workers", "clients", "submit"})
     kw: dict[str, object] = {}
     if "listen" in m and (listen := w.listen(m["listen"][1], "api.listen")):
         kw["listen_host"], kw["listen_port"] = listen
+    if "submit" in m and (submit := w.listen(m["submit"][1], "api.submit")):
+        kw["submit_host"], kw["submit_port"] = submit
     if "workers" in m:
         workers = w.integer(m["workers"][1], "api.workers", minimum=1)
         if workers is not None:

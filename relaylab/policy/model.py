@@ -301,6 +301,10 @@ class ApiSettings:
     listen_port: int = 8895
     workers: int = 1
     clients: tuple[ApiClient, ...] = ()
+    # Where the send API submits messages over SMTP (as each subaccount's api_login): the
+    # local Postfix's submission service, which `relaylab postfix config` sets up.
+    submit_host: str = "127.0.0.1"
+    submit_port: int = 587
 
     def client(self, key: str) -> ApiClient | None:
         for c in self.clients:

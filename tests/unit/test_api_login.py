@@ -129,3 +129,14 @@ def test_milter_replaces_malformed_or_repeated_ids_from_the_api_login(policy: Po
     assert decided_id(policy, message("api@relay.example.net", API_ID.upper().encode())) == "0" * 32
     twice = message("api@relay.example.net", API_ID.encode(), b"0123456789abcdef0123456789abcdef")
     assert decided_id(policy, twice) == "0" * 32
+
+
+def test_api_submit_names_where_the_send_api_injects(tmp_path: Path) -> None:
+    path = write(tmp_path, "api:\n  submit: 127.0.0.1:2525\n")
+    policy = load_policy(path, check_keys=False)
+    assert (policy.api.submit_host, policy.api.submit_port) == ("127.0.0.1", 2525)
+    default = load_policy(write(tmp_path, ""), check_keys=False)
+    assert (default.api.submit_host, default.api.submit_port) == ("127.0.0.1", 587)
+    bad = write(tmp_path, "api:\n  submit: nowhere\n")
+    [p] = problems(bad)
+    assert (p.line, p.key) == (line_of(bad, "submit:"), "api.submit")

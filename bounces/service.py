@@ -165,7 +165,7 @@ class BounceProcessor:
 
     async def _apply(self, policy: Policy, events: list[Event]) -> list[tuple[str, str]]:
         plans = {e.subaccount: SubaccountPlan.of(policy, e.subaccount) for e in events}
-        calls = apply_calls(events, plans, time.time(), positions=False)
+        calls = apply_calls(events, plans, time.time(), positions=None)
         client = self.client(policy)
         try:
             replies = [await client.eval(APPLY.body, len(keys), *keys, *args)

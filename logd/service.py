@@ -3,7 +3,7 @@
 One loop, one thread: read the new whole lines (logd/follow.py), find the delivery,
 expiry and removal records in them (relaylab/events/postfix_log.py), fetch the milter's
 notes for queue ids not seen yet (one pipelined round trip), turn records into events
-(logd/events.py), write them per subaccount (logd/writer.py), then save the checkpoint
+(logd/events.py), write them per subaccount (relaylab/events/apply.py), then save the checkpoint
 and delete the notes of queue ids Postfix removed. Redis unavailable: the batch is
 retried until it is written (nothing is skipped; logd just falls behind), with one log
 line per outage.
@@ -25,7 +25,7 @@ import attrs
 from logd.events import Event, Tracker
 from logd.follow import Checkpoint, LogFollower, position
 from logd.redisconn import SyncResp
-from logd.writer import APPLY, Applied, Calls, SubaccountPlan, applied, apply_calls
+from relaylab.events.apply import APPLY, Applied, Calls, SubaccountPlan, applied, apply_calls
 from relaylab.events.note import Note
 from relaylab.events.postfix_log import Removed, TimeParser, scan
 from relaylab.logfmt import log_event
@@ -165,7 +165,7 @@ class Logd:
         if events:
             policy = self._policy()
             plans = {sub: SubaccountPlan.of(policy, sub) for sub in {e.subaccount for e in events}}
-            calls = apply_calls(events, plans, time.time())
+            calls = apply_calls(events, plans, time.time(), positions=self.name)
             scripts = [c for _, c in calls]
             self._redis(lambda: self.conn.evalsha_send(APPLY, scripts))
         self._inflight = _Inflight(calls, self.follower.checkpoint, removed)

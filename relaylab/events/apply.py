@@ -5,7 +5,7 @@ relaylab bounces).
 
 Per subaccount, one Lua script (APPLY) writes the batch's events to the activity stream,
 counts them per hour and day, counts bounces and blacklists an address when the plan
-says so, and records the position of the last line it wrote (rl:{sub:NAME}:logd) — all
+says so, and records the position of the last line it wrote (rl:{sub:NAME}:logd:LOGD) — all
 atomically, in the subaccount's slot. An event at or before that recorded position is
 skipped: after a crash logd re-reads from its last checkpoint, and the lines whose events
 were already written are not written twice. The checkpoint (which file, which offset) is
@@ -142,7 +142,7 @@ class Applied:
 
 
 def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now: float,
-                *, positions: bool = True) -> list[tuple[str, tuple[list[str], list[str]]]]:
+                *, positions: str | None = None) -> list[tuple[str, tuple[list[str], list[str]]]]:
     """(subaccount, (KEYS, ARGV)) of APPLY for each subaccount with events, in order.
     Each event is a JSON array [position, type, time, daily key index, hourly key index,
     address or "", entry or "", stream fields...]."""
@@ -155,7 +155,10 @@ def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now
     calls = []
     for sub, evs in by_sub.items():
         plan = plan_of[sub]
-        keys = [events_key(sub), logd_position_key(sub), list_key(sub, ListKind.BLACKLIST),
+        # `positions`: the logd name whose log positions make each event's write happen
+        # once (rl:{sub:NAME}:logd:LOGD); None: none (relaylab bounces).
+        keys = [events_key(sub), logd_position_key(sub, positions or "none"),
+                list_key(sub, ListKind.BLACKLIST),
                 bounces_key(sub)]
         index: dict[int, tuple[int, int]] = {}  # hour -> (daily, hourly) key indexes
         payload = []
@@ -175,7 +178,7 @@ def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now
         args = [str(events_minid(now, plan.retention_days)), str(plan.bounces_before_block),
                 str(plan.soft_count), str(plan.soft_seconds),
                 json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-                "0" if positions else "1"]
+                "0" if positions is not None else "1"]
         calls.append((sub, (keys, args)))
     return calls
 

@@ -97,6 +97,8 @@ def detail(f: dict[str, str]) -> str:
     t = f.get("type", "")
     if t == "injected":
         return f"from={f.get('from', '')} subject={f.get('subject', '')!r}"
+    if t == "feedback":
+        return f"feedback_type={f.get('feedback_type', '')}"
     if t == "dropped":
         return f"{f.get('reason', '')} ({f.get('list', '')} list)"
     if t in ("open", "click", "unsubscribe"):

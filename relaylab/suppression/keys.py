@@ -35,10 +35,11 @@ rl:{q}:m:MESSAGEID             string  the same note by Relaylab message id,  7 
                                        for `relaylab bounces` (reports come
                                        back days later); written only with
                                        bounces.domain set
-rl:{sub:NAME}:logd             string  position (see events/follow.py) of     none
-                                       the last log line whose events logd
-                                       wrote for NAME; written in the same
-                                       script as those events
+rl:{sub:NAME}:logd:LOGD        string  position (see logd/follow.py) of the   none
+                                       last log line whose events logd LOGD
+                                       (logd.name, one per mail host) wrote
+                                       for NAME; written in the same script
+                                       as those events
 rl:{sub:NAME}:bounces          hash    "h:<address>" -> hard bounces so far;  none; a field is
                                        "s:<address>" -> soft bounce times     deleted when the
                                        (epoch s, space-separated, last D      address is
@@ -163,8 +164,11 @@ def queue_key(queue_id: str) -> str:
     return f"rl:{{q}}:{queue_id}"
 
 
-def logd_position_key(subaccount: str) -> str:
-    return f"rl:{scope_tag(subaccount)}:logd"
+def logd_position_key(subaccount: str, logd: str = "main") -> str:
+    """Where logd `logd` (logd.name: one per mail host) has written NAME's events up to."""
+    if not _NAME_RE.match(logd):
+        raise ValueError(f"not a valid logd name: {logd!r}")
+    return f"rl:{scope_tag(subaccount)}:logd:{logd}"
 
 
 def bounces_key(subaccount: str) -> str:

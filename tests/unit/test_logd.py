@@ -274,3 +274,19 @@ def test_restart_finds_a_file_postfix_logrotate_renamed(env: tuple[str, Path],
     append(path, *(delivery("AAAAB1", x) for x in rcpts[10:20]))
     run(url, path)
     assert [e["recipient"] for e in events(r)] == rcpts
+
+
+def test_two_mail_hosts_logds_write_the_same_subaccounts_events(env: tuple[str, Path],
+                                                               r: redis.Redis) -> None:
+    url, path = env
+    other = path.with_name("maillog-mx2")
+    note(r, "AAAAC1", ["a@example.net"])
+    note(r, "AAAAC2", ["b@example.net"])
+    append(path, delivery("AAAAC1", "a@example.net"))
+    append(other, b"\n" * 300 + delivery("AAAAC2", "b@example.net"))  # a position ahead
+    d2 = Logd(None, url, other, "mx2", start_at="start", rotate_grace=0)
+    d2.start()
+    d2.run(until_idle=True)
+    d2.close()
+    run(url, path)  # logd "test", an earlier position in its own log
+    assert sorted(e["recipient"] for e in events(r)) == ["a@example.net", "b@example.net"]

@@ -111,7 +111,13 @@ async def form(request: web.Request) -> dict[str, Any]:
     if request.method in ("POST", "PUT", "DELETE", "PATCH") and request.can_read_body:
         ctype = request.content_type
         if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            for k, fv in (await request.post()).items():
+            try:
+                posted = await request.post()
+            except web.HTTPException:
+                raise
+            except Exception as e:  # a multipart body without a boundary, truncated parts
+                raise ApiError(400, f"body: not a readable {ctype} body ({e})") from None
+            for k, fv in posted.items():
                 put(k, fv)
         elif ctype == "application/json":
             try:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.helpers import parse_mimetype
 
 from relaylab.logfmt import log_event
 
@@ -60,6 +61,10 @@ _AIOHTTP_MESSAGES = {404: "not found: no such endpoint", 405: "method not allowe
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request["req_id"] = secrets.token_hex(8)
     try:
+        if request.content_type == "multipart/form-data" and \
+                "boundary" not in parse_mimetype(request.headers.get("Content-Type", "")).parameters:
+            # aiohttp's multipart reader would fail with a 500 on it, in every route.
+            raise ApiError(400, "body: multipart/form-data without a boundary")
         return await handler(request)
     except ApiError as e:
         return reply(request, e.status, e.message, e.data, e.headers)

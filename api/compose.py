@@ -40,7 +40,9 @@ MAX_RECIPIENTS = 200
 MAX_CC = 50
 MAX_SUBJECT = 998
 MAX_HEADERS = 50
-MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024  # all files of one request, decoded
+# All files of one request, decoded: base64 makes 7 MiB about 9.8 MB, within Postfix's
+# default message_size_limit (10,240,000 bytes) with the text around it.
+MAX_ATTACHMENT_BYTES = 7 * 1024 * 1024
 # The header the milter reads the sender's tags from and removes before signing, with
 # its limits (milter/injected.py; tests/unit/test_send_compose.py checks they agree).
 TAGS_HEADER = "X-Relaylab-Tags"
@@ -128,9 +130,19 @@ def _text(params: Mapping[str, Any], key: str, *, required: bool = False, one_li
         raise ParamError(name, "must be one line")
     if "\0" in value:
         raise ParamError(name, "must not contain NUL characters")
+    if not _encodable(value):
+        raise ParamError(name, "not valid Unicode text (lone surrogates)")
     if len(value) > limit:
         raise ParamError(name, f"longer than {limit} characters")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def address(value: str, param: str) -> str:
@@ -145,7 +157,7 @@ def address(value: str, param: str) -> str:
     domain = domain.rstrip(".").lower()
     try:
         ascii_domain = idna.encode(domain, uts46=True).decode() if not domain.isascii() else domain
-    except idna.IDNAError as e:
+    except (idna.IDNAError, UnicodeError, ValueError) as e:
         raise ParamError(param, f"{value!r}: bad domain: {e}") from None
     labels = ascii_domain.split(".")
     if len(labels) < 2 or len(ascii_domain) > 253 or not all(_LABEL_RE.match(x) for x in labels):
@@ -237,7 +249,7 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
             raise ParamError(param, "not a valid header name")
         if name.lower() in _RESERVED or name.lower().startswith("x-relaylab-"):
             raise ParamError(param, "set by its own parameter or by the relay, not in headers")
-        if "\r" in v or "\n" in v or "\0" in v or len(v) > 2000:
+        if "\r" in v or "\n" in v or "\0" in v or len(v) > 2000 or not _encodable(v):
             raise ParamError(param, "header values are one line of at most 2000 characters")
         out.append((name, v))
     return tuple(out)

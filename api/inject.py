@@ -16,9 +16,10 @@ opened again once for the rest.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiosmtplib
 import attrs
@@ -56,7 +57,9 @@ class Outgoing:
     recipient: str  # the `to` recipient this message is for
     envelope_from: str
     rcpts: tuple[str, ...]  # the recipient first, then cc and bcc
-    message: bytes = attrs.field(repr=False)
+    # Builds the message when its turn comes (in a worker thread): one message of a
+    # request in memory at a time, however many recipients and attachments it has.
+    build: Callable[[], bytes] = attrs.field(repr=False)
     relaylab_id: str
 
 
@@ -114,6 +117,11 @@ async def _open(target: SmtpTarget) -> aiosmtplib.SMTP:
 async def _one(smtp: aiosmtplib.SMTP, out: Outgoing) -> Result:
     """One transaction; SMTPServerDisconnected and timeouts propagate."""
     try:
+        message = await asyncio.to_thread(out.build)
+    except (ValueError, UnicodeError) as e:  # cannot be written as a message: this one only
+        return Result(out.recipient, None, 0, "", f"the message cannot be built: {e}",
+                      stage="compose")
+    try:
         await smtp.mail(out.envelope_from)
     except aiosmtplib.SMTPResponseException as e:
         await _reset(smtp)
@@ -128,7 +136,7 @@ async def _one(smtp: aiosmtplib.SMTP, out: Outgoing) -> Result:
                 return _failed(out, e.code, e.message, "rcpt")
             refused.append(Refusal(rcpt, e.code, e.message))
     try:
-        reply = await smtp.data(out.message)
+        reply = await smtp.data(message)
     except aiosmtplib.SMTPResponseException as e:
         await _reset(smtp)
         return _failed(out, e.code, e.message, "data")

@@ -12,6 +12,7 @@ log line (the message went to the others)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -65,8 +66,9 @@ def reply_message(results: Sequence[RecipientResult]) -> str:
 def _from_smtp(r: Result) -> RecipientResult:
     if r.sent:
         return RecipientResult(r.recipient, r.message_id, r.queue_id)
-    return RecipientResult(r.recipient, error=f"{r.code} {r.status} {r.text}".replace("  ", " "),
-                           code=r.code, status=r.status, stage=r.stage)
+    text = " ".join(str(x) for x in (r.code or "", r.status, r.text) if x)
+    return RecipientResult(r.recipient, error=text, code=r.code or None, status=r.status,
+                           stage=r.stage)
 
 
 async def send(policy: Policy, sub: Subaccount, req: SendRequest, *, host: str, port: int,
@@ -90,10 +92,10 @@ async def send(policy: Policy, sub: Subaccount, req: SendRequest, *, host: str, 
             results[i] = RecipientResult(rcpt.address, error=f"template: {content}", stage="template")
             continue
         rid = os.urandom(16).hex()
-        message = build_message(req, rcpt, content, relaylab_id=rid,
-                                id_header=policy.milter.message_id_header)
+        build = functools.partial(build_message, req, rcpt, content, relaylab_id=rid,
+                                  id_header=policy.milter.message_id_header)
         outgoing.append(Outgoing(rcpt.address, req.from_addr, tuple(envelope_recipients(req, rcpt)),
-                                 message, rid))
+                                 build, rid))
         slots.append(i)
     if outgoing:
         target = SmtpTarget(host, port, sub.api_login.login, sub.api_login.password, timeout)

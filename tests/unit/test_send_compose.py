@@ -185,3 +185,9 @@ def test_attachments_and_inline_images_keep_their_bytes() -> None:
     assert parts["logo.png"].get_content_disposition() == "inline"
     related = [p for p in msg.walk() if p.get_content_type() == "multipart/related"]
     assert len(related) == 1
+
+
+def test_text_that_is_not_valid_unicode_is_a_parameter_error() -> None:
+    assert error(base(subject="bad \ud800")).param == "subject"
+    assert error(base(headers={"X-A": "\udfff"})).param == "headers[X-A]"
+    assert error(base(to={"bob@ex\ud800.org": ""})).param == "to[bob@ex\ud800.org]"

@@ -20,7 +20,8 @@ def closed_port() -> int:
 def test_no_smtp_server_is_an_inject_error_naming_the_target() -> None:
     port = closed_port()
     target = SmtpTarget("127.0.0.1", port, "api@relay.test", "pw", timeout=2)
-    out = Outgoing("bob@example.org", "a@example.com", ("bob@example.org",), b"x\r\n", "0" * 32)
+    out = Outgoing("bob@example.org", "a@example.com", ("bob@example.org",), lambda: b"x\r\n",
+                   "0" * 32)
     with pytest.raises(InjectError) as e:
         asyncio.run(inject(target, [out]))
     assert f"127.0.0.1:{port}" in str(e.value)

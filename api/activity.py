@@ -89,13 +89,14 @@ return #entries
 QUERY = Script("api_query", """
 -- KEYS: 1 the events stream, 2 the index to page through (= KEYS[1]: the stream itself)
 -- ARGV: 1 min ms, 2 max ms, 3 offset, 4 limit, 5 '1' newest first, 6 budget,
---       7.. filters: field, value, ... (recipient compared lower-cased; tags: one of them)
+--       7 '1': every index member matches (no other filter): skip the offset in the index,
+--       8.. filters: field, value, ... (recipient compared lower-cased; tags: one of them)
 -- Reply: {examined, exhausted (1: nothing more matches), id1, fields1, id2, fields2, ...}
 local lo, hi = ARGV[1], ARGV[2]
 local offset, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local desc, budget = ARGV[5] == '1', tonumber(ARGV[6])
 local want = {}
-for i = 7, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+for i = 8, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
 local function matches(f)
   local seen = {}
   for j = 1, #f, 2 do
@@ -140,6 +141,7 @@ if KEYS[2] == KEYS[1] then
   end
 else
   local start = 0
+  if ARGV[7] == '1' then start = offset; skipped = offset end
   while true do
     local ids
     if desc then ids = redis.call('ZREVRANGEBYSCORE', KEYS[2], hi, lo, 'LIMIT', start, page)
@@ -244,9 +246,10 @@ class Activity:
                 b = "+" if until is None else str(int(until * 1000))
             else:
                 a, b = lo, hi
+            exact = "1" if index is not None and len(filters) == 1 and index[0] != "tags" else "0"
             calls.append(call(self.fast, QUERY, [stream, key],
                               [a, b, str(first), str(n), "1" if descending else "0",
-                               str(SCAN_BUDGET), *pairs]))
+                               str(SCAN_BUDGET), exact, *pairs]))
         replies = await asyncio.gather(*calls)
         rows: list[tuple[str, str, dict[str, str]]] = []
         complete = True

@@ -173,3 +173,13 @@ def test_a_filter_naming_another_clients_subaccount_is_refused(
         story: RunningApi, path: str) -> None:
     status, _ = story.client("beta").get(path, filter="smtp_account::shop-a")
     assert status == 403
+
+
+def test_offset_pages_through_an_index_filter_as_through_the_stream(story: RunningApi) -> None:
+    c = story.client("alpha")
+    _, all_injected = c.get("/api/emails", filter="status::injected")
+    _, second = c.get("/api/emails", filter="status::injected", offset=1, limit=1)
+    _, tagged_second = c.get("/api/emails", filter="tags::promo", offset=1, limit=2)
+    _, tagged = c.get("/api/emails", filter="tags::promo")
+    assert [r["id"] for r in second["data"]] == [all_injected["data"][1]["id"]]
+    assert [r["id"] for r in tagged_second["data"]] == [r["id"] for r in tagged["data"][1:3]]

@@ -75,7 +75,8 @@ def removals(old: Policy, new: Policy) -> list[str]:
         if now is None:
             out.append(f"subaccount:{sub.name}")
             continue
-        out += [f"login:{login}" for login in sub.logins if new.subaccount_for_login(login) is None]
+        logins = [*sub.logins, *([sub.api_login.login] if sub.api_login is not None else [])]
+        out += [f"login:{login}" for login in logins if new.subaccount_for_login(login) is None]
         for dom in sub.domains:
             kept = now.domain(dom.name)
             algorithms = {k.algorithm for k in kept.keys} if kept is not None else set()

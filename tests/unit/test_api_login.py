@@ -140,3 +140,13 @@ def test_api_submit_names_where_the_send_api_injects(tmp_path: Path) -> None:
     bad = write(tmp_path, "api:\n  submit: nowhere\n")
     [p] = problems(bad)
     assert (p.line, p.key) == (line_of(bad, "submit:"), "api.submit")
+
+
+def test_dropping_an_api_login_is_a_removal_a_watched_change_holds(tmp_path: Path) -> None:
+    from relaylab.policy.reloader import removals
+
+    with_api = load_policy(write(tmp_path, "    api_login: {login: api@relay.example.net, password: a}\n"),
+                           check_keys=False)
+    without = load_policy(write(tmp_path, ""), check_keys=False)
+    assert removals(with_api, without) == ["login:api@relay.example.net"]
+    assert removals(without, with_api) == []

@@ -6,8 +6,9 @@ The reply's `data` keeps EmailLabs' shape, one single-key object per `to` recipi
 request order: `{"bob@example.com": "<Relaylab message id>"}` when the message was
 queued, so EmailLabs clients find each recipient's id where they look for it; when not,
 `{"bob@example.com": {"error": TEXT, "code": 550, "status": "5.7.1", "stage": "rcpt"}}`.
-A queued message whose cc/bcc recipients were refused carries them in `refused` in the
-log line (the message went to the others)."""
+A queued message whose cc/bcc recipients were refused names them in its log line
+(`refused=ADDRESS CODE,…`: the message went to the others); a `to` recipient refused
+means its message, cc and bcc copies included, was not sent."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class RecipientResult:
     code: int | None = None
     status: str = ""
     stage: str = ""
+    # cc/bcc recipients refused while the message went to the others: "ADDRESS CODE".
+    refused: tuple[str, ...] = ()
 
     @property
     def sent(self) -> bool:
@@ -65,7 +68,8 @@ def reply_message(results: Sequence[RecipientResult]) -> str:
 
 def _from_smtp(r: Result) -> RecipientResult:
     if r.sent:
-        return RecipientResult(r.recipient, r.message_id, r.queue_id)
+        return RecipientResult(r.recipient, r.message_id, r.queue_id,
+                               refused=tuple(f"{x.address} {x.code}" for x in r.refused))
     text = " ".join(str(x) for x in (r.code or "", r.status, r.text) if x)
     return RecipientResult(r.recipient, error=text, code=r.code or None, status=r.status,
                            stage=r.stage)

@@ -102,8 +102,10 @@ def _log(request: web.Request, sub: str, results: list[RecipientResult], started
     client = client_of(request).name
     for r in results:
         if r.sent:
-            log_event(log, "sent", subaccount=sub, client=client, req_id=request["req_id"],
-                      queue_id=r.queue_id or "", message_id=r.message_id, recipient=r.address)
+            extra = {"refused": ",".join(r.refused)} if r.refused else {}
+            log_event(log, "sent", logging.WARNING if r.refused else logging.INFO, subaccount=sub,
+                      client=client, req_id=request["req_id"], queue_id=r.queue_id or "",
+                      message_id=r.message_id, recipient=r.address, **extra)
         else:
             log_event(log, "send_refused", logging.WARNING, subaccount=sub, client=client,
                       req_id=request["req_id"], recipient=r.address, stage=r.stage,

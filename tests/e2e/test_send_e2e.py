@@ -213,3 +213,26 @@ def test_a_client_cannot_send_as_a_subaccount_it_is_not_granted(
     status, body = post(api_process, "/api/new_sendmail", mail("bob@example.org"), name="news")
     assert (status, body["message"]) == (403, f"smtp_account: not granted to this app key: {SUB!r}")
     assert st.sink.messages() == []
+
+
+def test_cc_and_bcc_go_with_each_message_and_a_refused_bcc_is_logged_not_fatal(
+        api: RelayStack, api_process: ApiProcess) -> None:
+    st = api
+    assert relaylab(["blacklist", "add", "gone@example.org", "--reason", "unsubscribe",
+                     "--subaccount", SUB, "--config", str(st.config)]) == 0
+    mark = len(api_process.log_text())
+    status, body = post(api_process, "/api/new_sendmail",
+                        mail("bob@example.org", "amy@example.org", cc="boss@example.net",
+                             cc_name="The Boss", bcc="gone@example.org"))
+    assert (status, body["message"]) == (200, "Message sent"), body
+    paths = st.sink.wait_for(2, 30)
+    envelopes = sorted(sorted(st.sink.envelope(p)["rcpt_tos"]) for p in paths)
+    assert envelopes == [["amy@example.org", "boss@example.net"],
+                         ["bob@example.org", "boss@example.net"]]
+    for p in paths:
+        msg = email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
+        assert msg["Cc"] == "The Boss <boss@example.net>" and msg["Bcc"] is None
+        assert b"gone@example.org" not in p.read_bytes().split(b"\r\n\r\n", 1)[0]
+    sent = [line for line in api_process.log_text()[mark:].splitlines() if "event=sent " in line]
+    assert len(sent) == 2 and all("level=warning" in line and
+                                  'refused="gone@example.org 550"' in line for line in sent), sent

@@ -18,6 +18,7 @@ filters on each entry, and returns one page: all inside Redis, one round trip.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,13 +91,58 @@ QUERY = Script("api_query", """
 -- KEYS: 1 the events stream, 2 the index to page through (= KEYS[1]: the stream itself)
 -- ARGV: 1 min ms, 2 max ms, 3 offset, 4 limit, 5 '1' newest first, 6 budget,
 --       7 '1': every index member matches (no other filter): skip the offset in the index,
---       8.. filters: field, value, ... (recipient compared lower-cased; tags: one of them)
--- Reply: {examined, exhausted (1: nothing more matches), id1, fields1, id2, fields2, ...}
+--       8 the subaccount's name (for the rows),
+--       9.. filters: field, value, ... (recipient compared lower-cased; tags: one of them)
+-- Reply: {examined, exhausted (1: nothing more matches), rows found, the rows as a JSON
+-- array}: each row is built here, as api/events.py documents it (cjson escapes the
+-- strings), so that the API's Python only splices it into the envelope.
 local lo, hi = ARGV[1], ARGV[2]
 local offset, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local desc, budget = ARGV[5] == '1', tonumber(ARGV[6])
 local want = {}
-for i = 8, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+for i = 9, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+local enc = cjson.encode
+local SUB = enc(ARGV[8])
+local function stamp(ms)
+  -- UTC 'YYYY-MM-DD HH:MM:SS' of unix ms (days to civil date: H. Hinnant's algorithm)
+  local secs = math.floor(ms / 1000)
+  local days = math.floor(secs / 86400)
+  local rem = secs - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                          - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02d %02d:%02d:%02d', y, m, d, math.floor(rem / 3600),
+                       math.floor((rem % 3600) / 60), rem % 60), secs
+end
+local OWN = {type = 1, recipient = 1, message_id = 1, tags = 1, id = 1, smtp_account = 1,
+             created_at = 1, timestamp = 1, status = 1, to = 1}
+local function row(id, f)
+  local created, secs = stamp(tonumber(string.match(id, '^(%d+)')))
+  local t, rcpt, mid, tags = '', '', '', ''
+  local extra = {}
+  for j = 1, #f, 2 do
+    local k, v = f[j], f[j + 1]
+    if k == 'type' then t = v
+    elseif k == 'recipient' then rcpt = v
+    elseif k == 'message_id' then mid = v
+    elseif k == 'tags' then tags = v
+    elseif not OWN[k] then extra[#extra + 1] = ',' .. enc(k) .. ':' .. enc(v) end
+  end
+  local tl = {}
+  for tag in string.gmatch(tags, '[^,]+') do tl[#tl + 1] = enc(tag) end
+  return '{"id":' .. enc(id) .. ',"smtp_account":' .. SUB .. ',"created_at":"' .. created
+    .. '","timestamp":' .. string.format('%d', secs) .. ',"status":' .. enc(t) .. ',"to":'
+    .. enc(rcpt) .. ',"message_id":' .. enc(mid) .. ',"tags":[' .. table.concat(tl, ',') .. ']'
+    .. table.concat(extra) .. '}'
+end
 local function matches(f)
   local seen = {}
   for j = 1, #f, 2 do
@@ -114,12 +160,13 @@ local function matches(f)
   return true
 end
 local out = {0, 0}
+local rows_out = {}
 local skipped, found, examined = 0, 0, 0
 local function take(id, f)
   examined = examined + 1
   if matches(f) then
     if skipped < offset then skipped = skipped + 1
-    else out[#out + 1] = id; out[#out + 1] = f; found = found + 1 end
+    else found = found + 1; rows_out[found] = row(id, f) end
   end
 end
 local page = 200
@@ -160,6 +207,8 @@ else
   end
 end
 out[1] = examined
+out[3] = found
+out[4] = '[' .. table.concat(rows_out, ',') .. ']'
 return out
 """)
 
@@ -169,7 +218,7 @@ _INDEXES = (("message_id", "m:"), ("recipient", "r:"), ("tags", "g:"), ("type", 
 
 @attrs.frozen
 class Page:
-    rows: list[tuple[str, str, dict[str, str]]]  # (subaccount, stream id, fields)
+    rows_json: str  # the rows, a JSON array (api/events.py describes a row)
     complete: bool  # False: the scan budget ran out before the page was full
 
 
@@ -249,21 +298,17 @@ class Activity:
             exact = "1" if index is not None and len(filters) == 1 and index[0] != "tags" else "0"
             calls.append(call(self.fast, QUERY, [stream, key],
                               [a, b, str(first), str(n), "1" if descending else "0",
-                               str(SCAN_BUDGET), exact, *pairs]))
+                               str(SCAN_BUDGET), exact, sub, *pairs]))
         replies = await asyncio.gather(*calls)
-        rows: list[tuple[str, str, dict[str, str]]] = []
-        complete = True
-        for sub, reply in zip(subaccounts, replies, strict=True):
-            if int(reply[1]) == 0 and (len(reply) - 2) // 2 < n:
-                complete = False
-            for i in range(2, len(reply), 2):
-                f = reply[i + 1]
-                rows.append((sub, _text(reply[i]),
-                             {_text(f[j]): _text(f[j + 1]) for j in range(0, len(f), 2)}))
-        if len(subaccounts) > 1:
-            rows.sort(key=lambda r: _sort_key(r[1]), reverse=descending)
-            rows = rows[offset:offset + limit]
-        return Page(rows, complete)
+        complete = all(int(reply[1]) == 1 or int(reply[2]) >= n for reply in replies)
+        if len(subaccounts) == 1:
+            return Page(_text(replies[0][3]), complete)
+        rows: list[dict[str, Any]] = []
+        for reply in replies:
+            rows += json.loads(reply[3])
+        rows.sort(key=lambda r: _sort_key(r["id"]), reverse=descending)
+        return Page(json.dumps(rows[offset:offset + limit], ensure_ascii=False,
+                               separators=(",", ":")), complete)
 
     async def tag_counts(self, subaccount: str, tags: Sequence[str] | None, day_from: int,
                          day_to: int) -> dict[str, dict[str, int]]:

@@ -6,10 +6,11 @@
     GET /api/agregate                 counts per status for smtp_account, date_from, date_to
     GET /api/agregate_tags            the same per tag
 
-A row is one event of the subaccount's stream: `id` (the stream entry id, which never
-changes), `smtp_account`, `created_at` (UTC, `YYYY-MM-DD HH:MM:SS`), `timestamp` (unix
-seconds), `status` (the event type), `to` (recipient), `message_id`, `tags` (a list), and
-the event's other fields as the writer recorded them (queue_id, dsn, reply, url, ...).
+A row is one event of the subaccount's stream, built in Redis by api/activity.py's QUERY
+script: `id` (the stream entry id, which never changes), `smtp_account`, `created_at`
+(UTC, `YYYY-MM-DD HH:MM:SS`), `timestamp` (unix seconds), `status` (the event type), `to`
+(recipient), `message_id`, `tags` (a list), and the event's other fields as the writer
+recorded them (queue_id, dsn, reply, url, ...).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from api.activity import Activity, entry_time
+from api.activity import Activity
 from api.context import ctx, form, scope
-from api.envelope import ApiError, ok
+from api.envelope import ApiError, ok, ok_json
 from api.query import parse_list, parse_time, single
 
 __all__ = ["ACTIVITY", "EVENT_TYPES", "paths", "setup"]
@@ -33,20 +34,6 @@ FILTERS = {"to": "recipient", "message_id": "message_id", "status": "type", "tag
            "tag": "tags", "queue_id": "queue_id"}
 ACTIVITY = web.AppKey("relaylab_api_activity", Activity)
 MAX_AGREGATE_DAYS = 400
-
-
-def row(sub: str, entry_id: str, f: dict[str, str]) -> dict[str, Any]:
-    t = entry_time(entry_id)
-    out: dict[str, Any] = {
-        "id": entry_id, "smtp_account": sub,
-        "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)),
-        "timestamp": int(t), "status": f.get("type", ""), "to": f.get("recipient", ""),
-        "message_id": f.get("message_id", ""),
-        "tags": [x for x in f.get("tags", "").split(",") if x]}
-    for k, v in f.items():
-        if k not in ("type", "recipient", "message_id", "tags") and k not in out:
-            out[k] = v
-    return out
 
 
 def activity(request: web.Request) -> Activity:
@@ -73,7 +60,7 @@ async def _list(request: web.Request, fixed_type: str | None) -> web.Response:
                                          descending=q.descending)
     message = "ok" if page.complete else "partial: the search stopped after examining " \
         "200000 events; narrow it with created_at.from/created_at.to"
-    return ok(request, [row(*r) for r in page.rows], message)
+    return ok_json(request, page.rows_json, message)
 
 
 async def get_emails(request: web.Request) -> web.Response:

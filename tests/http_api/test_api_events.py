@@ -183,3 +183,19 @@ def test_offset_pages_through_an_index_filter_as_through_the_stream(story: Runni
     _, tagged = c.get("/api/emails", filter="tags::promo")
     assert [r["id"] for r in second["data"]] == [all_injected["data"][1]["id"]]
     assert [r["id"] for r in tagged_second["data"]] == [r["id"] for r in tagged["data"][1:3]]
+
+
+def test_rows_built_in_redis_have_utc_dates_and_escaped_text(api: RunningApi) -> None:
+    key = "rl:{sub:shop-a}:events"
+    stamps = [1_000, 951_782_400_000, 1_709_251_199_999, 1_767_225_599_999, 4_102_444_799_000]
+    for ms in stamps:
+        api.redis.xadd(key, {"type": "injected", "recipient": "q@example.net",
+                             "subject": 'He said "hi" \\ — ok\n\t</script>', "tags": ""},
+                       id=f"{ms}-0")
+    _, body = api.client("alpha").get("/api/emails", sort="created_at")
+    rows = body["data"]
+    assert [r["created_at"] for r in rows] == [
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms // 1000)) for ms in stamps]
+    assert [r["timestamp"] for r in rows] == [ms // 1000 for ms in stamps]
+    assert {r["subject"] for r in rows} == {'He said "hi" \\ — ok\n\t</script>'}
+    assert {tuple(r["tags"]) for r in rows} == {()}

@@ -34,75 +34,10 @@ __all__ = ["INDEX", "QUERY", "Activity", "Page", "entry_time"]
 INDEX_BATCH = 5000
 SCAN_BUDGET = 200_000  # entries one query may examine (a filter that matches nothing)
 
-INDEX = Script("api_index", """
--- KEYS: 1 the events stream, 2 the index cursor. ARGV: 1 count, 2 index key prefix,
--- 3 index ttl seconds, 4 MINID (ms): index entries before it are gone from the stream
-local pos = redis.call('GET', KEYS[2]) or '0-0'
-local entries = redis.call('XRANGE', KEYS[1], '(' .. pos, '+', 'COUNT', tonumber(ARGV[1]))
-if #entries == 0 then return 0 end
-local p, ttl = ARGV[2], tonumber(ARGV[3])
-local touched, counts = {}, {}
-local function add(key, score, member)
-  redis.call('ZADD', key, score, member)
-  touched[key] = true
-end
-for i = 1, #entries do
-  local id, f = entries[i][1], entries[i][2]
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  local member = ms .. '-' .. string.format('%010d', tonumber(seq))
-  local score = tonumber(ms)
-  local t, tags = nil, nil
-  for j = 1, #f, 2 do
-    local k, v = f[j], f[j + 1]
-    if k == 'type' then t = v; add(p .. 't:' .. v, score, member)
-    elseif k == 'recipient' and v ~= '' then add(p .. 'r:' .. string.lower(v), score, member)
-    elseif k == 'message_id' and v ~= '' then add(p .. 'm:' .. v, score, member)
-    elseif k == 'tags' then tags = v end
-  end
-  if tags then
-    local day = math.floor(score / 86400000)
-    for tag in string.gmatch(tags, '[^,]+') do
-      add(p .. 'g:' .. tag, score, member)
-      redis.call('ZADD', p .. 'tags', score, tag)
-      if t then
-        local ck = p .. 'gc:' .. tag .. ':' .. day
-        counts[ck] = counts[ck] or {}
-        counts[ck][t] = (counts[ck][t] or 0) + 1
-      end
-    end
-  end
-  pos = id
-end
-for k in pairs(touched) do
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[4])
-  redis.call('EXPIRE', k, ttl)
-end
-for k, c in pairs(counts) do
-  for t, n in pairs(c) do redis.call('HINCRBY', k, t, n) end
-  redis.call('EXPIRE', k, ttl + 86400)
-end
-redis.call('ZREMRANGEBYSCORE', p .. 'tags', '-inf', '(' .. ARGV[4])
-redis.call('EXPIRE', p .. 'tags', ttl)
-redis.call('SET', KEYS[2], pos)
-return #entries
-""")
-
-QUERY = Script("api_query", """
--- KEYS: 1 the events stream, 2 the index to page through (= KEYS[1]: the stream itself)
--- ARGV: 1 min ms, 2 max ms, 3 offset, 4 limit, 5 '1' newest first, 6 budget,
---       7 '1': every index member matches (no other filter): skip the offset in the index,
---       8 the subaccount's name (for the rows),
---       9.. filters: field, value, ... (recipient compared lower-cased; tags: one of them)
--- Reply: {examined, exhausted (1: nothing more matches), rows found, the rows as a JSON
--- array}: each row is built here, as api/events.py documents it (cjson escapes the
--- strings), so that the API's Python only splices it into the envelope.
-local lo, hi = ARGV[1], ARGV[2]
-local offset, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
-local desc, budget = ARGV[5] == '1', tonumber(ARGV[6])
-local want = {}
-for i = 9, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+# Lua shared by INDEX and QUERY: row(id, fields) is one row of the activity log as JSON
+# (api/events.py describes it), for the subaccount whose name, JSON-encoded, is in SUB.
+_ROW_LUA = """
 local enc = cjson.encode
-local SUB = enc(ARGV[8])
 local function stamp(ms)
   -- UTC 'YYYY-MM-DD HH:MM:SS' of unix ms (days to civil date: H. Hinnant's algorithm)
   local secs = math.floor(ms / 1000)
@@ -143,7 +78,101 @@ local function row(id, f)
     .. enc(rcpt) .. ',"message_id":' .. enc(mid) .. ',"tags":[' .. table.concat(tl, ',') .. ']'
     .. table.concat(extra) .. '}'
 end
-local function matches(f)
+"""
+
+# Every type the writers use: rows of these types are removed with the stream's trim.
+_TYPES = ("injected", "dropped", "ok", "deferred", "softbounce", "hardbounce", "spambounce",
+          "expired", "feedback", "open", "click", "unsubscribe")
+
+INDEX = Script("api_index", """
+-- KEYS: 1 the events stream, 2 the index cursor. ARGV: 1 count, 2 index key prefix,
+-- 3 index ttl seconds, 4 MINID (ms): index entries before it are gone from the stream,
+-- 5 the subaccount's name
+local SUB = cjson.encode(ARGV[5])
+""" + _ROW_LUA + """
+local pos = redis.call('GET', KEYS[2]) or '0-0'
+local entries = redis.call('XRANGE', KEYS[1], '(' .. pos, '+', 'COUNT', tonumber(ARGV[1]))
+if #entries == 0 then return 0 end
+local p, ttl = ARGV[2], tonumber(ARGV[3])
+local touched, counts = {}, {}
+local function add(key, score, member)
+  redis.call('ZADD', key, score, member)
+  touched[key] = true
+end
+local rows = {}
+for i = 1, #entries do
+  local id, f = entries[i][1], entries[i][2]
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  local member = ms .. '-' .. string.format('%010d', tonumber(seq))
+  local score = tonumber(ms)
+  local t, tags = nil, nil
+  for j = 1, #f, 2 do
+    local k, v = f[j], f[j + 1]
+    if k == 'type' then t = v; add(p .. 't:' .. v, score, member)
+    elseif k == 'recipient' and v ~= '' then add(p .. 'r:' .. string.lower(v), score, member)
+    elseif k == 'message_id' and v ~= '' then add(p .. 'm:' .. v, score, member)
+    elseif k == 'tags' then tags = v end
+  end
+  rows[#rows + 1] = member
+  rows[#rows + 1] = row(id, f)
+  if #rows >= 200 then redis.call('HSET', p .. 'rows', unpack(rows)); rows = {} end
+  if tags then
+    local day = math.floor(score / 86400000)
+    for tag in string.gmatch(tags, '[^,]+') do
+      add(p .. 'g:' .. tag, score, member)
+      redis.call('ZADD', p .. 'tags', score, tag)
+      if t then
+        local ck = p .. 'gc:' .. tag .. ':' .. day
+        counts[ck] = counts[ck] or {}
+        counts[ck][t] = (counts[ck][t] or 0) + 1
+      end
+    end
+  end
+  pos = id
+end
+if #rows > 0 then redis.call('HSET', p .. 'rows', unpack(rows)) end
+-- Rows of events the stream no longer holds: found through the type indexes, which hold
+-- every event.
+for _, t in ipairs({""" + ", ".join(f"'{t}'" for t in _TYPES) + """}) do
+  while true do
+    local old = redis.call('ZRANGEBYSCORE', p .. 't:' .. t, '-inf', '(' .. ARGV[4], 'LIMIT', 0, 1000)
+    if #old == 0 then break end
+    redis.call('HDEL', p .. 'rows', unpack(old))
+    redis.call('ZREM', p .. 't:' .. t, unpack(old))
+  end
+end
+for k in pairs(touched) do
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[4])
+  redis.call('EXPIRE', k, ttl)
+end
+for k, c in pairs(counts) do
+  for t, n in pairs(c) do redis.call('HINCRBY', k, t, n) end
+  redis.call('EXPIRE', k, ttl + 86400)
+end
+redis.call('ZREMRANGEBYSCORE', p .. 'tags', '-inf', '(' .. ARGV[4])
+redis.call('EXPIRE', p .. 'tags', ttl)
+redis.call('EXPIRE', p .. 'rows', ttl)
+redis.call('SET', KEYS[2], pos)
+return #entries
+""")
+
+QUERY = Script("api_query", """
+-- KEYS: 1 the events stream, 2 the index to page through (= KEYS[1]: the stream itself),
+--       3 the rows hash
+-- ARGV: 1 min ms, 2 max ms, 3 offset, 4 limit, 5 '1' newest first, 6 budget,
+--       7 '1': every index member matches (no other filter): skip the offset in the index,
+--       8 the subaccount's name (for the rows),
+--       9.. filters: field, value, ... (recipient compared lower-cased; tags: one of them)
+-- Reply: {examined, exhausted (1: nothing more matches), rows found, the rows as a JSON
+-- array}: each row is built here, as api/events.py documents it (cjson escapes the
+-- strings), so that the API's Python only splices it into the envelope.
+local lo, hi = ARGV[1], ARGV[2]
+local offset, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local desc, budget = ARGV[5] == '1', tonumber(ARGV[6])
+local want = {}
+for i = 9, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+local SUB = cjson.encode(ARGV[8])
+""" + _ROW_LUA + """local function matches(f)
   local seen = {}
   for j = 1, #f, 2 do
     local k, v = f[j], f[j + 1]
@@ -188,7 +217,31 @@ if KEYS[2] == KEYS[1] then
   end
 else
   local start = 0
-  if ARGV[7] == '1' then start = offset; skipped = offset end
+  if ARGV[7] == '1' then
+    -- Every member matches: the page is the index's slice, its rows one HMGET (a row not
+    -- there yet, indexed by an older version, is built from the stream).
+    local ids
+    if desc then ids = redis.call('ZREVRANGEBYSCORE', KEYS[2], hi, lo, 'LIMIT', offset, limit)
+    else ids = redis.call('ZRANGEBYSCORE', KEYS[2], lo, hi, 'LIMIT', offset, limit) end
+    if #ids > 0 then
+      local got = redis.call('HMGET', KEYS[3], unpack(ids))
+      for i = 1, #ids do
+        local r = got[i]
+        if not r then
+          local ms, seq = string.match(ids[i], '^(%d+)-(%d+)$')
+          local id = ms .. '-' .. tonumber(seq)
+          local e = redis.call('XRANGE', KEYS[1], id, id)
+          if #e == 1 then r = row(id, e[1][2]) end
+        end
+        if r then found = found + 1; rows_out[found] = r end
+      end
+    end
+    out[1] = #ids
+    out[2] = #ids < limit and 1 or 0
+    out[3] = found
+    out[4] = '[' .. table.concat(rows_out, ',') .. ']'
+    return out
+  end
   while true do
     local ids
     if desc then ids = redis.call('ZREVRANGEBYSCORE', KEYS[2], hi, lo, 'LIMIT', start, page)
@@ -262,7 +315,8 @@ class Activity:
         days = int(self.retention_of(subaccount))
         minid = str(int((time.time() - days * 86_400) * 1000))
         keys = [events_key(subaccount), activity_index_prefix(subaccount) + "pos"]
-        args = [str(INDEX_BATCH), activity_index_prefix(subaccount), str(days * 86_400), minid]
+        args = [str(INDEX_BATCH), activity_index_prefix(subaccount), str(days * 86_400), minid,
+                subaccount]
         total = 0
         for _ in range(rounds):
             n = int(await call(self.fast, INDEX, keys, args))
@@ -296,7 +350,7 @@ class Activity:
             else:
                 a, b = lo, hi
             exact = "1" if index is not None and len(filters) == 1 and index[0] != "tags" else "0"
-            calls.append(call(self.fast, QUERY, [stream, key],
+            calls.append(call(self.fast, QUERY, [stream, key, activity_index_prefix(sub) + "rows"],
                               [a, b, str(first), str(n), "1" if descending else "0",
                                str(SCAN_BUDGET), exact, sub, *pairs]))
         replies = await asyncio.gather(*calls)

@@ -77,6 +77,9 @@ rl:{sub:NAME}:ix:g:TAG                 recipient, message id, tag             on
 rl:{sub:NAME}:ix:gc:TAG:DAY    hash    event type -> count of TAG's events    EXPIRE retention
                                        on DAY (days since 1970, UTC)          + 1 day
 rl:{sub:NAME}:ix:tags          zset    tags seen -> last ms seen              as ix:t
+rl:{sub:NAME}:ix:rows          hash    ix:t member -> the event's row as the  EXPIRE retention;
+                                       API returns it (JSON)                  old rows removed
+                                                                              with ix:t entries
 =============================  ======  =====================================  ==================
 
 One hash per list (rather than one key per entry) keeps a 1,000,000-entry list at a

@@ -199,3 +199,21 @@ def test_rows_built_in_redis_have_utc_dates_and_escaped_text(api: RunningApi) ->
     assert [r["timestamp"] for r in rows] == [ms // 1000 for ms in stamps]
     assert {r["subject"] for r in rows} == {'He said "hi" \\ — ok\n\t</script>'}
     assert {tuple(r["tags"]) for r in rows} == {()}
+
+
+def test_index_keeps_rows_only_within_the_plans_retention(api: RunningApi) -> None:
+    key, now_ms = "rl:{sub:shop-a}:events", int(time.time() * 1000)
+    api.redis.xadd(key, {"type": "ok", "recipient": "old@example.net"}, id=f"{now_ms - 4 * 86_400_000}-0")
+    api.redis.xadd(key, {"type": "ok", "recipient": "new@example.net"}, id=f"{now_ms}-0")
+    _, body = api.client("alpha").get("/api/emails", smtp_account="shop-a", filter="status::ok")
+    assert [r["to"] for r in body["data"]] == ["new@example.net"]  # plan small: 3 days
+    assert api.redis.hlen("rl:{sub:shop-a}:ix:rows") == 1
+    assert api.redis.zcard("rl:{sub:shop-a}:ix:t:ok") == 1
+
+
+def test_a_row_missing_from_the_rows_hash_is_built_from_the_stream(story: RunningApi) -> None:
+    c = story.client("alpha")
+    _, before = c.get("/api/emails", filter="status::hardbounce")
+    story.redis.delete("rl:{sub:shop-a}:ix:rows")
+    _, after = c.get("/api/emails", filter="status::hardbounce")
+    assert after["data"] == before["data"] and len(after["data"]) == 1

@@ -4,6 +4,7 @@ authenticated client of a request, and which subaccounts it may see."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,11 +15,14 @@ from aiohttp import web
 
 from api.auth import Authenticator, parse_basic
 from api.envelope import ApiError
+from relaylab.logfmt import log_event
 from relaylab.policy.model import ApiClient, Policy
 from relaylab.resp import RespClient
 
 __all__ = ["CONTEXT", "ApiContext", "auth_middleware", "client_of", "ctx", "form",
            "scope", "visible_subaccounts"]
+
+log = logging.getLogger("relaylab.api")
 
 PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz"})
 AUTH_HEADERS = {"WWW-Authenticate": 'Basic realm="relaylab"'}
@@ -66,6 +70,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # The KDF takes tens of ms: off the event loop, so other requests go on meanwhile.
         client = await loop.run_in_executor(None, c.auth.authenticate, header)
     if client is None:
+        creds = parse_basic(header)
+        log_event(log, "auth_failed", logging.WARNING, peer=request.remote or "",
+                  key=(creds[0] if creds else "")[:64], path=request.path,
+                  req_id=request.get("req_id", ""))
         raise ApiError(401, "authorization: unknown app key or wrong secret",
                        headers=AUTH_HEADERS)
     request["client"] = client

@@ -77,3 +77,38 @@ def test_openapi_document_needs_no_credentials(api: RunningApi) -> None:
         doc = json.load(resp)
     assert doc["openapi"].startswith("3.1")
     assert "/api/smtp" in doc["paths"]
+
+
+def test_a_failed_login_is_one_logfmt_warning_with_the_key_never_the_secret(
+        api: RunningApi) -> None:
+    mark = len(api.process.log_text())
+    api.client("alpha", secret="guessed-secret").get("/api/smtp")
+    line = next(ln for ln in api.process.log_text()[mark:].splitlines() if "auth_failed" in ln)
+    assert "level=warning" in line and "key=alpha-key-0000000001" in line
+    assert "guessed-secret" not in line
+
+
+def test_clients_added_or_removed_by_a_reload_take_effect(api: RunningApi) -> None:
+    from apiclient import ApiClient
+    from apiharness import CLIENTS
+
+    from relaylab.devstack.process import wait_until
+    from relaylab.policy.reloader import request_reload
+
+    original = api.config.read_text()
+    key, secret, _ = CLIENTS["beta"]
+    assert api.client("beta").get("/api/smtp")[0] == 200
+    try:
+        # beta removed, a new client added
+        new_text = original.replace(f"key: {key}", "key: gamma-key-000000004").replace(
+            "beta:", "gamma:")
+        assert new_text != original
+        api.config.write_text(new_text)
+        request_reload(api.config)
+        gamma = ApiClient(api.port, "gamma-key-000000004", secret)
+        wait_until(lambda: gamma.get("/api/smtp")[0] == 200, timeout=15)
+        assert api.client("beta").get("/api/smtp")[0] == 401
+    finally:
+        api.config.write_text(original)
+        request_reload(api.config)
+        wait_until(lambda: api.client("beta").get("/api/smtp")[0] == 200, timeout=15)

@@ -12,7 +12,13 @@ runs it every second. Writers of the stream are not touched.
 
 QUERY pages through the most selective index (message id, recipient, tag, type: in that
 order) or, with no such filter, the stream itself, in time order, checks the other
-filters on each entry, and returns one page: all inside Redis, one round trip.
+filters on each entry, and returns one page: all inside Redis, one round trip. With one
+filter that an index serves, the page is a slice of that index and the rows one HMGET
+of rl:{sub:NAME}:ix:rows (each row stored as JSON when indexed).
+
+Both scripts build the index keys' names from the prefix they are given: every key
+carries the subaccount's hash tag, so they live in the slot of the declared keys (legal
+on a Redis Cluster node, which refuses only keys of other slots).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ filters on each entry, and returns one page: all inside Redis, one round trip. W
 filter that an index serves, the page is a slice of that index and the rows one HMGET
 of rl:{sub:NAME}:ix:rows (each row stored as JSON when indexed).
 
-Both scripts build the index keys' names from the prefix they are given: every key
-carries the subaccount's hash tag, so they live in the slot of the declared keys (legal
-on a Redis Cluster node, which refuses only keys of other slots).
+Both scripts build the index keys' names from the prefix they are given, not all of them
+in KEYS: every one carries the subaccount's hash tag, so all are in the declared keys'
+slot, which a Redis Cluster node accepts (it refuses keys of other slots), though Redis
+documents that scripts should declare every key.
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
+from redis.exceptions import RedisError
 
 from relaylab.logfmt import log_event
+from relaylab.resp import RedisUnavailable
 
 __all__ = ["ApiError", "envelope_middleware", "ok", "ok_json", "reply"]
 
@@ -84,6 +86,11 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
             message = f"method {request.method} not allowed on {request.path}"
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return reply(request, e.status, message, [], headers)
+    except (RedisUnavailable, RedisError, TimeoutError) as e:
+        log_event(log, "redis_unavailable", logging.WARNING, method=request.method,
+                  path=request.path, req_id=request["req_id"], error=f"{type(e).__name__}: {e}")
+        return reply(request, 503, "storage unavailable (Redis): try again later", [],
+                     {"Retry-After": "5"})
     except Exception:
         log_event(log, "request_failed", logging.ERROR, method=request.method, path=request.path,
                   req_id=request["req_id"])

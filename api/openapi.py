@@ -17,7 +17,8 @@ _ERRORS = {400: "a parameter is malformed (the message names it)",
            401: "no or wrong HTTP Basic credentials (app key, secret)",
            403: "the subaccount is not granted to this app key",
            404: "not found",
-           409: "refused by a guardrail (the message says why)"}
+           409: "refused by a guardrail (the message says why)",
+           503: "Redis unavailable: try again (Retry-After)"}
 
 
 def nullable_int() -> dict[str, Any]:
@@ -40,7 +41,7 @@ def error_responses(codes: Iterable[int]) -> dict[str, Any]:
 def envelope_of(data: dict[str, Any], errors: Iterable[int] = (401,), ok: int = 200
                 ) -> dict[str, Any]:
     return {str(ok): {"description": "success", "content": {"application/json": {
-        "schema": _envelope(data, "success")}}}, **error_responses(errors)}
+        "schema": _envelope(data, "success")}}}, **error_responses((*errors, 503))}
 
 
 def smtp_account_param(required: bool = False, where: str = "query") -> dict[str, Any]:

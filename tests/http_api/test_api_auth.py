@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from apiharness import RunningApi
 
 
@@ -112,3 +114,21 @@ def test_clients_added_or_removed_by_a_reload_take_effect(api: RunningApi) -> No
         api.config.write_text(original)
         request_reload(api.config)
         wait_until(lambda: api.client("beta").get("/api/smtp")[0] == 200, timeout=15)
+
+
+def test_redis_down_is_503_in_the_envelope(api: RunningApi, tmp_path: Path) -> None:
+    from relaylab.devstack.api import ApiProcess
+    from relaylab.devstack.ports import free_port
+
+    config = tmp_path / "relaylab.yaml"
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    config.write_text(api.config.read_text().replace(
+        api.config.read_text().split('"')[1], dead, 1))
+    assert dead in config.read_text()
+    with ApiProcess(config, tmp_path / "api.log", free_port()) as proc:
+        from apiclient import ApiClient
+        from apiharness import CLIENTS
+        key, secret, _ = CLIENTS["alpha"]
+        status, body = ApiClient(proc.port, key, secret).get("/api/emails")
+    assert (status, body["code"], body["status"]) == (503, 503, "fail")
+    assert "Redis" in body["message"]

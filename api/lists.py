@@ -20,10 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
-from api.context import ctx, form, scope
+from api.context import client_of, ctx, form, scope
 from api.envelope import ApiError, ok
 from api.query import parse_list, parse_time, single
-from relaylab.suppression.model import Entry, Kind, ListKind, Reason, Source
+from relaylab.suppression.model import GLOBAL, Entry, Kind, ListKind, Reason, Scope, Source
 from relaylab.suppression.normalize import InvalidAddress, parse_target
 from relaylab.suppression.store import Refused, SuppressionStore
 
@@ -43,9 +43,10 @@ def store(request: web.Request) -> SuppressionStore:
     return SuppressionStore(ctx(request).redis)
 
 
-def entry_row(sub: str, e: Entry) -> dict[str, Any]:
+def entry_row(sub: Scope, e: Entry) -> dict[str, Any]:
     return {"email": e.value if e.kind is Kind.ADDRESS else "@" + e.value, "type": e.kind.value,
-            "smtp_account": sub, "reason": e.reason.value, "source": e.source.value,
+            "smtp_account": None if sub is GLOBAL else sub, "reason": e.reason.value,
+            "source": e.source.value,
             "comment": e.comment,
             "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.created_at)),
             "timestamp": e.created_at, "expires_at": e.expires_at}
@@ -58,8 +59,35 @@ def target(text: str, param: str) -> tuple[Kind, str]:
         raise ApiError(400, f"{param}: {e}") from None
 
 
-def one_subaccount(request: web.Request, params: dict[str, Any]) -> str:
-    """The subaccount a write is for: smtp_account, or the client's only one."""
+def where(sub: Scope) -> str:
+    """A list's name in messages and in `removed_from`."""
+    return "global" if sub is GLOBAL else sub
+
+
+def wants_global(request: web.Request, params: dict[str, Any]) -> bool:
+    """`global=1`: the list for every subaccount, an operator's only."""
+    flag = single(params, "global")
+    if flag in (None, "", "0", "false"):
+        return False
+    if flag not in ("1", "true"):
+        raise ApiError(400, f"global: 1 or 0, got {flag!r}")
+    if not client_of(request).operator:
+        raise ApiError(403, "global: only an operator app key may use the global lists")
+    if single(params, "smtp_account"):
+        raise ApiError(400, "global: not together with smtp_account")
+    return True
+
+
+def scopes(request: web.Request, params: dict[str, Any], name: str | None = None) -> list[Scope]:
+    if wants_global(request, params):
+        return [GLOBAL]
+    return list(scope(request, name if name is not None else single(params, "smtp_account")))
+
+
+def one_subaccount(request: web.Request, params: dict[str, Any]) -> Scope:
+    """The list a write is for: smtp_account, the client's only one, or global=1."""
+    if wants_global(request, params):
+        return GLOBAL
     name = single(params, "smtp_account")
     subs = scope(request, name)
     if len(subs) != 1:
@@ -73,7 +101,7 @@ def list_routes(app: web.Application, which: ListKind) -> None:
     async def get_list(request: web.Request) -> web.Response:
         params = await form(request)
         q = parse_list(params, filters={"email", "type", "reason", "smtp_account"})
-        subs = scope(request, q.equals.get("smtp_account") or single(params, "smtp_account"))
+        subs = scopes(request, params, q.equals.get("smtp_account") or None)
         want_kind = want_value = None
         if "email" in q.equals:
             want_kind, want_value = target(q.equals["email"], "filter email")
@@ -145,31 +173,33 @@ def list_routes(app: web.Application, which: ListKind) -> None:
             except Refused as e:
                 param = "comment" if "written reason" in str(e) else "email"
                 raise ApiError(409, f"{param}: refused: {e}") from None
-            results.append({"email": text, "smtp_account": sub, "result": result})
+            results.append({"email": text, "smtp_account": None if sub is GLOBAL else sub,
+                            "result": result})
         return ok(request, results, f"{sum(r['result'] == 'added' for r in results)} added")
 
     async def get_one(request: web.Request) -> web.Response:
         params = await form(request)
-        subs = scope(request, single(params, "smtp_account"))
+        subs = scopes(request, params)
         kind, value = target(request.match_info["email"], "email")
         s = store(request)
-        found = [entry_row(str(sub), e)
+        found = [entry_row(sub, e)
                  for sub, e in await s.matches(which, list(subs), kind, value)]
         if not found:
             raise ApiError(404, f"email: {value} is not on the {which.label} of "
-                                f"{', '.join(subs) or 'any granted subaccount'}")
+                                f"{', '.join(map(where, subs)) or 'any granted subaccount'}")
         return ok(request, found)
 
     async def delete_one(request: web.Request) -> web.Response:
         params = await form(request)
-        subs = scope(request, single(params, "smtp_account"))
+        subs = scopes(request, params)
         kind, value = target(request.match_info["email"], "email")
         s = store(request)
         removed = [sub for sub in subs if await s.remove(sub, which, kind, value)]
         if not removed:
             raise ApiError(404, f"email: {value} is not on the {which.label} of "
-                                f"{', '.join(subs) or 'any granted subaccount'}")
-        return ok(request, {"email": value, "removed_from": removed}, "removed")
+                                f"{', '.join(map(where, subs)) or 'any granted subaccount'}")
+        return ok(request, {"email": value, "removed_from": [where(x) for x in removed]},
+                  "removed")
 
     app.router.add_get(base, get_list)
     app.router.add_post(base, post)
@@ -186,23 +216,28 @@ def list_paths(which: ListKind) -> dict[str, Any]:
              "required": ["email", "type", "smtp_account", "reason", "created_at"],
              "properties": {"email": {"type": "string"},
                             "type": {"type": "string", "enum": ["address", "domain"]},
-                            "smtp_account": {"type": "string"},
+                            "smtp_account": {"type": ["string", "null"]},
                             "reason": {"type": "string", "enum": list(REASONS)},
                             "source": {"type": "string"}, "comment": {"type": "string"},
                             "created_at": {"type": "string"}, "timestamp": {"type": "integer"},
                             "expires_at": {"type": ["integer", "null"]}}}
     body_props: dict[str, Any] = {
         "smtp_account": {"type": "string"}, "email": {"type": "string"},
+        "global": {"type": "string", "enum": ["0", "1"],
+                   "description": "1: the list for every subaccount (operator app keys)"},
         "emails[]": {"type": "array", "items": {"type": "string"}},
         "comment": {"type": "string"},
         "expires_at": {"type": "string", "description": "unix seconds or YYYY-MM-DD"}}
     if which is ListKind.BLACKLIST:
         body_props["reason"] = {"type": "string", "enum": list(REASONS)}
     email_param = {"name": "email", "in": "path", "required": True, "schema": {"type": "string"}}
+    global_param = {"name": "global", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]},
+                    "description": "1: the list for every subaccount (operator app keys)"}
     return {
         f"/api/{name}s": {
             "get": {"operationId": f"get{cap}s", "summary": f"{cap} entries",
-                    "parameters": [*list_params(["created_at"]), smtp_account_param()],
+                    "parameters": [*list_params(["created_at"]), smtp_account_param(),
+                                   global_param],
                     "responses": envelope_of({"type": "array", "items": entry},
                                              (400, 401, 403, 404))},
             "post": {"operationId": f"add{cap}", "summary": f"Add to the {name}",
@@ -211,16 +246,17 @@ def list_paths(which: ListKind) -> dict[str, Any]:
                              "type": "object", "properties": body_props}}}},
                      "responses": envelope_of({"type": "array", "items": {
                          "type": "object", "properties": {
-                             "email": {"type": "string"}, "smtp_account": {"type": "string"},
+                             "email": {"type": "string"},
+                             "smtp_account": {"type": ["string", "null"]},
                              "result": {"type": "string", "enum": ["added", "present"]}}}},
                          (400, 401, 403, 404, 409))}},
         f"/api/{name}s/email/{{email}}": {
             "get": {"operationId": f"get{cap}Email", "summary": f"{cap} entries for an address",
-                    "parameters": [email_param, smtp_account_param()],
+                    "parameters": [email_param, smtp_account_param(), global_param],
                     "responses": envelope_of({"type": "array", "items": entry},
                                              (400, 401, 403, 404))},
             "delete": {"operationId": f"delete{cap}Email", "summary": f"Remove from the {name}",
-                       "parameters": [email_param, smtp_account_param()],
+                       "parameters": [email_param, smtp_account_param(), global_param],
                        "responses": envelope_of({"type": "object", "properties": {
                            "email": {"type": "string"},
                            "removed_from": {"type": "array", "items": {"type": "string"}}}},

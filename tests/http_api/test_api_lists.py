@@ -143,3 +143,21 @@ def test_whitelist_add_list_get_delete_and_scoping(api: RunningApi) -> None:
     assert status == 200
     _, listed = c.get("/api/whitelists")
     assert listed["data"] == []
+
+
+def test_operator_manages_the_global_blacklist_and_others_may_not(api: RunningApi) -> None:
+    ops = api.client("ops")
+    status, body = ops.post("/api/blacklists", {"global": "1", "email": "@spam.example",
+                                                "reason": "other", "comment": "spam trap"})
+    assert status == 200 and body["data"][0]["smtp_account"] is None
+    assert SyncSuppressionStore(api.redis).lookup("shop-b", "x@spam.example").refuse
+    _, listed = ops.get("/api/blacklists", **{"global": "1"})
+    assert [(r["email"], r["smtp_account"]) for r in listed["data"]] == [("@spam.example", None)]
+    status, body = api.client("alpha").get("/api/blacklists", **{"global": "1"})
+    assert status == 403 and body["message"].startswith("global:")
+    status, _ = api.client("alpha").post("/api/blacklists", {"global": "1", "email": "a@b.example"})
+    assert status == 403
+    status, _ = api.client("beta").delete("/api/blacklists/email/@spam.example", **{"global": "1"})
+    assert status == 403
+    status, body = ops.delete("/api/blacklists/email/@spam.example", **{"global": "1"})
+    assert status == 200 and body["data"]["removed_from"] == ["global"]

@@ -57,7 +57,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.path == "/ui" or request.path.startswith("/ui/"):
+        # The dashboard (api/ui/) has its own sessions, opened with the same credentials.
         return await handler(request)
     c = ctx(request)
     header = request.headers.get("Authorization")

@@ -42,7 +42,7 @@ SHUTDOWN_GRACE = 5.0
 MAX_BODY = 32 * 1024 * 1024  # new_sendmail carries attachments
 
 ROUTE_MODULES = ("api.smtp", "api.events", "api.blacklists", "api.whitelists", "api.sendmail",
-                 "api.openapi")
+                 "api.openapi", "api.ui.views")
 INDEX_INTERVAL = 1.0  # seconds between a worker's runs of the activity index
 
 

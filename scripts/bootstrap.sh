@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 packages=(postfix sasl2-bin libsasl2-modules redis-server opendkim opendkim-tools
           python3 python3-venv iproute2 procps swaks ca-certificates
-          passwd systemd)  # useradd and systemd-analyze: tests/e2e/test_deploy_e2e.py
+          passwd systemd  # useradd and systemd-analyze: tests/e2e/test_deploy_e2e.py
+          chromium)  # the dashboard's browser tests (Playwright drives /usr/bin/chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

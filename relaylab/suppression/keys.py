@@ -80,6 +80,13 @@ rl:{sub:NAME}:ix:tags          zset    tags seen -> last ms seen              as
 rl:{sub:NAME}:ix:rows          hash    ix:t member -> the event's row as the  EXPIRE retention;
                                        API returns it (JSON)                  old rows removed
                                                                               with ix:t entries
+rl:{ui}:secret                 string  the dashboard's cookie signing key      none; deleting it
+                                       (api/ui/session.py), made by the       ends every session
+                                       first worker that needs it
+rl:{ui}:s:TOKEN                string  one dashboard session: JSON {key,      8 hours
+                                       fp, csrf, created} (the API client's   (SESSION_SECONDS)
+                                       app key, its secret hash's
+                                       fingerprint, the CSRF token)
 =============================  ======  =====================================  ==================
 
 One hash per list (rather than one key per entry) keeps a 1,000,000-entry list at a

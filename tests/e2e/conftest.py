@@ -4,6 +4,7 @@ real milter process, all on 127.0.0.1, started once per test session."""
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -47,3 +48,12 @@ def restore_policy(clean_sink: RelayStack) -> Iterator[RelayStack]:
     clean_sink.write_policy()
     request_reload(clean_sink.config)
     clean_sink.milter.wait_for_log("event=reloaded", after=mark)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say where the dashboard's browser tests left their page screenshots."""
+    shots = getattr(sys.modules.get("test_dashboard_browser_e2e"), "SHOTS", None) or \
+        next((getattr(m, "SHOTS", None) for name, m in list(sys.modules.items())
+              if name.endswith("test_dashboard_browser_e2e")), None)
+    if shots:
+        terminalreporter.write_line(f"dashboard screenshots ({len(shots)}): {shots[0].parent}")

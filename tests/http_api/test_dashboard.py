@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 from apiharness import CLIENTS, RunningApi
+from dnsserver import DnsServer
 from uiclient import UiClient
 
 from api.ui.session import SESSION_PREFIX, SESSION_SECONDS
+from relaylab.devstack.api import ApiProcess
+from relaylab.devstack.ports import free_port
 from relaylab.suppression.store import SyncSuppressionStore
 
 PAGES = ("/ui/", "/ui/activity", "/ui/suppression", "/ui/settings")
@@ -235,3 +239,21 @@ def test_the_settings_page_shows_the_plan_dkim_selectors_and_tracking(api: Runni
     assert "<td>shop-a.example.com</td><td>r1</td>" in html
     assert "<th>Opens</th><td>off</td>" in html
     assert "No webhook configured." in html
+
+
+def test_the_settings_page_runs_the_dns_check_live_and_shows_its_verdicts(
+        api: RunningApi, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with DnsServer({("_dmarc.shop-a.example.com", "TXT"): ["v=DMARC1; p=reject"]}) as dns_srv:
+        monkeypatch.setenv("RELAYLAB_DNS", f"127.0.0.1:{dns_srv.port}")
+        with ApiProcess(api.config, tmp_path / "api-dns.log", free_port(), workers=1) as proc:
+            ui = UiClient(proc.port)
+            key, secret, _ = CLIENTS["alpha"]
+            assert ui.login(key, secret).status == 302
+            plain = ui.get("/ui/settings?sub=shop-a").text
+            assert 'id="dns"' not in plain
+            html = ui.get("/ui/settings?sub=shop-a&dns=1").text
+        rows = re.findall(r'<tr><td>shop-a.example.com</td><td>([^<]+)</td><td><span class="badge '
+                          r'v-(\w+)">', html)
+        assert rows == [("spf", "fail"), ("dkim r1", "fail"), ("dmarc", "ok")], html
+        assert "p=reject" in html
+        assert ("udp", "_dmarc.shop-a.example.com.", "TXT") in dns_srv.queries

@@ -30,7 +30,7 @@ from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
-from relaylab.resp import RespClient
+from relaylab.resp import resp_client
 from relaylab.workers import run_workers
 
 __all__ = ["ROUTE_MODULES", "make_app", "run", "serve_worker"]
@@ -98,7 +98,7 @@ def make_context(holder_policy: PolicyHolder | Policy) -> ApiContext:
             return fixed
     policy = policy_of()
     return ApiContext(policy_of=policy_of, redis=async_client(policy.redis_url, REDIS_TIMEOUT),
-                      fast=RespClient(policy.redis_url, connect_timeout=REDIS_TIMEOUT,
+                      fast=resp_client(policy.redis_url, connect_timeout=REDIS_TIMEOUT,
                                       command_timeout=REDIS_TIMEOUT),
                       auth=Authenticator(lambda: policy_of().api))
 

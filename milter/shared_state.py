@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from relaylab.health import RedisHealth
 from relaylab.policy.model import Policy
 from relaylab.redisclient import async_client
-from relaylab.resp import RespClient
+from relaylab.resp import RespClient, resp_client
 
 log = logging.getLogger("relaylab.milter")
 
@@ -33,7 +33,7 @@ class SharedState:
     def _connect(self, policy: Policy) -> None:
         if policy.redis_url != self._url or self._client is None or self._fast is None:
             self._client = async_client(policy.redis_url, REDIS_TIMEOUT)
-            self._fast = RespClient(policy.redis_url, connect_timeout=REDIS_TIMEOUT,
+            self._fast = resp_client(policy.redis_url, connect_timeout=REDIS_TIMEOUT,
                                     command_timeout=REDIS_TIMEOUT)
             self._url = policy.redis_url
 

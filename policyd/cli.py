@@ -9,6 +9,7 @@ from typing import Any
 
 from relaylab import eventloop
 from relaylab.cliargs import command, config_arg, config_path, load_or_exit, service_args
+from relaylab.redisclient import sync_client
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +51,8 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
             print(f"relaylab: no subaccount {args.subaccount!r} in {policy.source}", file=sys.stderr)
             return 1
         subs = [sub]
-    client = redis.Redis.from_url(policy.redis_url, socket_timeout=5, decode_responses=True)
+    client = sync_client(policy.redis_url, socket_timeout=5, socket_connect_timeout=5,
+                         decode_responses=True)
     now = time.time()
     try:
         reports = [read_usage(client, s, now) for s in subs]

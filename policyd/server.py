@@ -27,7 +27,7 @@ from relaylab.limits.lua import ADMIT
 from relaylab.limits.refund import RECEIPT
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
-from relaylab.resp import RespClient
+from relaylab.resp import resp_client
 
 log = logging.getLogger("relaylab.policyd")
 
@@ -312,7 +312,7 @@ async def serve(config: Path, host: str | None, port: int | None) -> None:
     holder = PolicyHolder.load(config, check_keys=False)  # policyd never signs
     policy = holder.policy
     settings = policy.policyd
-    store = LimitStore(RespClient(policy.redis_url, scripts=(ADMIT, RECEIPT)))
+    store = LimitStore(resp_client(policy.redis_url, scripts=(ADMIT, RECEIPT)))
     service = LimitService(holder, store)
     started_with = (policy.redis_url, settings.listen_host, settings.listen_port)
 

@@ -10,8 +10,14 @@ replies resolve their futures in order. What this client does: RESP2, AUTH/SELEC
 the URL, EVALSHA with a NOSCRIPT fallback, a command timeout (a connection with a
 command older than that is dropped: its later replies could no longer be matched), and
 reconnecting after a failure, at most every `retry_interval` seconds. What it does not:
-Redis Cluster redirections (MOVED/ASK), pub/sub, RESP3. Everything else in Relaylab uses
-redis-py.
+pub/sub, RESP3. Everything else in Relaylab uses redis-py (relaylab/redisclient.py).
+
+Redis Cluster (a ``redis+cluster://h1:7000,h2:7000`` URL): ClusterRespClient, made by
+`resp_client`, keeps one RespClient per node and a slot map read with CLUSTER SLOTS, sends
+each command to the node serving the slot of its first key (EVAL/EVALSHA: their first
+key; CRC16 of the key's hash tag, as Redis computes it), follows MOVED (and reads the map
+again) and ASK (ASKING, then the command). Commands to different slots are independent:
+the callers send the commands of one request to every slot they touch at once.
 """
 
 from __future__ import annotations
@@ -327,12 +333,16 @@ class RespClient:
             self.submit(command, on_reply(i))
         return await fut
 
-    def submit(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None) -> None:
+    def submit(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None,
+               *, asking: bool = False) -> None:
         """Send an encoded command; `on_reply` gets its reply or an exception. No future, no
         coroutine on the usual path: when connected, this is one append to the connection's
-        outgoing batch, and the reply calls `on_reply` straight from data_received."""
+        outgoing batch, and the reply calls `on_reply` straight from data_received.
+        `asking`: precede it with ASKING on the same connection (Cluster ASK redirection)."""
         conn = self._conn
         if conn is not None and not conn.closed:
+            if asking:
+                conn.send(_ASKING, _ignore)
             conn.send(command, on_reply, retry)
             return
         task = asyncio.ensure_future(self._connect())
@@ -343,6 +353,8 @@ class RespClient:
             elif t.exception() is not None:
                 on_reply(t.exception())
             else:
+                if asking:
+                    t.result().send(_ASKING, _ignore)
                 t.result().send(command, on_reply, retry)
 
         task.add_done_callback(connected)
@@ -430,3 +442,272 @@ class RespClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+_ASKING = encode_command(["ASKING"])
+
+
+def _ignore(reply: Any) -> None:
+    pass
+
+
+# --- Redis Cluster --------------------------------------------------------------------
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SLOTS = 16384
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+@attrs.frozen
+class ClusterAddress:
+    """``redis+cluster://[user:password@]host:port,host:port[/0]`` (``rediss+cluster`` for
+    TLS): the nodes to ask for the slot map first; every other node is learnt from it."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterAddress:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in CLUSTER_SCHEMES:
+            raise ValueError(f"not a Redis Cluster URL (redis+cluster://host:port,...): {url!r}")
+        netloc, _, path = rest.partition("/")
+        netloc = netloc.partition("?")[0]
+        path = path.partition("?")[0]
+        if path not in ("", "0"):
+            raise ValueError(f"a Redis Cluster has only database 0; got /{path}")
+        userinfo, at, hosts = netloc.rpartition("@")
+        user = password = None
+        if at:
+            u, colon, pw = userinfo.partition(":")
+            user = urllib.parse.unquote(u) or None
+            password = urllib.parse.unquote(pw) if colon else None
+            if not colon:  # redis+cluster://secret@host: the password alone
+                user, password = None, urllib.parse.unquote(u)
+        nodes = []
+        for part in hosts.split(","):
+            host, colon, port = part.strip().rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"Redis Cluster node {part.strip()!r} is not host:port")
+            nodes.append((host.strip("[]"), int(port)))
+        return cls(tuple(nodes), user, password, scheme == "rediss+cluster")
+
+    def node_url(self, host: str, port: int) -> str:
+        """The plain Redis URL of one node, with this address's credentials."""
+        auth = ""
+        if self.password is not None:
+            auth = (urllib.parse.quote(self.username or "", safe="") + ":"
+                    + urllib.parse.quote(self.password, safe="") + "@")
+        h = f"[{host}]" if ":" in host else host
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{h}:{port}/0"
+
+    def __str__(self) -> str:
+        return "cluster:" + ",".join(f"{h}:{p}" for h, p in self.nodes)
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def crc16(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum of Redis Cluster's key slots."""
+    crc = 0
+    table = _CRC16
+    for b in data:
+        crc = ((crc << 8) & 0xFF00) ^ table[((crc >> 8) ^ b) & 0xFF]
+    return crc
+
+
+def key_slot(key: str | bytes) -> int:
+    """The Cluster slot of `key`: CRC16 of its hash tag (the part between the first "{"
+    and the next "}", if not empty) or of the whole key, modulo 16384."""
+    k = key.encode() if isinstance(key, str) else key
+    start = k.find(b"{")
+    if start >= 0:
+        end = k.find(b"}", start + 1)
+        if end > start + 1:
+            k = k[start + 1:end]
+    return crc16(k) % SLOTS
+
+
+# Commands without a key: sent to any node.
+_KEYLESS = frozenset([b"PING", b"ECHO", b"INFO", b"TIME", b"SCRIPT", b"CLUSTER", b"COMMAND",
+                      b"CLIENT", b"CONFIG", b"DBSIZE", b"FLUSHALL", b"FLUSHDB", b"KEYS",
+                      b"SCAN", b"RANDOMKEY", b"AUTH", b"SELECT", b"HELLO", b"READONLY",
+                      b"ASKING", b"WAIT", b"MEMORY", b"LATENCY", b"SLOWLOG", b"LASTSAVE"])
+_SCRIPT_CALLS = frozenset([b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL",
+                           b"FCALL_RO"])
+
+
+def command_key(command: bytes) -> bytes | None:
+    """The key that decides where an encoded command goes: its first argument, or, for
+    EVAL/EVALSHA/FCALL, its first key; None for keyless commands. IndexError/ValueError
+    if `command` is cut short."""
+    pos = command.index(b"\r\n") + 2
+    count = int(command[1:pos - 2])
+
+    def bulk(p: int) -> tuple[bytes, int]:
+        nl = command.index(b"\r\n", p)
+        start = nl + 2
+        end = start + int(command[p + 1:nl])
+        if len(command) < end:
+            raise IndexError("command cut short")
+        return command[start:end], end + 2
+
+    name, pos = bulk(pos)
+    name = name.upper()
+    if name in _SCRIPT_CALLS:
+        if count < 4:
+            return None
+        _, pos = bulk(pos)
+        numkeys, pos = bulk(pos)
+        return bulk(pos)[0] if int(numkeys) > 0 else None
+    if name in _KEYLESS or count < 2:
+        return None
+    return bulk(pos)[0]
+
+
+def command_slot(command: bytes) -> int | None:
+    key = command_key(command)
+    return None if key is None else key_slot(key)
+
+
+class ClusterRespClient(RespClient):
+    """RespClient's interface over a Redis Cluster (see the module docstring)."""
+
+    MAX_REDIRECTS = 5
+
+    def __init__(self, url: str, *, scripts: Sequence[Script] = (), connect_timeout: float = 1.0,
+                 command_timeout: float = 2.0, retry_interval: float = 0.5) -> None:
+        self.cluster = ClusterAddress.parse(url)
+        self.scripts = tuple(scripts)
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.retry_interval = retry_interval
+        self._clients: dict[tuple[str, int], RespClient] = {}
+        self._slots: list[RespClient | None] = [None] * SLOTS
+        self._refresh: asyncio.Future[None] | None = None
+        self._refreshed_at = -1e9
+        self._last_error = ""
+
+    @property
+    def address(self) -> ClusterAddress:  # type: ignore[override]
+        return self.cluster
+
+    def node(self, host: str, port: int) -> RespClient:
+        c = self._clients.get((host, port))
+        if c is None:
+            c = self._clients[(host, port)] = RespClient(
+                self.cluster.node_url(host, port), scripts=self.scripts,
+                connect_timeout=self.connect_timeout, command_timeout=self.command_timeout,
+                retry_interval=self.retry_interval)
+        return c
+
+    async def _read_slots(self) -> None:
+        seeds = list(dict.fromkeys([*self._clients, *self.cluster.nodes]))
+        errors = []
+        for host, port in seeds:
+            try:
+                reply = await self.node(host, port).execute("CLUSTER", "SLOTS")
+            except (RedisUnavailable, RedisReplyError) as e:
+                errors.append(f"{host}:{port}: {e}")
+                continue
+            slots: list[RespClient | None] = [None] * SLOTS
+            for start, end, master, *_ in reply:
+                h = master[0].decode() if master[0] else host
+                owner = self.node(h, int(master[1]))
+                slots[start:end + 1] = [owner] * (end + 1 - start)
+            self._slots = slots
+            return
+        self._last_error = "; ".join(errors)
+        raise RedisUnavailable(f"{self.cluster}: no node answered CLUSTER SLOTS: {self._last_error}")
+
+    def refresh(self) -> asyncio.Future[None]:
+        """Read the slot map again (one reading at a time; callers share it)."""
+        if self._refresh is None or self._refresh.done():
+            self._refreshed_at = asyncio.get_running_loop().time()
+            self._refresh = asyncio.ensure_future(self._read_slots())
+            self._refresh.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return self._refresh
+
+    def _maybe_refresh(self) -> None:
+        if asyncio.get_running_loop().time() - self._refreshed_at >= self.retry_interval:
+            self.refresh()
+
+    def submit(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None,
+               *, asking: bool = False) -> None:
+        self._route(command_slot(command), command, on_reply, retry, 0)
+
+    def evalsha_head(self, head: bytes, eval_head: bytes, rest: bytes, on_reply: OnReply
+                     ) -> None:
+        command = head + rest
+        self._route(command_slot(command), command, on_reply, (eval_head, rest), 0)
+
+    def _route(self, slot: int | None, command: bytes, on_reply: OnReply, retry: _Retry | None,
+               redirects: int) -> None:
+        owner = self._slots[slot if slot is not None else 0]
+        if owner is None:
+            fut = self.refresh()
+
+            def mapped(f: asyncio.Future[None]) -> None:
+                if f.cancelled() or f.exception() is not None or self._slots[slot or 0] is None:
+                    on_reply(RedisUnavailable(f"{self.cluster}: slot {slot} unknown "
+                                              f"({self._last_error or 'not served'})"))
+                else:
+                    self._route(slot, command, on_reply, retry, redirects)
+            fut.add_done_callback(mapped)
+            return
+        owner.submit(command, self._follow(slot, command, on_reply, retry, redirects), retry)
+
+    def _follow(self, slot: int | None, command: bytes, on_reply: OnReply, retry: _Retry | None,
+                redirects: int) -> OnReply:
+        def reply(r: Any) -> None:
+            if isinstance(r, RedisReplyError) and redirects < self.MAX_REDIRECTS:
+                msg = str(r)
+                moved = msg.startswith("MOVED ")
+                if moved or msg.startswith("ASK "):
+                    _, s, addr = msg.split(" ", 2)
+                    host, _, port = addr.rpartition(":")
+                    target = self.node(host or self.cluster.nodes[0][0], int(port))
+                    follow = self._follow(slot, command, on_reply, retry, redirects + 1)
+                    if moved:
+                        self._slots[int(s)] = target
+                        self._maybe_refresh()
+                        target.submit(command, follow, retry)
+                    else:
+                        target.submit(command, follow, retry, asking=True)
+                    return
+                if msg.startswith(("CLUSTERDOWN", "TRYAGAIN")):
+                    self._maybe_refresh()
+            elif isinstance(r, RedisUnavailable):
+                self._maybe_refresh()  # a node down: perhaps failed over
+            on_reply(r)
+        return reply
+
+    async def close(self) -> None:
+        if self._refresh is not None and not self._refresh.done():
+            self._refresh.cancel()
+        for c in self._clients.values():
+            await c.close()
+
+
+def resp_client(url: str, *, scripts: Sequence[Script] = (), connect_timeout: float = 1.0,
+                command_timeout: float = 2.0, retry_interval: float = 0.5) -> RespClient:
+    """The lean client for `url`: ClusterRespClient for a redis+cluster:// URL."""
+    cls = ClusterRespClient if is_cluster_url(url) else RespClient
+    return cls(url, scripts=scripts, connect_timeout=connect_timeout,
+               command_timeout=command_timeout, retry_interval=retry_interval)

@@ -176,7 +176,9 @@ def tracker_finding(policy: Policy) -> Finding | None:
 def redis_finding(url: str, timeout: float = 3.0) -> Finding | None:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    from relaylab.redisclient import sync_client
+
+    client = sync_client(url, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         client.ping()
     except redis.RedisError as e:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relaylab.devstack.redis import RedisServer
+from relaylab.devstack.redis import RedisCluster, RedisServer
 from relaylab.devstack.workdir import make_workdir
 
 
@@ -19,5 +19,17 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         with RedisServer(d) as r:
             yield r
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One real 3-master Redis Cluster on free loopback ports for the whole run (started on
+    first use, ~1-3 s); tests that use it empty every node first."""
+    d = make_workdir("relaylab-test-cluster-")
+    try:
+        with RedisCluster(d) as c:
+            yield c
     finally:
         shutil.rmtree(d, ignore_errors=True)

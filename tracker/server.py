@@ -22,7 +22,7 @@ from relaylab.connlimit import ensure_fd_limit
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
-from relaylab.resp import RespClient
+from relaylab.resp import resp_client
 from relaylab.suppression.store import SuppressionStore
 from relaylab.workers import run_workers
 from tracker.app import Tracker, make_app
@@ -44,7 +44,7 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     policy = holder.policy
     host = host or policy.tracker.listen_host
     port = port or policy.tracker.listen_port
-    fast = RespClient(policy.redis_url, scripts=(RECORD,), connect_timeout=REDIS_TIMEOUT,
+    fast = resp_client(policy.redis_url, scripts=(RECORD,), connect_timeout=REDIS_TIMEOUT,
                       command_timeout=REDIS_TIMEOUT)
     client = async_client(policy.redis_url, REDIS_TIMEOUT)
     tracker = Tracker(holder, fast, SuppressionStore(client))

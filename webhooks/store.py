@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from relaylab.limits.lua import Script
-from relaylab.resp import RespClient, encode_args
+from relaylab.resp import RespClient, encode_args, resp_client
 from relaylab.suppression.keys import (
     events_key,
     webhook_batch_key,
@@ -132,7 +132,7 @@ def _entries(reply: list[Any]) -> list[tuple[str, dict[str, str]]]:
 def client(url: str) -> RespClient:
     """The store's Redis client (relaylab/resp.py: its reply parser reads a 1,000-entry
     XRANGE several times faster than redis-py's pure-Python one), with the scripts."""
-    return RespClient(url, scripts=SCRIPTS, connect_timeout=2.0, command_timeout=5.0)
+    return resp_client(url, scripts=SCRIPTS, connect_timeout=2.0, command_timeout=5.0)
 
 
 class Store:

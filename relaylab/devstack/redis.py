@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
-from .ports import LOCALHOST, free_port
+from .ports import LOCALHOST, free_port, free_ports
 from .process import ChildProcess
 
-__all__ = ["RedisServer"]
+__all__ = ["RedisCluster", "RedisServer"]
 
 
 class RedisServer(ChildProcess):
@@ -19,10 +23,12 @@ class RedisServer(ChildProcess):
     `port=None` picks a free port at construction time, so `url` is known before start().
     """
 
-    def __init__(self, workdir: Path, port: int | None = None, *, start_timeout: float = 10.0) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, start_timeout: float = 10.0,
+                 extra_args: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir).resolve()
         self.port: int = free_port() if port is None else port
         self.start_timeout = start_timeout
+        self.extra_args = tuple(extra_args)
 
     def __repr__(self) -> str:
         return f"RedisServer(workdir={str(self.workdir)!r}, port={self.port})"
@@ -56,6 +62,7 @@ class RedisServer(ChildProcess):
             str(self.workdir),
             "--daemonize",
             "no",
+            *self.extra_args,
         ]
         self._spawn(argv)
         deadline = time.monotonic() + self.start_timeout
@@ -79,3 +86,71 @@ class RedisServer(ChildProcess):
             return False
 
 
+
+
+class RedisCluster:
+    """A real Redis Cluster of `masters` masters (no replicas) on free loopback ports: one
+    `redis-server --cluster-enabled yes` per node in `workdir`/nodeN, joined with
+    `redis-cli --cluster create`; start() returns once every node reports
+    cluster_state:ok. `url` is the ``redis+cluster://`` URL naming every node."""
+
+    def __init__(self, workdir: Path, masters: int = 3, *, start_timeout: float = 20.0) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.start_timeout = start_timeout
+        ports = free_ports(2 * masters)  # client ports, then the cluster bus ports
+        self.nodes = [
+            RedisServer(self.workdir / f"node{i}", ports[i], extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(ports[masters + i]), "--cluster-node-timeout", "5000"))
+            for i in range(masters)]
+
+    def __repr__(self) -> str:
+        return f"RedisCluster(ports={self.ports})"
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{LOCALHOST}:{p}" for p in self.ports)
+
+    def start(self) -> Self:
+        exe = shutil.which("redis-cli")
+        if exe is None:
+            raise FileNotFoundError("redis-cli not found (apt-get install redis-tools)")
+        try:
+            for n in self.nodes:
+                n.start()
+            subprocess.run(
+                [exe, "--cluster", "create", *(f"{LOCALHOST}:{p}" for p in self.ports),
+                 "--cluster-yes"], check=True, capture_output=True, timeout=self.start_timeout)
+            deadline = time.monotonic() + self.start_timeout
+            while not all(self._state_ok(n.port) for n in self.nodes):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self!r} did not reach cluster_state:ok")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def _state_ok(port: int) -> bool:
+        try:
+            with socket.create_connection((LOCALHOST, port), timeout=1.0) as s:
+                s.sendall(b"*2\r\n$7\r\nCLUSTER\r\n$4\r\nINFO\r\n")
+                return b"cluster_state:ok" in s.recv(4096)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

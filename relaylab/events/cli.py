@@ -25,6 +25,7 @@ from relaylab.events.query import (
     stats_rows,
 )
 from relaylab.policy.model import Policy
+from relaylab.redisclient import sync_client
 
 __all__ = ["register"]
 
@@ -117,7 +118,7 @@ def _iso(t: float) -> str:
 
 
 def _client(policy: Policy) -> redis.Redis:
-    return redis.Redis.from_url(policy.redis_url, socket_connect_timeout=5, socket_timeout=60)
+    return sync_client(policy.redis_url, socket_connect_timeout=5, socket_timeout=60)
 
 
 def _events(args: argparse.Namespace) -> int:

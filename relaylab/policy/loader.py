@@ -49,6 +49,7 @@ from relaylab.policy.model import (
     Webhook,
     WebhookAuth,
 )
+from relaylab.resp import ClusterAddress, is_cluster_url
 
 DEFAULT_PATH = Path("conf/relaylab.yaml")
 INSTALLED_PATH = Path("/etc/relaylab/relaylab.yaml")  # scripts/install.sh puts it there
@@ -260,9 +261,17 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         r = w.mapping(top["redis"][1], "redis", {"url"})
         if "url" in r:
             url = w.string(r["url"][1], "redis.url")
-            if url is not None and not re.match(r"^(redis|rediss|unix)://", url):
+            if url is not None and is_cluster_url(url):
+                try:
+                    ClusterAddress.parse(url)
+                except ValueError as e:
+                    w.fail(r["url"][1], "redis.url", str(e))
+                else:
+                    redis_url = url
+            elif url is not None and not re.match(r"^(redis|rediss|unix)://", url):
                 w.fail(r["url"][1], "redis.url",
-                       f"must start with redis://, rediss:// or unix://; got {url!r}")
+                       "must start with redis://, rediss://, unix:// or redis+cluster:// "
+                       f"(rediss+cluster://); got {url!r}")
             elif url is not None:
                 redis_url = url
 

@@ -24,6 +24,7 @@ import redis
 from relaylab.cliargs import closed_pipe_exit, config_arg, config_path
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.policy.model import Policy
+from relaylab.redisclient import sync_client
 from relaylab.suppression.csvio import (
     CsvFormatError,
     ParseError,
@@ -160,7 +161,7 @@ def _command(fn: Callable[[argparse.Namespace, _Ctx], int]) -> Callable[[argpars
             policy = _load_policy(args)
             url = policy.redis_url
             scope = _scope(args, policy)
-            client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=60)
+            client = sync_client(url, socket_connect_timeout=5, socket_timeout=60)
             try:
                 return fn(args, _Ctx(policy, scope, SyncSuppressionStore(client, local_part=LOCAL_PART)))
             finally:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import redis
+import redis.cluster
+
 from relaylab.resp import RespClient, ScriptPrefix
 
 
@@ -20,3 +23,10 @@ def evalsha(client: RespClient, prefix: ScriptPrefix, args: list[str]) -> asynci
 
     client.evalsha(prefix, args, on_reply)
     return fut
+
+
+def all_keys(r: redis.Redis, pattern: str = "*") -> list[Any]:
+    """KEYS `pattern` on every master: a cluster client asks one node unless told."""
+    if isinstance(r, redis.cluster.RedisCluster):
+        return list(r.keys(pattern, target_nodes=redis.cluster.RedisCluster.PRIMARIES))
+    return list(r.keys(pattern))

@@ -79,7 +79,10 @@ async def read_overview(redis: Any, subaccounts: Sequence[str], since: float, un
         for t in times:
             pipe.hgetall(key_of(sub, t))
         for kind in ("open", "click"):
-            pipe.pfcount(*(unique_key(sub, kind, d * 86_400, hourly=False) for d in days))
+            # execute_command: redis-py's cluster pipeline refuses .pfcount; these keys
+            # are all in the subaccount's slot (one hash tag), so one PFCOUNT is legal.
+            pipe.execute_command(
+                "PFCOUNT", *(unique_key(sub, kind, d * 86_400, hourly=False) for d in days))
     replies = iter(await pipe.execute())
     per_bucket: list[dict[str, int]] = [{} for _ in times]
     uniq = {"open": 0, "click": 0}

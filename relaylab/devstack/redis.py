@@ -76,6 +76,10 @@ class RedisServer(ChildProcess):
                 raise TimeoutError(f"redis on port {self.port} did not answer PING:\n{self.log_tail()}")
             time.sleep(0.05)
 
+    def flushall(self) -> None:
+        """Empty every database (tests start from nothing)."""
+        _send(self.port, b"*1\r\n$8\r\nFLUSHALL\r\n")
+
     def ping(self) -> bool:
         """Send a RESP PING; True on +PONG."""
         try:
@@ -135,6 +139,11 @@ class RedisCluster:
             raise
         return self
 
+    def flushall(self) -> None:
+        """Empty every node (tests start from nothing)."""
+        for n in self.nodes:
+            n.flushall()
+
     @staticmethod
     def _state_ok(port: int) -> bool:
         try:
@@ -154,3 +163,12 @@ class RedisCluster:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _send(port: int, command: bytes) -> None:
+    """Send one command and check that its reply is +OK."""
+    with socket.create_connection((LOCALHOST, port), timeout=10.0) as s:
+        s.sendall(command)
+        reply = s.recv(256)
+    if not reply.startswith(b"+OK"):
+        raise RuntimeError(f"redis on port {port} answered {reply!r}")

@@ -16,8 +16,11 @@ import redis
 from relaylab.cli import main as relaylab
 from relaylab.devstack.redis import RedisServer
 from relaylab.events.query import Filter, iter_events, not_opened, parse_when, stats_rows
+from relaylab.resp import resp_client
 from tracker.events import RECORD
 from tracker.events import Event as TrackerEvent
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 T0 = calendar.timegm((2026, 12, 4, 10, 0, 0))
 
@@ -68,14 +71,13 @@ def test_stats_count_per_hour_and_day_with_unique_opens(r: redis.Redis, redis_se
                                                         ) -> None:
     import asyncio
 
-    from relaylab.resp import RespClient
 
     opens = [TrackerEvent("open", "shop", "m1", rcpt, "", "192.0.2.1", "ua", "")
              for rcpt in ("a@x.net", "a@x.net", "b@x.net")]
     machine = TrackerEvent("open", "shop", "m1", "c@x.net", "", "192.0.2.2", "scanner", "proxy")
 
     async def write() -> None:
-        c = RespClient(redis_server.url)
+        c = resp_client(redis_server.url)
         deadline_ms = int((time.time() + 60) * 1000)  # the tracker's RECORD call, as it sends it
         for e in [*opens, machine]:
             await c.execute("EVAL", RECORD.body, *e.script_args(7, T0 + 10, deadline_ms))

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -15,7 +16,10 @@ from relaylab.devstack.redis import RedisServer
 from relaylab.limits import keys, leases, lua
 from relaylab.limits.refund import confirm_command, receipt_command, refund
 from relaylab.limits.sessions import release_session
+from relaylab.redisclient import async_client
 from relaylab.resp import ReplyParser
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 T = TypeVar("T")
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
@@ -24,7 +28,7 @@ SUB = "shop"
 
 def run(redis_server: RedisServer, work: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     async def go() -> T:
-        client = aioredis.Redis.from_url(redis_server.url)
+        client = async_client(redis_server.url, 10.0)
         try:
             return await work(client)
         finally:
@@ -34,7 +38,9 @@ def run(redis_server: RedisServer, work: Callable[[aioredis.Redis], Awaitable[T]
 
 def send(r: redis.Redis, *commands: bytes) -> list[object]:
     """Encoded commands (as the services send them), through redis-py."""
-    return [r.execute_command(*args) for c in commands for args in ReplyParser().feed(c)]
+    # the command name as text: redis-py's cluster client looks it up by name
+    return [r.execute_command(args[0].decode(), *args[1:]) for c in commands
+            for args in ReplyParser().feed(c)]
 
 
 def admit(r: redis.Redis, sid: str, *, need: int = 1, add: int = 0,

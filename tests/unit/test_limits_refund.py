@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
-import redis.asyncio as aioredis
 
 from relaylab.devstack.redis import RedisServer
 from relaylab.limits import keys, lua
 from relaylab.limits.refund import Receipt, receipt_command, refund
+from relaylab.redisclient import async_client
 from relaylab.resp import ReplyParser
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 
@@ -23,13 +26,13 @@ def count(r: redis.Redis, now: float, n: int, queue_id: str | None) -> lua.Admit
     result = lua.AdmitResult.from_reply(reply)  # type: ignore[arg-type]
     if queue_id:
         (args,) = ReplyParser().feed(receipt_command("shop", queue_id, now, result.minute, n))
-        r.execute_command(*args)
+        r.execute_command(args[0].decode(), *args[1:])  # by name (the cluster client routes)
     return result
 
 
 def give_back(redis_server: RedisServer, queue_id: str) -> int:
     async def run() -> int:
-        client = aioredis.Redis.from_url(redis_server.url)
+        client = async_client(redis_server.url, 10.0)
         try:
             return await refund(client, "shop", queue_id)
         finally:

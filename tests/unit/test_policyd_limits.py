@@ -16,6 +16,8 @@ from relaylab.policy.loader import load_policy
 from relaylab.policy.model import Subaccount
 from relaylab.resp import OnReply, RespClient, encode_args
 
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
+
 NOW = calendar.timegm((2026, 11, 27, 10, 59, 59, 0, 0, 0)) + 0.5
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 import asyncio
 import calendar
 
+import pytest
 import redis
 from resputil import evalsha
 
 from relaylab.devstack.redis import RedisServer
 from relaylab.limits import keys, lua, window
 from relaylab.limits.sessions import release_session
-from relaylab.resp import RespClient
+from relaylab.redisclient import async_client
+from relaylab.resp import resp_client
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 T0 = calendar.timegm((2026, 11, 27, 10, 0, 0, 0, 0, 0))
 
@@ -125,7 +129,7 @@ def test_monthly_quota(r: redis.Redis) -> None:
 
 def release(url: str, sub: str, sid: str) -> bool:
     async def go() -> bool:
-        client = redis.asyncio.Redis.from_url(url)
+        client = async_client(url, 10.0)
         try:
             return await release_session(client, sub, sid)
         finally:
@@ -169,7 +173,7 @@ def test_release_of_an_unknown_session_is_harmless(r: redis.Redis, redis_server:
 def test_concurrent_admissions_never_exceed_the_limit(redis_server: RedisServer, r: redis.Redis) -> None:
     """Two clients (as two policyd processes), 400 concurrent requests, limit 150."""
     async def go() -> list[int]:
-        clients = [RespClient(redis_server.url, scripts=(lua.ADMIT,)) for _ in range(2)]
+        clients = [resp_client(redis_server.url, scripts=(lua.ADMIT,)) for _ in range(2)]
         try:
             futures = []
             for i in range(400):

@@ -6,18 +6,20 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from policyd.__main__ import main
 from relaylab.devstack.redis import RedisServer
 from relaylab.limits import lua
 from relaylab.limits.report import read_usage
 from relaylab.policy.loader import load_policy
+from relaylab.redisclient import sync_client
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 
 @pytest.fixture
 def config(tmp_path: Path, redis_server: RedisServer) -> Path:
-    redis.Redis.from_url(redis_server.url).flushall()
+    sync_client(redis_server.url, socket_timeout=10, socket_connect_timeout=10).flushall()
     p = tmp_path / "relaylab.yaml"
     p.write_text(f"""\
 redis: {{url: "{redis_server.url}"}}
@@ -38,7 +40,7 @@ subaccounts:
 
 
 def fill(url: str, now: float) -> None:
-    r = redis.Redis.from_url(url)
+    r = sync_client(url, socket_timeout=10, socket_connect_timeout=10)
     for i, (need, sid) in enumerate([(2, "a"), (3, "b")]):
         call = lua.AdmitCall("shop", now - 60 + i, 5, 24_000, need, need, sid,
                              lua.SESSION_ENFORCE, 3, 600)
@@ -51,7 +53,8 @@ def test_read_usage(config: Path, redis_server: RedisServer) -> None:
     policy = load_policy(config)
     shop = policy.subaccount("shop")
     assert shop is not None
-    u = read_usage(redis.Redis.from_url(redis_server.url, decode_responses=True), shop, now)
+    u = read_usage(sync_client(redis_server.url, socket_timeout=10, socket_connect_timeout=10,
+                               decode_responses=True), shop, now)
     assert (u.hour_window, u.this_month, u.sessions) == (5, 5, 2)
     assert (u.hourly_free, u.monthly_free, u.session_slots_free) == (0, 23_995, 1)
     assert u.frees_at is not None and 3500 < u.frees_at - now <= 3660

@@ -1,19 +1,35 @@
 """A blocking, pipelining Redis connection for logd's batches: encoded commands out in
 one write, replies parsed with relaylab/resp.py's parser. logd does one thing at a time,
 so it needs no event loop; redis-py's per-command packing and parsing (~15-20 us) would be
-most of logd's cost."""
+most of logd's cost.
+
+SyncClusterResp (made by `sync_resp` for a redis+cluster:// URL) does the same over a
+Redis Cluster: one SyncResp per node, commands sent to their slot's node (the writes to
+every node leave before any reply is awaited, so a batch over several slots is still one
+round trip), MOVED/ASK followed, the slot map read again after MOVED or a failure."""
 
 from __future__ import annotations
 
+import collections
 import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
 
 from relaylab.limits.lua import Script
-from relaylab.resp import RedisAddress, RedisReplyError, RedisUnavailable, ReplyParser, encode_command
+from relaylab.resp import (
+    SLOTS,
+    ClusterAddress,
+    RedisAddress,
+    RedisReplyError,
+    RedisUnavailable,
+    ReplyParser,
+    command_slot,
+    encode_command,
+    is_cluster_url,
+)
 
-__all__ = ["SyncResp"]
+__all__ = ["SyncClusterResp", "SyncResp", "sync_resp"]
 
 
 class SyncResp:
@@ -121,9 +137,12 @@ class SyncResp:
                         ) -> list[Any]:
         replies = self.receive(count)
         if any(isinstance(r, RedisReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
-            self.execute("SCRIPT", "LOAD", script.body)
+            self.load_script(script)
             replies = self.execute_all(_evalsha(script, calls))
         return replies
+
+    def load_script(self, script: Script) -> None:
+        self.execute("SCRIPT", "LOAD", script.body)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -136,3 +155,133 @@ class SyncResp:
 def _evalsha(script: Script, calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]
              ) -> list[bytes]:
     return [encode_command(["EVALSHA", script.sha, str(len(k)), *k, *a]) for k, a in calls]
+
+
+class SyncClusterResp(SyncResp):
+    """SyncResp's interface over a Redis Cluster (see the module docstring)."""
+
+    MAX_REDIRECTS = 5
+
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:  # no super(): no socket
+        self.cluster = ClusterAddress.parse(url)
+        self.timeout = timeout
+        self._nodes: dict[tuple[str, int], SyncResp] = {}
+        self._slots: list[SyncResp | None] = [None] * SLOTS
+        self._mapped = False
+        # (node, command) of every command sent and not yet received, in order
+        self._sent: collections.deque[tuple[SyncResp, bytes]] = collections.deque()
+
+    @property
+    def address(self) -> ClusterAddress:  # type: ignore[override]
+        return self.cluster
+
+    def node(self, host: str, port: int) -> SyncResp:
+        n = self._nodes.get((host, port))
+        if n is None:
+            n = self._nodes[(host, port)] = SyncResp(self.cluster.node_url(host, port),
+                                                     timeout=self.timeout)
+        return n
+
+    def _read_slots(self) -> None:
+        errors = []
+        for host, port in dict.fromkeys([*self._nodes, *self.cluster.nodes]):
+            n = self.node(host, port)
+            try:
+                reply = n.execute("CLUSTER", "SLOTS")
+            except (RedisUnavailable, RedisReplyError) as e:
+                n.close()
+                errors.append(f"{host}:{port}: {e}")
+                continue
+            slots: list[SyncResp | None] = [None] * SLOTS
+            for start, end, master, *_ in reply:
+                h = master[0].decode() if master[0] else host
+                slots[start:end + 1] = [self.node(h, int(master[1]))] * (end + 1 - start)
+            self._slots = slots
+            self._mapped = True
+            return
+        raise RedisUnavailable(f"Redis at {self.cluster}: no node answered CLUSTER SLOTS: "
+                               + "; ".join(errors))
+
+    def _owner(self, command: bytes) -> SyncResp:
+        if not self._mapped:
+            self._read_slots()
+        slot = command_slot(command)
+        owner = self._slots[slot if slot is not None else 0]
+        if owner is None:
+            raise RedisUnavailable(f"Redis at {self.cluster}: slot {slot} is not served")
+        return owner
+
+    def execute_all(self, commands: Sequence[bytes]) -> list[Any]:
+        if not commands:
+            return []
+        self.send(commands)
+        return self.receive(len(commands))
+
+    def send(self, commands: Sequence[bytes]) -> None:
+        batches: dict[SyncResp, list[bytes]] = {}
+        for c in commands:
+            batches.setdefault(self._owner(c), []).append(c)
+        try:
+            for n, batch in batches.items():
+                n.send(batch)
+        except RedisUnavailable:
+            self.close()  # what was sent elsewhere can no longer be matched
+            raise
+        self._sent.extend((self._owner(c), c) for c in commands)
+
+    def receive(self, count: int) -> list[Any]:
+        if len(self._sent) < count:
+            raise RedisUnavailable(f"Redis at {self.cluster}: connection lost")
+        items = [self._sent.popleft() for _ in range(count)]
+        per_node = collections.Counter(n for n, _ in items)
+        try:
+            got = {n: iter(n.receive(k)) for n, k in per_node.items()}
+        except RedisUnavailable:
+            self.close()
+            raise
+        out = [next(got[n]) for n, _ in items]
+        for i, (_, command) in enumerate(items):
+            out[i] = self._follow(command, out[i])
+        return out
+
+    def _follow(self, command: bytes, reply: Any) -> Any:
+        for _ in range(self.MAX_REDIRECTS):
+            if not isinstance(reply, RedisReplyError):
+                return reply
+            msg = str(reply)
+            moved = msg.startswith("MOVED ")
+            if not moved and not msg.startswith("ASK "):
+                return reply
+            _, _, addr = msg.split(" ", 2)
+            host, _, port = addr.rpartition(":")
+            target = self.node(host or self.cluster.nodes[0][0], int(port))
+            if any(n is target for n, _ in self._sent):
+                # replies to later commands come first on that connection: start afresh
+                self.close()
+                raise RedisUnavailable(f"Redis at {self.cluster}: redirected ({msg}) while "
+                                       "commands were in flight; retrying")
+            if moved:
+                self._mapped = False  # read the map again before the next command
+                reply = target.execute_all([command])[0]
+            else:
+                reply = target.execute_all([encode_command(["ASKING"]), command])[1]
+        return reply
+
+    def load_script(self, script: Script) -> None:
+        if not self._mapped:
+            self._read_slots()
+        for n in {n for n in self._slots if n is not None}:
+            n.execute("SCRIPT", "LOAD", script.body)
+
+    def close(self) -> None:
+        for n in self._nodes.values():
+            n.close()
+        self._sent.clear()
+        self._mapped = False
+
+
+def sync_resp(url: str, *, timeout: float = 10.0) -> SyncResp:
+    """logd's connection for `url`: SyncClusterResp for a redis+cluster:// URL."""
+    if is_cluster_url(url):
+        return SyncClusterResp(url, timeout=timeout)
+    return SyncResp(url, timeout=timeout)

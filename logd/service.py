@@ -24,7 +24,7 @@ import attrs
 
 from logd.events import Event, Tracker
 from logd.follow import Checkpoint, LogFollower, position
-from logd.redisconn import SyncResp
+from logd.redisconn import sync_resp
 from relaylab.events.apply import APPLY, Applied, Calls, SubaccountPlan, applied, apply_calls
 from relaylab.events.note import Note
 from relaylab.events.postfix_log import Removed, TimeParser, scan
@@ -71,7 +71,7 @@ class Logd:
                  *, start_at: str = "end", chunk: int = 4 << 20, rotate_grace: float = 1.0
                  ) -> None:
         self.holder = holder
-        self.conn = SyncResp(redis_url)
+        self.conn = sync_resp(redis_url)
         self.follower = LogFollower(log_file, chunk=chunk, rotate_grace=rotate_grace)
         self.name = name
         self.start_at = start_at

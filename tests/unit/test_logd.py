@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 import redis
+from resputil import all_keys
 
 from logd.service import Logd
 from relaylab.devstack.redis import RedisServer
 from relaylab.events.note import encode_note
 from relaylab.policy.loader import load_policy
 from relaylab.policy.reloader import PolicyHolder
+from relaylab.redisclient import sync_client
 from relaylab.suppression.model import Entry, Kind, ListKind, Reason, Source
 from relaylab.suppression.store import SyncSuppressionStore
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 SUB = "shop"
 
@@ -96,7 +100,7 @@ def test_each_delivery_line_is_one_event_of_the_noted_subaccount(env: tuple[str,
     assert [e["type"] for e in events(r, "other")] == ["ok"]
     assert (d.stats.events, d.stats.uncorrelated, d.stats.bad, d.stats.lines) == (4, 1, 1, 7)
     day = r.hgetall("rl:{sub:shop}:daily:" + next(
-        k.rsplit(":", 1)[1] for k in r.keys("rl:{sub:shop}:daily:*")))
+        k.rsplit(":", 1)[1] for k in all_keys(r, "rl:{sub:shop}:daily:*")))
     assert day == {"ok": "1", "deferred": "1", "hardbounce": "1"}
 
 
@@ -159,7 +163,7 @@ def test_crash_after_the_events_before_the_checkpoint_repeats_nothing(
 def test_hard_bounce_blacklists_once_whitelist_still_wins(env: tuple[str, Path],
                                                           r: redis.Redis) -> None:
     url, path = env
-    store = SyncSuppressionStore(redis.Redis.from_url(url))
+    store = SyncSuppressionStore(sync_client(url, socket_timeout=10, socket_connect_timeout=10))
     store.redis.hset("rl:{sub:shop}:wl", "a:vip@example.org", Entry(
         "vip@example.org", Kind.ADDRESS, Reason.OTHER, Source.CLI, 1, "key customer").to_bytes())
     note(r, "AAAAA5", ["Gone@Example.net", "vip@example.org", "spam@gmail.com"])

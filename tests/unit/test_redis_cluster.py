@@ -12,6 +12,7 @@ import pytest
 import redis
 import redis.cluster
 
+from logd.redisconn import SyncClusterResp, sync_resp
 from relaylab.devstack.redis import RedisCluster
 from relaylab.limits.lua import Script
 from relaylab.policy.loader import ConfigError, load_policy
@@ -234,3 +235,20 @@ def test_resp_client_is_plain_for_a_plain_url() -> None:
     assert type(resp_client("redis://127.0.0.1:1/0")) is RespClient
 
 
+
+
+def test_logd_connection_sends_a_batch_to_every_slots_node_and_follows_moved(
+        cluster: RedisCluster) -> None:
+    keys = _keys_on_distinct_nodes(cluster)
+    conn = sync_resp(cluster.url)
+    assert isinstance(conn, SyncClusterResp)
+    try:
+        assert conn.execute_all([encode_command(["SET", k, k]) for k in keys]) == ["OK"] * 3
+        # a stale map: every slot at one node; the others answer MOVED, which is followed
+        conn._slots = [conn.node("127.0.0.1", cluster.ports[0])] * len(conn._slots)
+        assert conn.execute_all([encode_command(["GET", k]) for k in keys]) == \
+            [k.encode() for k in keys]
+        assert conn.execute("GET", keys[1]) == keys[1].encode()  # the map was read again
+        assert not conn._sent
+    finally:
+        conn.close()

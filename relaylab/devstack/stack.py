@@ -23,7 +23,7 @@ from relaylab.policy.model import DkimAlgorithm
 from .milter import MilterProcess, PolicydProcess, TrackerProcess
 from .ports import free_port
 from .postfix import PostfixInstance
-from .redis import RedisServer
+from .redis import RedisCluster, RedisServer
 from .sink import SinkProcess
 
 
@@ -61,13 +61,16 @@ class RelayStack:
         extra_sasl_users: dict[str, str] | None = None,
         postfix_main: dict[str, str] | None = None,
         with_noauth_port: bool = True,
+        redis_cluster: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.accounts = tuple(accounts)
         self.milter_settings = dict(milter_settings or {})
         self.keys_dir = self.workdir / "keys"
         self.config = self.workdir / "relaylab.yaml"
-        self.redis = RedisServer(self.workdir / "redis")
+        # redis_cluster: a 3-master Redis Cluster (redis+cluster:// URL) instead of one server
+        self.redis: RedisServer | RedisCluster = (
+            RedisCluster(self.workdir / "redis") if redis_cluster else RedisServer(self.workdir / "redis"))
         self.sink = SinkProcess(self.workdir / "sink")
         self.milter = MilterProcess(self.config, self.workdir / "milter.log")
         self.policyd = PolicydProcess(self.config, self.workdir / "policyd.log")

@@ -51,6 +51,17 @@ async def read_usage_async(redis: Any, sub: Subaccount, now: float | None = None
     return _usage_report(sub, now, await pipe.execute())
 
 
+async def read_usages_async(redis: Any, subs: list[Subaccount], now: float | None = None
+                            ) -> list[UsageReport]:
+    """read_usage_async for many subaccounts in one pipeline (the dashboard's overview)."""
+    now = time.time() if now is None else now
+    pipe = redis.pipeline(transaction=False)
+    for sub in subs:
+        _queue_usage(pipe, sub, now)
+    replies = await pipe.execute()
+    return [_usage_report(sub, now, replies[5 * i:5 * i + 5]) for i, sub in enumerate(subs)]
+
+
 def _queue_usage(pipe: Any, sub: Subaccount, now: float) -> None:
     u = keys.UsageKeys.at(sub.name, now)
     pipe.hgetall(keys.window_key(sub.name))

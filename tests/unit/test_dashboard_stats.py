@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from api.ui.session import sign, unsign
-from api.ui.stats import buckets, tiles
+from api.ui.stats import buckets, merge, tiles
 from api.ui.views import json_for_script
 
 
@@ -37,3 +37,12 @@ def test_a_session_cookie_is_accepted_only_with_its_own_signature() -> None:
 def test_chart_json_cannot_close_its_script_element() -> None:
     text = json_for_script({"label": "</script><b>&"})
     assert "</script>" not in text and "<" not in text and "&" not in text
+
+
+def test_the_subaccounts_overview_replies_are_summed_per_field_and_bucket() -> None:
+    fields = ",".join(["1,2", "0,1", "0,0", "1,0", "0,0", "0,0", "0,0", "3,0", "0,1"])
+    other = ",".join(["5,0", "4,0", "0,0", "0,0", "0,1", "0,0", "0,0", "0,0", "0,0"])
+    sums, opens, clicks = merge(2, [(fields.encode(), 2, 1), (other, 0, 0)])
+    assert sums["injected"] == [6, 2] and sums["ok"] == [4, 1]
+    assert sums["hardbounce"] == [1, 0] and sums["softbounce"] == [0, 1]
+    assert sums["open"] == [3, 0] and (opens, clicks) == (2, 1)

@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
+from relaylab.events.apply import Encoded
 from relaylab.limits.lua import Script
 from relaylab.resp import (
     SLOTS,
@@ -25,9 +26,12 @@ from relaylab.resp import (
     RedisUnavailable,
     ReplyParser,
     command_slot,
+    encode_args,
     encode_command,
     is_cluster_url,
 )
+
+Arg = str | bytes | Encoded  # Encoded: sent as they are, after the others
 
 __all__ = ["SyncClusterResp", "SyncResp", "sync_resp"]
 
@@ -121,19 +125,19 @@ class SyncResp:
             raise reply
         return reply
 
-    def evalsha_all(self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]
+    def evalsha_all(self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
                     ) -> list[Any]:
         """One script over several (keys, args), pipelined; loads it once if Redis does
         not know it (after a restart)."""
         return self.evalsha_receive(script, calls, self.evalsha_send(script, calls))
 
     def evalsha_send(self, script: Script,
-                     calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]) -> int:
+                     calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> int:
         self.send(_evalsha(script, calls))
         return len(calls)
 
     def evalsha_receive(self, script: Script,
-                        calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]], count: int
+                        calls: Sequence[tuple[Sequence[str], Sequence[Arg]]], count: int
                         ) -> list[Any]:
         replies = self.receive(count)
         if any(isinstance(r, RedisReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
@@ -152,9 +156,19 @@ class SyncResp:
                 self._sock = None
 
 
-def _evalsha(script: Script, calls: Sequence[tuple[Sequence[str], Sequence[str | bytes]]]
-             ) -> list[bytes]:
-    return [encode_command(["EVALSHA", script.sha, str(len(k)), *k, *a]) for k, a in calls]
+def _evalsha(script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> list[bytes]:
+    out = []
+    for keys, args in calls:
+        plain = [a for a in args if isinstance(a, str | bytes)]
+        if len(plain) == len(args):
+            out.append(encode_command(["EVALSHA", script.sha, str(len(keys)), *keys, *plain]))
+            continue
+        # Arguments encoded beforehand (logd's events) go out as they are, after the others.
+        encoded = [a for a in args if isinstance(a, Encoded)]
+        out.append(b"*%d\r\n" % (3 + len(keys) + len(plain) + sum(e.count for e in encoded))
+                   + encode_args(["EVALSHA", script.sha, str(len(keys)), *keys, *plain])
+                   + b"".join(e.data for e in encoded))
+    return out
 
 
 class SyncClusterResp(SyncResp):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -22,12 +21,11 @@ from typing import TypeVar
 
 import attrs
 
-from logd.events import Event, Tracker
+from logd.events import Builder, NoteInfo
 from logd.follow import Checkpoint, LogFollower, position
 from logd.redisconn import sync_resp
-from relaylab.events.apply import APPLY, Applied, Calls, SubaccountPlan, applied, apply_calls
-from relaylab.events.note import Note
-from relaylab.events.postfix_log import Removed, TimeParser, scan
+from relaylab.events.apply import APPLY, Applied, Calls, SubaccountPlan, applied
+from relaylab.limits.lua import Script
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder, file_stamp, trigger_path
@@ -35,6 +33,13 @@ from relaylab.resp import RedisReplyError, RedisUnavailable, encode_command
 from relaylab.suppression.keys import checkpoint_key, queue_key
 
 NOTE_PREFIX = queue_key("XXXXX")[:-5]  # rl:{q}:
+# The notes of KEYS, one per line ("" for none): notes have no newlines (note.py), and one
+# string is much cheaper to read than an array of as many.
+NOTES = Script("logd_notes", """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('GET', KEYS[i]) or '' end
+return table.concat(out, '\\n')
+""")
 
 __all__ = ["Logd", "Stats"]
 
@@ -51,7 +56,7 @@ STATS_EVERY = 60.0  # seconds between two event=progress lines
 class _Inflight:
     calls: Calls
     checkpoint: Checkpoint  # where the log is read to once these are written
-    removed: list[str]  # queue ids Postfix removed in the batch
+    removed: list[bytes]  # queue ids Postfix removed in the batch
 
 
 @attrs.define
@@ -75,9 +80,8 @@ class Logd:
         self.follower = LogFollower(log_file, chunk=chunk, rotate_grace=rotate_grace)
         self.name = name
         self.start_at = start_at
-        self.when = TimeParser()
-        self.tracker = Tracker()
-        self.notes: OrderedDict[str, Note | None] = OrderedDict()
+        self.builder = Builder(name)
+        self.notes: dict[bytes, NoteInfo | None] = {}  # oldest first
         self.stats = Stats()
         self._stop = False
         self._reload = False
@@ -142,33 +146,26 @@ class Logd:
             self._finish()
             return False
         data, generation, offset = got
-        found = scan(data, self.when)
-        self.stats.lines += found.lines
-        self.stats.bad += found.bad
-        self.stats.records += len(found.records)
-        for sample in found.bad_samples[:1]:
-            log_event(log, "bad_line", logging.DEBUG, line=sample.decode("utf-8", "replace"))
+        found = self.builder.find(data)
         self._finish()
-        self._fetch_notes({r.queue_id for _, r in found.records if not isinstance(r, Removed)})
-        events: list[Event] = []
-        removed: list[str] = []
-        before = self.tracker.uncorrelated
-        notes, tracker = self.notes, self.tracker
-        for end, rec in found.records:
-            if isinstance(rec, Removed):
-                removed.append(rec.queue_id)
-                continue
-            events += tracker.events(rec, position(generation, offset + end), notes.get(rec.queue_id))
-        self.stats.uncorrelated += self.tracker.uncorrelated - before
+        self._fetch_notes(found.queue_ids)
+        notes = self.notes
+        batch = self.builder.build(found, position(generation, offset), notes.get)
+        self.stats.lines += batch.lines
+        self.stats.bad += batch.bad
+        self.stats.records += batch.records
+        self.stats.uncorrelated += batch.uncorrelated
+        for sample in batch.bad_samples[:1]:
+            log_event(log, "bad_line", logging.DEBUG, line=sample.decode("utf-8", "replace"))
         self.follower.advance(len(data))
         calls: Calls = []
-        if events:
+        if batch.subs:
             policy = self._policy()
-            plans = {sub: SubaccountPlan.of(policy, sub) for sub in {e.subaccount for e in events}}
-            calls = apply_calls(events, plans, time.time(), positions=self.name)
+            calls = batch.calls({sub: SubaccountPlan.of(policy, sub) for sub in batch.subs},
+                                time.time())
             scripts = [c for _, c in calls]
             self._redis(lambda: self.conn.evalsha_send(APPLY, scripts))
-        self._inflight = _Inflight(calls, self.follower.checkpoint, removed)
+        self._inflight = _Inflight(calls, self.follower.checkpoint, batch.removed)
         self.stats.batches += 1
         return True
 
@@ -201,31 +198,42 @@ class Logd:
     def _policy(self) -> Policy | None:
         return self.holder.policy if self.holder is not None else None
 
-    def _fetch_notes(self, queue_ids: set[str]) -> None:
-        """The notes of queue ids not seen yet: one MGET (every note has the hash tag {q})."""
+    def _fetch_notes(self, queue_ids: set[bytes]) -> None:
+        """The notes of queue ids not seen yet: one script (every note has the hash tag
+        {q}) answering them all in one string, one per line."""
         notes = self.notes
         missing = [q for q in queue_ids if q not in notes]
         if not missing:
             return
-        # The parser only returns queue ids queue_key() accepts: the key is built here.
-        keys = [NOTE_PREFIX + q for q in missing]
-        replies = self._redis(lambda: self.conn.execute("MGET", *keys))
-        decode = Note.decode
-        for q, raw in zip(missing, replies, strict=True):
-            notes[q] = decode(raw)
-        while len(self.notes) > NOTE_CACHE:
-            self.notes.popitem(last=False)
+        # The parser only returns queue ids queue_key() accepts: the keys are built here.
+        keys = [NOTE_PREFIX + q.decode() for q in missing]
+        raws = self._redis(lambda: self._notes(keys))
+        decode = NoteInfo.decode
+        for q, raw in zip(missing, raws, strict=True):
+            notes[q] = decode(raw) if raw else None
+        if len(notes) > NOTE_CACHE:
+            for q in list(notes)[:len(notes) - NOTE_CACHE]:
+                del notes[q]
 
-    def _save(self, cp: Checkpoint, removed: list[str]) -> None:
+    def _notes(self, keys: list[str]) -> list[bytes]:
+        reply = self.conn.evalsha_all(NOTES, [(keys, [])])[0]
+        if isinstance(reply, RedisReplyError):
+            raise reply
+        raws: list[bytes] = reply.split(b"\n")
+        if len(raws) != len(keys):  # a note with a newline after all: the array, then
+            raws = [raw or b"" for raw in self.conn.execute("MGET", *keys)]
+        return raws
+
+    def _save(self, cp: Checkpoint, removed: list[bytes]) -> None:
         cmds = [encode_command(["HSET", checkpoint_key(self.name),
                                 *(x for kv in cp.to_fields().items() for x in kv)])]
         # A removed message's note is of no more use once the checkpoint is past its
         # removal: a restart never re-reads its lines.
         gone = []
-        pop, forget = self.notes.pop, self.tracker.forget
+        pop, forget, prefix = self.notes.pop, self.builder.forget, NOTE_PREFIX.encode()
         for q in removed:
             if pop(q, "unknown") is not None:  # unless we know it has none
-                gone.append(NOTE_PREFIX + q)
+                gone.append(prefix + q)
             forget(q)
         if gone:
             cmds.append(encode_command(["UNLINK", *gone]))

@@ -21,7 +21,6 @@ unsubscribe stays an unsubscribe), and the whitelist still wins at RCPT time.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -41,28 +40,31 @@ from relaylab.suppression.keys import (
 )
 from relaylab.suppression.model import ListKind
 
-__all__ = ["APPLY", "Applied", "Calls", "Event", "SubaccountPlan", "applied", "apply_calls"]
+__all__ = ["APPLY", "Applied", "Calls", "Encoded", "Event", "SubaccountPlan", "applied",
+           "apply_calls", "event_args"]
 
 APPLY = Script("logd_apply", """
--- ARGV[6] = '1': events without log positions (relaylab bounces): write them all.
-local nopos = ARGV[6] == '1'
+-- ARGV[5] = '1': events without log positions (relaylab bounces): write them all.
+local nopos = ARGV[5] == '1'
 local last = -1
 if not nopos then last = tonumber(redis.call('GET', KEYS[2]) or '-1') end
 local bbb, soft_n, soft_s = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local events = cjson.decode(ARGV[5])
 local written, skipped, top = 0, 0, last
 local blocked, counts = {}, {}
--- e: {position, type, time, daily key index, hourly key index, address, entry, fields...}
-for i = 1, #events do
-  local e = events[i]
-  local p, t, at, a = e[1], e[2], e[3], e[6]
+-- ARGV[6...]: the events, each as n, then its n values: position, type, time, daily key
+-- index, hourly key index, address, entry, stream fields... (arguments need no parsing)
+local argc, i = #ARGV, 6
+while i <= argc do
+  local n = tonumber(ARGV[i])
+  local p, t, at, a = tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 6]
   if not nopos and p <= last then
     skipped = skipped + 1
   else
-    redis.call('XADD', KEYS[1], '*', unpack(e, 8))
-    for _, k in ipairs({e[4], e[5]}) do
-      local c = counts[k]
-      if not c then c = {}; counts[k] = c end
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 8, i + n))
+    for k = i + 4, i + 5 do
+      local key = tonumber(ARGV[k])
+      local c = counts[key]
+      if not c then c = {}; counts[key] = c end
       c[t] = (c[t] or 0) + 1
     end
     written = written + 1
@@ -86,7 +88,7 @@ for i = 1, #events do
         end
       end
       if block then
-        if redis.call('HSETNX', KEYS[3], 'a:' .. a, e[7]) == 1 then
+        if redis.call('HSETNX', KEYS[3], 'a:' .. a, ARGV[i + 7]) == 1 then
           blocked[#blocked + 1] = a
         end
         redis.call('HDEL', KEYS[4], 'h:' .. a, 's:' .. a)
@@ -94,6 +96,7 @@ for i = 1, #events do
     end
     if p > top then top = p end
   end
+  i = i + n + 1
 end
 for k, c in pairs(counts) do
   for t, n in pairs(c) do redis.call('HINCRBY', KEYS[k], t, n) end
@@ -141,11 +144,26 @@ class Applied:
     blocked: list[tuple[str, str]] = attrs.field(factory=list)  # (subaccount, address)
 
 
+@attrs.frozen
+class Encoded:
+    """Arguments already encoded as RESP bulk strings (relaylab.resp.encode_args), and
+    how many: logd/redisconn.py sends them as they are."""
+
+    count: int
+    data: bytes
+
+
+def event_args(fields: Sequence[str]) -> list[str]:
+    """One event's arguments for APPLY: fields = [position, type, time, daily key index,
+    hourly key index, address or "", entry or "", stream fields...], preceded by their
+    number."""
+    return [str(len(fields)), *fields]
+
+
 def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now: float,
                 *, positions: str | None = None) -> list[tuple[str, tuple[list[str], list[str]]]]:
     """(subaccount, (KEYS, ARGV)) of APPLY for each subaccount with events, in order.
-    Each event is a JSON array [position, type, time, daily key index, hourly key index,
-    address or "", entry or "", stream fields...]."""
+    Each event is packed by pack_event()."""
     by_sub: dict[str, list[Event]] = {}
     for e in events:
         evs = by_sub.get(e.subaccount)
@@ -161,7 +179,7 @@ def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now
                 list_key(sub, ListKind.BLACKLIST),
                 bounces_key(sub)]
         index: dict[int, tuple[int, int]] = {}  # hour -> (daily, hourly) key indexes
-        payload = []
+        payload: list[str] = []
         for e in evs:
             hour = e.at // 3600
             dh = index.get(hour)
@@ -173,20 +191,20 @@ def apply_calls(events: Iterable[Event], plan_of: dict[str, SubaccountPlan], now
                     d = len(keys)  # Lua's KEYS is 1-based
                 keys.append(hourly)
                 dh = index[hour] = (d, len(keys))
-            payload.append([e.position, e.type, e.at, dh[0], dh[1], e.address or "",
-                            e.entry or "", *e.fields])
-        args = [str(events_minid(now, plan.retention_days)), str(plan.bounces_before_block),
-                str(plan.soft_count), str(plan.soft_seconds),
-                json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-                "0" if positions is not None else "1"]
+            payload += event_args([str(e.position), e.type, str(e.at), str(dh[0]), str(dh[1]),
+                                   e.address or "", e.entry or "", *e.fields])
+        args = [
+            str(events_minid(now, plan.retention_days)), str(plan.bounces_before_block),
+            str(plan.soft_count), str(plan.soft_seconds), "0" if positions is not None else "1",
+            *payload]
         calls.append((sub, (keys, args)))
     return calls
 
 
-Calls = list[tuple[str, tuple[list[str], list[str]]]]
+Calls = list[tuple[str, tuple[list[str], list[str | bytes | Encoded]]]]
 
 
-def applied(calls: Calls, replies: Sequence[object]) -> Applied:
+def applied(calls: Sequence[tuple[str, object]], replies: Sequence[object]) -> Applied:
     """The scripts' replies summed up; raises the first error reply."""
     out = Applied()
     for (sub, _), reply in zip(calls, replies, strict=True):

@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 import attrs
 
-__all__ = ["Delivery", "Expired", "Removed", "Scan", "TimeParser", "parse_line", "scan"]
+__all__ = ["DELIVERY_HEAD", "DELIVERY_IN_BUFFER", "EXPIRED_IN_BUFFER", "NEEDLES", "REMOVED_IN_BUFFER",
+           "Delivery", "Expired", "Removed", "Scan", "TimeParser", "parse_line", "scan"]
 
 # postfix/smtp[123], postfix-out/smtp[123], postfix/submission/smtpd[123] (the service name
 # after the last slash is the program).
@@ -41,11 +42,25 @@ _DELIVERY = re.compile(
     rb"(?:delays=[0-9./]+, )?dsn=(?P<dsn>[245]\.\d{1,3}\.\d{1,3}), "
     rb"status=(?P<status>sent|deferred|bounced|expired|undeliverable|deliverable)"
     rb"(?: \((?P<text>[^\n]*)\))?\r?$")
+# The same, over a whole buffer (finditer: the C regex engine walks the buffer, Python
+# sees only the delivery lines). It starts at the literal ": to=<", which the engine
+# looks for as fast as bytes.find does, and ends at the line's newline; a line whose rest
+# does not parse is matched as `bad`. DELIVERY_HEAD then checks what precedes ": to=<"
+# (the delivery agent and the queue id) where the match starts.
+DELIVERY_IN_BUFFER = re.compile(
+    rb": to=<(?:" + _DELIVERY.pattern.split(rb"to=<", 1)[1].removesuffix(rb"\r?$")
+    + rb"\r?\n|(?P<bad>[^\n]*)\n)")
+DELIVERY_HEAD = re.compile(_DELIVERY.pattern.split(rb"/", 1)[1].split(rb": to=<", 1)[0] + rb"\Z")
 _EXPIRED = re.compile(rb"/qmgr\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): from=<[^>\n]*>, "
                       rb"status=expired")
 _REMOVED = re.compile(rb"/qmgr\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): removed\r?$")
 _MESSAGE_ID = re.compile(rb"/cleanup\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): "
                          rb"message-id=<?(?P<mid>[^>\s]*)>?")
+
+EXPIRED_IN_BUFFER = re.compile(_EXPIRED.pattern + rb"[^\n]*\n")
+REMOVED_IN_BUFFER = re.compile(rb"/qmgr\[\d+\]: ([0-9A-Za-z]{5,32}): removed\n")
+# What scan() looks at: a line with any of these is a record or a bad line.
+NEEDLES = (b": to=<", b", status=expired", b": removed\n")
 
 _MONTHS = {m.encode(): i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
@@ -170,7 +185,7 @@ _QID = re.compile(rb"[0-9A-Za-z]{5,32}\Z")
 # Needles and what they find: a delivery (every delivery line names its recipient with
 # ": to=<"), an expiry, a removal. Encoded in the low bits of a hit's offset.
 _TO, _EXPIRY, _REMOVAL = 0, 1, 2
-_NEEDLES = ((b": to=<", _TO), (b", status=expired", _EXPIRY), (b": removed\n", _REMOVAL))
+_NEEDLES = tuple(zip(NEEDLES, (_TO, _EXPIRY, _REMOVAL), strict=True))
 
 
 def scan(buf: bytes, when: Callable[[bytes], float], end: int | None = None) -> Scan:

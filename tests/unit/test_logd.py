@@ -294,3 +294,19 @@ def test_two_mail_hosts_logds_write_the_same_subaccounts_events(env: tuple[str, 
     d2.close()
     run(url, path)  # logd "test", an earlier position in its own log
     assert sorted(e["recipient"] for e in events(r)) == ["a@example.net", "b@example.net"]
+
+
+def test_a_note_with_a_newline_still_correlates_every_queue_id(env: tuple[str, Path],
+                                                               r: redis.Redis) -> None:
+    # logd reads a batch's notes as one newline-separated string; a note that holds a
+    # newline anyway (written by something other than the milter) must not shift the others.
+    url, path = env
+    note(r, "AAAAA1", ["a@example.net"])
+    r.set("rl:{q}:BBBBB1", f"{SUB}\tmid-BBBBB1\tt\nx\tapp@shop.example.com\tb@example.net")
+    note(r, "CCCCC1", ["c@example.net"])
+    append(path, delivery("AAAAA1", "a@example.net"), delivery("BBBBB1", "b@example.net"),
+           delivery("CCCCC1", "c@example.net"))
+    run(url, path)
+    assert [(e["queue_id"], e["message_id"], e["recipient"]) for e in events(r)] == [
+        ("AAAAA1", "mid-AAAAA1", "a@example.net"), ("BBBBB1", "mid-BBBBB1", "b@example.net"),
+        ("CCCCC1", "mid-CCCCC1", "c@example.net")]

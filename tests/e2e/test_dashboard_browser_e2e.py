@@ -217,6 +217,28 @@ def test_a_blacklist_entry_added_in_the_dashboard_refuses_the_next_message_at_rc
     assert allowed.code == 250, allowed
 
 
+def test_a_csv_import_shows_its_upload_progress_and_each_bad_lines_error(
+        dash: tuple[RelayStack, ApiProcess], page: Page, tmp_path: Path) -> None:
+    _, api = dash
+    login(page, api, "shop")
+    page.goto(f"http://127.0.0.1:{api.port}/ui/suppression?sub={SUB}")
+    csv = tmp_path / "suppress.csv"
+    lines = [f"imported{i}@example.org,manual,bulk" for i in range(2000)]
+    lines[5] = "not an address"
+    lines[9] = "yahoo.com,manual"
+    csv.write_text("\n".join(lines) + "\n")
+    page.set_input_files("#import input[name=file]", str(csv))
+    page.click("#import button[type=submit]")
+    page.wait_for_selector("#import-result")
+    assert page.evaluate("window.relaylabImport && window.relaylabImport.uploaded") == 100
+    result = page.inner_text("#import-result")
+    assert "Read 2000 lines: added 1998, already present 0, invalid 2." in result
+    errors = page.locator("#import-result li").all_inner_texts()
+    assert [e.split(":")[0] for e in errors] == ["line 6", "line 10"]
+    assert "public mailbox provider" in errors[1]
+    shot(page, "suppression-import")
+
+
 def test_the_settings_page_shows_the_plan_and_dkim_selectors(
         dash: tuple[RelayStack, ApiProcess], page: Page) -> None:
     st, api = dash

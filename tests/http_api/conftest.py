@@ -7,12 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+import redis.cluster
 from apiharness import RunningApi, policy_text
 
 from relaylab.devstack.api import ApiProcess
 from relaylab.devstack.ports import free_port
 from relaylab.devstack.redis import RedisServer
 from relaylab.devstack.workdir import make_workdir
+from relaylab.redisclient import sync_client
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +24,8 @@ def api_server(redis_server: RedisServer) -> Iterator[RunningApi]:
         config = d / "relaylab.yaml"
         config.write_text(policy_text(redis_server.url))
         with ApiProcess(config, d / "api.log", free_port(), workers=1) as proc:
-            r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+            r = sync_client(redis_server.url, socket_timeout=10, socket_connect_timeout=10,
+                            decode_responses=True)
             yield RunningApi(proc, r, config)
             r.close()
     finally:
@@ -31,5 +34,9 @@ def api_server(redis_server: RedisServer) -> Iterator[RunningApi]:
 
 @pytest.fixture
 def api(api_server: RunningApi) -> RunningApi:
-    api_server.redis.flushdb()
+    r = api_server.redis
+    if isinstance(r, redis.cluster.RedisCluster):
+        r.flushall(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    else:
+        r.flushdb()
     return api_server

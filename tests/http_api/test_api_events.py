@@ -10,6 +10,8 @@ from apiharness import RunningApi
 
 from relaylab.suppression.store import SyncSuppressionStore
 
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
+
 
 def record(api: RunningApi, sub: str, type_: str, rcpt: str, mid: str, tags: str = "",
            **extra: str) -> None:

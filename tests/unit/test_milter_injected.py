@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
 
 from milter.injected import MAX_SUBJECT, QUEUE_NOTE_TTL, injected_commands, parse_tags
 from relaylab.devstack.redis import RedisServer
 from relaylab.events.note import Note
-from relaylab.resp import RespClient
+from relaylab.resp import resp_client
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 NOW = 1_780_000_000.0
 HEADERS = [(b"From", b" =?utf-8?q?Sklep_=C5=BC?= <orders@shop.example.com>"),
@@ -21,7 +24,7 @@ HEADERS = [(b"From", b" =?utf-8?q?Sklep_=C5=BC?= <orders@shop.example.com>"),
 
 def send(url: str, commands: list[bytes]) -> None:
     async def run() -> None:
-        client = RespClient(url)
+        client = resp_client(url)
         try:
             await client.execute_all(commands)
         finally:

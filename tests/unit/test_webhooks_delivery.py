@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import redis
 import standardwebhooks
+from resputil import all_keys
 from webhookrecv import Receiver
 
 from relaylab.cli import main as relaylab
@@ -27,6 +28,8 @@ from relaylab.policy.reloader import PolicyHolder
 from webhooks.service import WebhookService
 from webhooks.store import Store
 from webhooks.store import client as store_client
+
+pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster
 
 SUB = "shop"
 STREAM = f"rl:{{sub:{SUB}}}:events"
@@ -127,7 +130,7 @@ def test_receiver_failing_three_times_gets_the_same_signed_batch_on_the_fourth_t
     assert [e["type"] for e in events] == ["hardbounce", "softbounce", "open", "click"]
     assert [(a["try"], a["outcome"], a["status"]) for a in attempts(caplog)] == [
         (1, "retry", 500), (2, "retry", 500), (3, "retry", 500), (4, "delivered", 200)]
-    assert r.zcard(f"rl:{{sub:{SUB}}}:wh:due") == 0 and r.keys(f"rl:{{sub:{SUB}}}:wh:b:*") == []
+    assert r.zcard(f"rl:{{sub:{SUB}}}:wh:due") == 0 and all_keys(r, f"rl:{{sub:{SUB}}}:wh:b:*") == []
 
 
 def test_batches_hold_at_most_batch_size_events_and_listed_types_include_ok_and_injected(

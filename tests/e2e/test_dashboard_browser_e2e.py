@@ -71,8 +71,10 @@ def dash(stack: RelayStack) -> Iterator[tuple[RelayStack, ApiProcess]]:
             for n, rcpt in enumerate(RECIPIENTS):
                 assert s.send("app@shop.example.com", [rcpt], message(n)).accepted
         st.sink.wait_for(len(RECIPIENTS), 30)
-        wait_until(lambda: r.hget(hourly_key(SUB, time.time()), "ok") == str(len(RECIPIENTS)),
-                   timeout=30)
+        def delivered() -> int:  # this hour and the last: the sends may straddle an hour
+            now = time.time()
+            return sum(int(r.hget(hourly_key(SUB, t), "ok") or 0) for t in (now - 3600, now))
+        wait_until(lambda: delivered() == len(RECIPIENTS), timeout=30)
         yield st, api
     finally:
         api.stop()
@@ -150,7 +152,8 @@ CHART_PIXELS = """() => {
   const near = colored(ctx.getImageData(x - 6, y - 6, 13, 13).data);
   const b = u.bbox;
   const above = colored(ctx.getImageData(b.left, b.top, b.width, Math.max(1, zero - 3 - b.top)).data);
-  return {max: ys[i], near: near, above: above, points: ys.length};
+  const total = ys.reduce((a, b) => a + b, 0);
+  return {max: ys[i], total: total, near: near, above: above, points: ys.length};
 }"""
 
 
@@ -163,7 +166,7 @@ def test_after_login_the_overview_chart_draws_the_messages_sent_through_postfix(
     assert page.inner_text("#tile-injected .n") == str(len(RECIPIENTS))
     assert page.inner_text("#tile-delivery .n") == "100.0 %"
     pixels = page.evaluate(CHART_PIXELS)
-    assert pixels["max"] == len(RECIPIENTS)
+    assert pixels["total"] == len(RECIPIENTS) and pixels["max"] >= 1
     assert pixels["points"] in (24, 25)
     assert pixels["near"] >= 10, pixels  # the point at the top value is drawn
     assert pixels["above"] >= 50, pixels  # and lines rise to it from the zero line

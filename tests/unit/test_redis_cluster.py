@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import redis.cluster
 
 from logd.redisconn import SyncClusterResp, sync_resp
+from relaylab import resp as resp_module
 from relaylab.devstack.redis import RedisCluster
 from relaylab.limits.lua import Script
 from relaylab.policy.loader import ConfigError, load_policy
@@ -24,12 +26,15 @@ from relaylab.resp import (
     RespClient,
     command_key,
     crc16,
+    encode_args,
     encode_command,
     key_slot,
     resp_client,
 )
+from relaylab.suppression.decide import Verdict
 from relaylab.suppression.keys import list_key, queue_key
-from relaylab.suppression.model import GLOBAL, ListKind
+from relaylab.suppression.model import GLOBAL, Entry, Kind, ListKind, Reason, Source
+from relaylab.suppression.store import lookup_pipelined
 
 
 def test_crc16_matches_the_redis_cluster_spec_vector() -> None:
@@ -175,6 +180,7 @@ def test_resp_client_follows_moved_and_corrects_its_slot_map(cluster: RedisClust
             await c.execute("SET", key, "1")
             c._slots = [c.node("127.0.0.1", wrong)] * len(c._slots)  # a stale map
             v = await c.execute("GET", key)
+            assert c.redirects == 1
             await c.refresh()
             fixed = c._slots[key_slot(key)]
             return v, fixed.address.port if isinstance(fixed, RespClient) else -1
@@ -252,3 +258,71 @@ def test_logd_connection_sends_a_batch_to_every_slots_node_and_follows_moved(
         assert not conn._sent
     finally:
         conn.close()
+
+
+def test_evalsha_head_routes_by_the_key_in_the_head_or_in_the_rest(cluster: RedisCluster) -> None:
+    keys = _keys_on_distinct_nodes(cluster)
+    script = Script("set_one", "return redis.call('SET', KEYS[1], ARGV[1])")
+
+    async def go() -> list[object]:
+        c = resp_client(cluster.url, scripts=(script,))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[object]] = []
+        try:
+            for k in keys:  # policyd's way: the keys in the head (kept per subaccount)
+                for _ in range(2):
+                    head, eval_head = c.script_prefix(script, [k], []).heads(1)
+                    futures.append(loop.create_future())
+                    c.evalsha_head(head, eval_head, encode_args(["head"]), futures[-1].set_result)
+            for k in keys:  # the tracker's way: the head ends before the number of keys
+                n = b"*5\r\n"
+                futures.append(loop.create_future())
+                c.evalsha_head(n + encode_args(["EVALSHA", script.sha]),
+                               n + encode_args(["EVAL", script.body]),
+                               encode_args(["1", k, "rest"]), futures[-1].set_result)
+            replies = list(await asyncio.gather(*futures))
+            assert isinstance(c, ClusterRespClient) and c.redirects == 0  # each to its node
+            return replies
+        finally:
+            await c.close()
+
+    assert asyncio.run(go()) == ["OK"] * 9
+    assert [redis.Redis(port=_owner_port(cluster, k)).get(k) for k in keys] == [b"rest"] * 3
+
+
+def test_suppression_lookup_reads_each_slot_in_one_write_to_its_node(
+        cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RCPT check reads the subaccount's lists and the global lists: two slots, so one
+    write to each slot's node, both sent before either reply is awaited."""
+    sub_bl, glob_bl = list_key("shop", ListKind.BLACKLIST), list_key(GLOBAL, ListKind.BLACKLIST)
+    if _owner_port(cluster, sub_bl) == _owner_port(cluster, glob_bl):
+        pytest.fail("the test needs the two slots on two nodes")
+    now = 1_800_000_000
+    r = sync_client(cluster.url, socket_timeout=5, socket_connect_timeout=5)
+    r.hset(glob_bl, "d:spam.example",
+           Entry("spam.example", Kind.DOMAIN, Reason.SPAM_COMPLAINT, Source.CLI, now, "").to_bytes())
+    r.hset(sub_bl, "a:bob@example.com",
+           Entry("bob@example.com", Kind.ADDRESS, Reason.HARDBOUNCE, Source.CLI, now, "").to_bytes())
+    writes: list[int] = []
+    real_flush = resp_module._Connection._flush
+
+    def counting(self: Any) -> None:
+        if self._out:
+            writes.append(id(self))
+        real_flush(self)
+
+    async def go() -> list[Verdict]:
+        c = resp_client(cluster.url)
+        try:
+            await lookup_pipelined(c, "shop", "warm@example.org", now=now)  # connect first
+            monkeypatch.setattr(resp_module._Connection, "_flush", counting)
+            return [await lookup_pipelined(c, "shop", rcpt, now=now)
+                    for rcpt in ("bob@example.com", "eve@spam.example", "ok@example.org")]
+        finally:
+            await c.close()
+
+    bob, eve, ok = asyncio.run(go())
+    assert bob.refuse and not bob.global_list
+    assert eve.refuse and eve.global_list
+    assert not ok.refuse
+    assert len(writes) == 6 and all(writes[i] != writes[i + 1] for i in (0, 2, 4))

@@ -97,9 +97,10 @@ class NoteInfo:
         self.tags = tags
         # Encoded: the fields after the queue id's value up to the recipient's value, and
         # after the reply (tags, if any); an ok event's argument count (_OK).
-        self.head = _b(b"message_id") + _b(message_id) + _b(b"recipient")
-        self.tail = _b(b"tags") + _b(tags) if tags else b""
-        self.ok = _b(b"29" if tags else b"27")
+        self.head = b"$10\r\nmessage_id\r\n$%d\r\n%b\r\n$9\r\nrecipient\r\n" % (
+            len(message_id), message_id)
+        self.tail = b"$4\r\ntags\r\n$%d\r\n%b\r\n" % (len(tags), tags) if tags else b""
+        self.ok = b"$2\r\n29\r\n" if tags else b"$2\r\n27\r\n"
 
     @classmethod
     def decode(cls, raw: bytes) -> NoteInfo | None:

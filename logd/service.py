@@ -77,6 +77,7 @@ class Logd:
                  ) -> None:
         self.holder = holder
         self.conn = sync_resp(redis_url)
+        self.notes_conn = sync_resp(redis_url)  # answered while scripts run on conn
         self.follower = LogFollower(log_file, chunk=chunk, rotate_grace=rotate_grace)
         self.name = name
         self.start_at = start_at
@@ -139,18 +140,19 @@ class Logd:
         """Handle the next batch of whole lines; False if there was none.
 
         Pipelined: a batch's scripts are sent, and their replies read (then its
-        checkpoint saved) only after the next batch has been parsed, so that Redis runs
-        them while this process reads on. The checkpoint still follows the replies."""
+        checkpoint saved) only after the next batch has been read, parsed and turned into
+        events, so that Redis runs them while this process works on. The next batch's
+        notes come over a second connection, which Redis answers between the scripts.
+        The checkpoint still follows the replies."""
         got = self.follower.read()
         if got is None:
             self._finish()
             return False
         data, generation, offset = got
         found = self.builder.find(data)
-        self._finish()
         self._fetch_notes(found.queue_ids)
-        notes = self.notes
-        batch = self.builder.build(found, position(generation, offset), notes.get)
+        batch = self.builder.build(found, position(generation, offset), self.notes.get)
+        self._finish()
         self.stats.lines += batch.lines
         self.stats.bad += batch.bad
         self.stats.records += batch.records
@@ -216,12 +218,12 @@ class Logd:
                 del notes[q]
 
     def _notes(self, keys: list[str]) -> list[bytes]:
-        reply = self.conn.evalsha_all(NOTES, [(keys, [])])[0]
+        reply = self.notes_conn.evalsha_all(NOTES, [(keys, [])])[0]
         if isinstance(reply, RedisReplyError):
             raise reply
         raws: list[bytes] = reply.split(b"\n")
         if len(raws) != len(keys):  # a note with a newline after all: the array, then
-            raws = [raw or b"" for raw in self.conn.execute("MGET", *keys)]
+            raws = [raw or b"" for raw in self.notes_conn.execute("MGET", *keys)]
         return raws
 
     def _save(self, cp: Checkpoint, removed: list[bytes]) -> None:
@@ -283,3 +285,4 @@ class Logd:
     def close(self) -> None:
         self.follower.close()
         self.conn.close()
+        self.notes_conn.close()

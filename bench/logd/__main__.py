@@ -247,6 +247,176 @@ def lag(url: str, work: Path, rate: int, seconds: float) -> list[float]:
     return lags
 
 
+# -- lag through a real Postfix ---------------------------------------------------------
+HOLD_HEADER = "X-Bench-Hold"
+
+
+def _logd_process(url: str, path: str, name: str) -> None:
+    d = Logd(None, url, Path(path), name, start_at="end")
+    d.install_signals()
+    d.start()
+    d.run()
+    d.close()
+
+
+def postfix_lag(work: Path, rate: int, seconds: float, senders: int) -> tuple[bool, str]:
+    """A throwaway Postfix (relaylab/devstack, no milter) delivering to the devstack sink at
+    `rate` messages/s, its maillog_file followed by `relaylab logd` in its own process. The
+    milter's notes are written by this script instead: each message is put on hold by a
+    header_checks HOLD rule when Postfix accepts it, its note written under the queue id
+    Postfix answered, then released (postsuper -H) every 50 ms, so that no delivery can
+    come before its note. Lag: from the moment the delivery line is in the log file (the
+    file's size, sampled every 2 ms) to the moment its `ok` event is readable (XREAD)."""
+    import multiprocessing
+    import smtplib
+    import subprocess
+
+    from relaylab.devstack.ports import free_port
+    from relaylab.devstack.postfix import PostfixInstance
+    from relaylab.devstack.sink import SinkProcess
+
+    checks = work / "hold_checks"
+    checks.write_text(f"/^{HOLD_HEADER}:/ HOLD\n")
+    with RedisServer(work / "pf-redis") as rs, SinkProcess(work / "pf-sink") as sink:
+        pf = PostfixInstance(work / "pf", submit_port=free_port(), sink_port=sink.port,
+                             noauth_port=free_port(),
+                             extra_main={"header_checks": f"regexp:{checks}",
+                                         "default_process_limit": "100"})
+        with pf:
+            ctx = multiprocessing.get_context("fork")
+            proc = ctx.Process(target=_logd_process, args=(rs.url, str(pf.log_path), "pflag"),
+                               daemon=True)
+            proc.start()
+            time.sleep(1.0)
+            sizes: list[tuple[int, float]] = []  # (log size, first time seen)
+            stop = threading.Event()
+
+            def sample() -> None:
+                last = -1
+                while not stop.is_set():
+                    n = os.stat(pf.log_path).st_size
+                    if n != last:
+                        sizes.append((n, time.time()))
+                        last = n
+                    time.sleep(0.002)
+
+            seen: dict[str, float] = {}  # queue id -> ok event readable
+
+            def reader() -> None:
+                rr = redis.Redis.from_url(rs.url, decode_responses=True)
+                last = {f"rl:{{sub:{s}}}:events": "0" for s in SUBS}
+                while not stop.is_set():
+                    for key, entries in rr.xread(last, block=100) or []:  # type: ignore[arg-type]
+                        now = time.time()
+                        for eid, f in entries:
+                            last[key] = eid
+                            if f["type"] == "ok":
+                                seen.setdefault(f["queue_id"], now)
+
+            held: list[str] = []
+            lock = threading.Lock()
+
+            def releaser() -> None:
+                while not stop.is_set() or held:
+                    time.sleep(0.05)
+                    with lock:
+                        ids, held[:] = held[:], []
+                    if ids:
+                        # -H moves them to the deferred queue; -f has qmgr look at it now
+                        subprocess.run(["postsuper", "-c", str(pf.conf_dir), "-H", "-"],
+                                       input="\n".join(ids).encode(), check=True,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        subprocess.run(["postqueue", "-c", str(pf.conf_dir), "-f"], check=True,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+            sent = [0]
+            errors: list[str] = []
+            end_at = time.monotonic() + seconds
+
+            def sender(k: int) -> None:
+                per = rate / senders
+                msg = (f"From: shop <app@shop.example.com>\r\nTo: x@example.net\r\n"
+                       f"Subject: lag\r\n{HOLD_HEADER}: 1\r\n\r\nhello\r\n").encode()
+                rp = redis.Redis.from_url(rs.url)
+                n = 0
+                t0 = time.monotonic()
+                try:
+                    with smtplib.SMTP("127.0.0.1", pf.noauth_port, timeout=30) as s:
+                        while time.monotonic() < end_at:
+                            i = k + n * senders
+                            rcpt = f"user{i}@d{i % 97}.example.net"
+                            s.mail("app@shop.example.com")
+                            s.rcpt(rcpt)
+                            _, reply = s.data(msg)
+                            q = reply.decode().rsplit(" ", 1)[-1]
+                            rp.set(queue_key(q), encode_note(SUBS[i % 10], f"{i:032x}", [],
+                                                             "app@shop.example.com", [rcpt]),
+                                   ex=3600)
+                            with lock:
+                                held.append(q)
+                            n += 1
+                            delay = t0 + n / per - time.monotonic()
+                            if delay > 0:
+                                time.sleep(delay)
+                except Exception as e:  # reported: the run is then not valid
+                    errors.append(repr(e))
+                sent[0] += n
+
+            threads = [threading.Thread(target=f, daemon=True) for f in (sample, reader, releaser)]
+            for t in threads:
+                t.start()
+            t_start = time.time()
+            senders_t = [threading.Thread(target=sender, args=(k,)) for k in range(senders)]
+            for t in senders_t:
+                t.start()
+            for t in senders_t:
+                t.join()
+            t_end = time.time()
+            deadline = time.monotonic() + 30
+            while len(seen) < sent[0] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(0.5)
+            stop.set()
+            for t in threads:
+                t.join(5)
+            proc.terminate()
+            proc.join(10)
+            log = pf.log_path.read_bytes()
+    # the time each delivery line was first in the file
+    import bisect
+    size_at = [s for s, _ in sizes]
+    lags: list[float] = []
+    delivered: list[float] = []
+    pos = 0
+    for line in log.splitlines(keepends=True):
+        pos += len(line)
+        if b" status=sent " not in line or b": to=<" not in line:
+            continue
+        i = bisect.bisect_left(size_at, pos)
+        if i == len(sizes):
+            continue
+        t_line = sizes[i][1]
+        delivered.append(t_line)
+        q = line.split(b": to=<", 1)[0].rsplit(b" ", 1)[-1].decode()
+        if q in seen:
+            lags.append(seen[q] - t_line)
+    # deliveries per second from the first delivery line to the last
+    achieved = (len(delivered) - 1) / (max(delivered) - min(delivered)) if len(delivered) > 1 else 0.0
+    ok = not errors and len(lags) == sent[0] > 0
+    if not lags:
+        return False, f"PROBLEM: no lag samples ({sent[0]} sent, errors: {errors[:3]})"
+    lags.sort()
+    p99 = lags[max(0, int(len(lags) * 0.99) - 1)]
+    ok &= p99 <= TARGET_LAG and achieved >= rate * 0.95
+    text = (f"lag through Postfix (no milter), {sent[0]:,} messages submitted in "
+            f"{t_end - t_start:.0f} s, Postfix delivered {achieved:.0f} messages/s (target {rate}): "
+            f"{len(lags):,} ok events of {sent[0]:,}, p50 {statistics.median(lags) * 1000:.0f} ms, "
+            f"p99 {p99 * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms "
+            f"(target p99 <= {TARGET_LAG:.0f} s: {'PASS' if ok else 'FAIL'})"
+            + (f"; errors: {errors[:3]}" if errors else ""))
+    return ok, text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=1_000_000)
@@ -254,9 +424,20 @@ def main() -> int:
     ap.add_argument("--lag-seconds", type=float, default=15.0)
     ap.add_argument("--reps", type=int, default=3, help="interleaved runs (median reported)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--postfix", action="store_true",
+                    help="only the lag through a real Postfix delivering --rate messages/s")
+    ap.add_argument("--senders", type=int, default=6, help="SMTP sessions for --postfix")
     a = ap.parse_args()
     work = make_workdir("relaylab-bench-logd-")
     ok = True
+    if a.postfix:
+        try:
+            ok, text = postfix_lag(work, a.rate, a.lag_seconds, a.senders)
+            print(text)
+        finally:
+            if not a.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return 0 if ok else 1
     try:
         with RedisServer(work / "redis") as rs:
             r = redis.Redis.from_url(rs.url)

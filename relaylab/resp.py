@@ -89,9 +89,23 @@ class ReplyParser:
 
     def __init__(self) -> None:
         self._buf = b""
+        # A bulk string still arriving (a big script reply, a big GET): its bytes so far
+        # are kept in pieces, and joined once there are `_need` of them, instead of joining
+        # and parsing again with every chunk (quadratic in the reply's size).
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = 0
 
     def feed(self, data: bytes) -> list[Any]:
-        buf = self._buf + data if self._buf else data
+        if self._need:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            buf = b"".join(self._parts)
+            self._parts, self._have, self._need = [], 0, 0
+        else:
+            buf = self._buf + data if self._buf else data
         out = []
         pos = 0
         n = len(buf)
@@ -105,6 +119,7 @@ class ReplyParser:
                 if size >= 0:
                     end = nl + 2 + size
                     if n < end + 2:
+                        self._need = end + 2 - pos
                         break
                     out.append(buf[nl + 2:end])
                     pos = end + 2
@@ -114,7 +129,12 @@ class ReplyParser:
                 break
             out.append(value)
             pos = end
-        self._buf = buf[pos:]
+        if self._need:
+            self._buf = b""
+            self._parts = [buf[pos:]]
+            self._have = n - pos
+        else:
+            self._buf = buf[pos:]
         return out
 
 

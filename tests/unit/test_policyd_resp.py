@@ -165,3 +165,17 @@ def test_a_silent_server_times_out_every_pending_command() -> None:
 
     results = asyncio.run(go())
     assert all(isinstance(r, RedisUnavailable) and "no reply within" in str(r) for r in results)
+
+
+def test_a_big_bulk_reply_in_many_chunks_is_joined_once_not_per_chunk() -> None:
+    big = b"x" * 1_000_000
+    stream = b":1\r\n$%d\r\n%b\r\n+OK\r\n$3\r\nend\r\n" % (len(big), big)
+    p = ReplyParser()
+    out = []
+    longest = 0  # the longest buffer the parser joined while the bulk string arrived
+    for i in range(0, len(stream), 1000):  # 1,000 chunks
+        out += p.feed(stream[i:i + 1000])
+        if i + 1000 < len(big):
+            longest = max(longest, len(p._buf))
+    assert out == [1, big, "OK", b"end"]
+    assert longest <= 1000  # kept in pieces: not 1 MB copied again with every chunk

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: Postfix instances need it" >&2; exit 1; }
 
-packages=(postfix sasl2-bin libsasl2-modules redis-server opendkim opendkim-tools
+packages=(postfix sasl2-bin libsasl2-modules redis-server redis-tools opendkim opendkim-tools
           python3 python3-venv iproute2 procps swaks ca-certificates
           passwd systemd  # useradd and systemd-analyze: tests/e2e/test_deploy_e2e.py
           chromium)  # the dashboard's browser tests (Playwright drives /usr/bin/chromium)

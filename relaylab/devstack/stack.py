@@ -20,7 +20,7 @@ from relaylab.dkim.keygen import generate_key, write_private_key
 from relaylab.dkim.keys import dns_record_value, load_private_key
 from relaylab.policy.model import DkimAlgorithm
 
-from .milter import MilterProcess, PolicydProcess, TrackerProcess
+from .milter import LogdProcess, MilterProcess, PolicydProcess, TrackerProcess
 from .ports import free_port
 from .postfix import PostfixInstance
 from .redis import RedisCluster, RedisServer
@@ -62,20 +62,31 @@ class RelayStack:
         postfix_main: dict[str, str] | None = None,
         with_noauth_port: bool = True,
         redis_cluster: bool = False,
+        shared_redis: RedisServer | RedisCluster | None = None,
+        shared_sink: SinkProcess | None = None,
+        keys_dir: Path | None = None,
+        tracker_secret: Path | None = None,
+        logd_name: str | None = None,
     ) -> None:
+        """`shared_redis`/`shared_sink`: parts another owner starts and stops (several
+        mail hosts on one Redis, see relaylab.devstack.multihost); `keys_dir` and
+        `tracker_secret` may be shared the same way. `logd_name`: also run
+        `relaylab logd --name logd_name` following this Postfix's maillog_file."""
         self.workdir = Path(workdir)
         self.accounts = tuple(accounts)
         self.milter_settings = dict(milter_settings or {})
-        self.keys_dir = self.workdir / "keys"
+        self.keys_dir = Path(keys_dir) if keys_dir is not None else self.workdir / "keys"
         self.config = self.workdir / "relaylab.yaml"
         # redis_cluster: a 3-master Redis Cluster (redis+cluster:// URL) instead of one server
-        self.redis: RedisServer | RedisCluster = (
+        self.redis: RedisServer | RedisCluster = shared_redis or (
             RedisCluster(self.workdir / "redis") if redis_cluster else RedisServer(self.workdir / "redis"))
-        self.sink = SinkProcess(self.workdir / "sink")
+        self.sink = shared_sink or SinkProcess(self.workdir / "sink")
+        self._owns = {"redis": shared_redis is None, "sink": shared_sink is None}
         self.milter = MilterProcess(self.config, self.workdir / "milter.log")
         self.policyd = PolicydProcess(self.config, self.workdir / "policyd.log")
         self.tracker = TrackerProcess(self.config, self.workdir / "tracker.log")
-        self.tracker_secret = self.workdir / "tracker.k1.secret"
+        self.tracker_secret = (Path(tracker_secret) if tracker_secret is not None
+                               else self.workdir / "tracker.k1.secret")
         users = {a.login: a.password for a in self.accounts}
         users.update(extra_sasl_users or {})
         self.postfix = PostfixInstance(
@@ -83,6 +94,8 @@ class RelayStack:
             milter_port=self.milter.port, policy_port=self.policyd.port, sasl_users=users,
             noauth_port=free_port() if with_noauth_port else None,
             extra_main=postfix_main)
+        self.logd = (LogdProcess(self.config, self.postfix.log_path, self.workdir / "logd.log",
+                                 name=logd_name) if logd_name is not None else None)
 
     # -- keys and policy ---------------------------------------------------------------
     def key_path(self, account: Account, algorithm: DkimAlgorithm) -> Path:
@@ -161,19 +174,28 @@ class RelayStack:
             self.tracker_secret.chmod(0o600)
         self.write_policy()
         try:
-            self.redis.start()
-            self.sink.start()
+            if self._owns["redis"]:
+                self.redis.start()
+            if self._owns["sink"]:
+                self.sink.start()
             self.milter.start()
             self.policyd.start()
             self.tracker.start()
             self.postfix.start()
+            if self.logd is not None:
+                self.logd.start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        for part in (self.postfix, self.tracker, self.policyd, self.milter, self.sink, self.redis):
+        parts: list[Any] = [self.logd, self.postfix, self.tracker, self.policyd, self.milter]
+        parts += [self.sink] if self._owns["sink"] else []
+        parts += [self.redis] if self._owns["redis"] else []
+        for part in parts:
+            if part is None:
+                continue
             try:
                 part.stop()
             except Exception:  # keep stopping the rest

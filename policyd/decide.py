@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 
 import attrs
 
 from policyd.request import PolicyRequest, ProtocolState
-from policyd.verdict import DUNNO, DeferIfPermit, Prepend, Reject, Verdict
+from policyd.verdict import DUNNO, DeferIfPermit, Filter, Prepend, Reject, Verdict
 from relaylab.limits import lua, window
 from relaylab.limits.sessions import session_id
 from relaylab.policy.model import (
@@ -52,6 +53,7 @@ class Check:
     session_id: str  # "" = session not tracked (no client_port: Postfix < 3.5)
     session_mode: str  # lua.SESSION_*
     usage_header: bool
+    route: str = ""  # at RCPT: the transport of the subaccount's sending address ("" none)
 
     def call(self, now: float, session_ttl: int) -> lua.AdmitCall:
         plan = self.subaccount.plan
@@ -82,7 +84,10 @@ def plan(request: PolicyRequest, policy: Policy) -> Verdict | Check:
     # Check(subaccount, need, add, session_id, session_mode, usage_header), positionally:
     # this runs for every decision.
     if st is _ST.RCPT:
-        return Check(sub, 1, 1 if per_rcpt else 0, sid, lua.SESSION_ENFORCE, False)
+        ips = sub.sending_ips or sub.plan.sending_ips
+        route = "" if not ips else ips[0].transport if len(ips) == 1 else \
+            ips[zlib.crc32(sid.encode()) % len(ips)].transport  # a pool: one per session
+        return Check(sub, 1, 1 if per_rcpt else 0, sid, lua.SESSION_ENFORCE, False, route)
     if st is _ST.MAIL:
         return Check(sub, 1, 0, sid, lua.SESSION_ENFORCE, False)
     n = 0 if per_rcpt else max(request.recipient_count, 1)
@@ -122,6 +127,9 @@ def verdict(check: Check, result: lua.AdmitResult, now: float) -> Verdict:
             f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(window.next_month_start(now)))} UTC")
     if check.usage_header:
         return Prepend(USAGE_HEADER, usage_value(sub, result, check.need))
+    if check.route:
+        # Decided by the authenticated login, never by anything the client sends.
+        return Filter(check.route)
     return DUNNO
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from policyd import decide
 from policyd.decide import Check
 from policyd.request import PolicyRequest, ProtocolState
-from policyd.verdict import DUNNO, Dunno, Prepend, Verdict
+from policyd.verdict import DUNNO, Dunno, Filter, Prepend, Verdict
 from relaylab.limits import lua, refund
 from relaylab.logfmt import log_event, queue_id_var
 from relaylab.policy.model import Plan
@@ -180,7 +180,9 @@ class LimitService:
             self.store.leave_receipt(pending, reply)
         if (reply.__class__ is bytes and reply.startswith(b"0 ") and not pending.check.usage_header
                 and self.store.up and not log.isEnabledFor(_DEBUG)):
-            return DUNNO  # admitted, nothing to add: the common case, without parsing
+            # Admitted, nothing to add (or only the subaccount's route): the common case,
+            # without parsing.
+            return DUNNO if not pending.check.route else Filter(pending.check.route)
         result = self.store.result(reply)
         if result is None:
             return decide.unavailable(self.holder.policy.policyd)
@@ -188,7 +190,7 @@ class LimitService:
         if verdict is DUNNO:
             if log.isEnabledFor(logging.DEBUG):
                 self._log(pending.request, verdict, pending.check, logging.DEBUG)
-        elif not isinstance(verdict, Prepend):
+        elif not isinstance(verdict, Prepend | Filter):  # routine: logged at debug only
             self._log(pending.request, verdict, pending.check)
         elif log.isEnabledFor(logging.DEBUG):
             self._log(pending.request, verdict, pending.check, logging.DEBUG)

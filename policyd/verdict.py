@@ -73,6 +73,26 @@ class Prepend:
         return f"PREPEND {self.name}: {_clean(self.value)}"
 
 
-Verdict = Dunno | DeferIfPermit | Reject | Prepend
+_TRANSPORT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@attrs.frozen
+class Filter:
+    """Route the whole message through a master.cf transport (access(5) FILTER) with an
+    empty next hop: Postfix keeps the usual destination (default_filter_nexthop, else the
+    recipient's domain) and only the transport, bound to a sending address, changes."""
+
+    transport: str = attrs.field()
+
+    @transport.validator
+    def _check_transport(self, _: object, value: str) -> None:
+        if not _TRANSPORT.match(value):
+            raise ValueError(f"not a transport name: {value!r}")
+
+    def action(self) -> str:
+        return f"FILTER {self.transport}:"
+
+
+Verdict = Dunno | DeferIfPermit | Reject | Prepend | Filter
 
 DUNNO = Dunno()

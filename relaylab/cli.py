@@ -34,7 +34,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                                 f"{p.retention_days}d)" for p in policy.plans))
     for s in policy.subaccounts:
         print(f"subaccount {s.name}: {s.traffic.value}, plan {s.plan.name}, "
-              f"logins {', '.join(s.logins)}")
+              f"logins {', '.join(s.logins)}"
+              + (f", sends from {', '.join(ip.address for ip in s.ips)}" if s.ips else ""))
         for d in s.domains:
             keys = ", ".join(f"{k.selector} ({k.algorithm.value})" for k in d.keys)
             print(f"  {d.name}: {keys}")
@@ -54,6 +55,7 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{len(startcheck.files_to_read(policy)) - len(findings)} of "
           f"{len(startcheck.files_to_read(policy))}")
     findings += startcheck.port_findings(startcheck.listen_ports(policy))
+    findings += startcheck.sending_ip_findings(policy)
     for warning in (startcheck.tracker_finding(policy), startcheck.redis_finding(policy.redis_url)):
         if warning is not None:
             findings.append(warning)
@@ -81,6 +83,13 @@ def cmd_postfix_config(args: argparse.Namespace) -> int:
         print(f"relaylab: cannot run postconf: {e.strerror or e}", file=sys.stderr)
         return 1
     print("applied; now run: postfix check && postfix reload")
+    return 0
+
+
+def cmd_postfix_transports(args: argparse.Namespace) -> int:
+    from relaylab import postfixconf
+
+    sys.stdout.write(postfixconf.transports(load_or_exit(args, check_keys=False)))
     return 0
 
 
@@ -246,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true",
                    help="run them (honours MAIL_CONFIG), then `postfix reload` yourself")
     p.set_defaults(func=cmd_postfix_config)
+
+    p = command(pf, "transports", "print the master.cf transports (smtp_bind_address, "
+                                  "smtp_helo_name) of the policy's sending_ips")
+    config_arg(p)
+    p.set_defaults(func=cmd_postfix_transports)
 
     p = command(sub, "reload", "check the policy file, then have the running "
                 "services apply it (as SIGHUP does, removals included)")

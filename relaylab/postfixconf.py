@@ -29,7 +29,7 @@ import attrs
 
 from relaylab.policy.model import Policy
 
-__all__ = ["PostconfCommand", "apply", "commands", "script"]
+__all__ = ["PostconfCommand", "apply", "commands", "script", "transports"]
 
 MILTER_MAIL_MACROS = "i {auth_type} {auth_authen} {auth_author} {mail_addr}"
 
@@ -132,3 +132,28 @@ def apply(cmds: Sequence[PostconfCommand]) -> None:
             if present.strip():
                 continue
         subprocess.run(list(c.argv), check=True, stdin=subprocess.DEVNULL, capture_output=True)
+
+
+def transports(policy: Policy) -> str:
+    """master.cf and main.cf lines for the policy's sending addresses (what `relaylab
+    postfix transports` prints): one smtp(8) clone per address, bound to it. policyd sends
+    each subaccount's (or plan's) mail to its address's transport with `FILTER NAME:` at
+    RCPT TO, chosen by the SASL login: nothing a client writes in the message selects it."""
+    if not policy.sending_ips:
+        return f"# {policy.source}: no sending_ips: every message leaves by Postfix's default transport\n"
+    lines = [f"# Sending addresses of the Relaylab policy {policy.source}.",
+             "# master.cf (append; or postconf -M/-P), then: postfix reload"]
+    for ip in policy.sending_ips:
+        users = [s.name for s in policy.subaccounts if ip in s.ips]
+        lines += ["", f"# {ip.address}: {', '.join(users) or 'no subaccount yet'}",
+                  f"{ip.transport} unix - - n - - smtp",
+                  f"  -o syslog_name=postfix/{ip.transport}",
+                  f"  -o smtp_bind_address{'6' if ip.ipv6 else ''}={ip.address}"]
+        if ip.helo:
+            lines.append(f"  -o smtp_helo_name={ip.helo}")
+    lines += ["", "# main.cf: FILTER keeps the usual next hop when default_filter_nexthop is",
+              "# empty (the recipient's domain, by MX). Relaying through a smarthost? Set it to",
+              "# the relayhost value, e.g.:",
+              "#   default_filter_nexthop = [smarthost.example.net]:587",
+              "# Every address must be configured on this host (relaylab check tries to bind it)."]
+    return "\n".join(lines) + "\n"

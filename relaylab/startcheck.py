@@ -29,6 +29,7 @@ __all__ = [
     "read_findings",
     "readable_as",
     "redis_finding",
+    "sending_ip_findings",
     "tracker_finding",
     "unit_user",
 ]
@@ -187,6 +188,18 @@ def redis_finding(url: str, timeout: float = 3.0) -> Finding | None:
     finally:
         client.close()
     return None
+
+
+def sending_ip_findings(policy: Policy) -> list[Finding]:
+    """Each sending address must be one of this host's: Postfix's transport bound to it
+    could not connect from it otherwise (the mail would wait in the queue)."""
+    out = []
+    for ip in policy.sending_ips:
+        err = _bind_error(ip.address, 0)
+        if err is not None:
+            out.append(Finding("error", f"sending_ips.{ip.address}: not usable on this host "
+                                        f"({err}); configure the address, or remove it"))
+    return out
 
 
 def _bind_error(host: str, port: int) -> str | None:

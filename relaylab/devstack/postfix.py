@@ -114,6 +114,8 @@ class PostfixInstance:
         self.noauth_port = noauth_port
         self.milter_default_action = milter_default_action
         self.extra_main: dict[str, str] = dict(extra_main or {})
+        # master.cf services appended as they are (`relaylab postfix transports` output).
+        self.extra_master = ""
         self.milter_macros: dict[str, str] = {"mail": DEFAULT_MILTER_MAIL_MACROS}
         self.milter_macros.update(milter_macros or {})
         self.sasl_local_domain = sasl_local_domain
@@ -264,7 +266,7 @@ class PostfixInstance:
                 "  -o smtpd_relay_restrictions=permit_mynetworks,reject",
                 f"  -o {{ smtpd_recipient_restrictions = {rcpt} }}",
             ]
-        return "\n".join(lines) + "\n" + _MASTER_SERVICES
+        return "\n".join(lines) + "\n" + _MASTER_SERVICES + self.extra_master
 
     def write_config(self) -> None:
         """(Re)write main.cf and master.cf from the current attributes."""

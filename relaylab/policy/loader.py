@@ -38,6 +38,7 @@ from relaylab.policy.model import (
     PolicydSettings,
     RedisErrorAction,
     SendingDomain,
+    SendingIp,
     SoftBounceBlock,
     Subaccount,
     TrackerKey,
@@ -253,7 +254,7 @@ def load_policy(
 
 def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
     top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
-                                 "tracker", "logd", "bounces", "api"})
+                                 "tracker", "logd", "bounces", "api", "sending_ips"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -289,10 +290,11 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         if "spf_include" in d:
             dns = DnsSettings(spf_include=w.string(d["spf_include"][1], "dns.spf_include"))
 
+    ips = _sending_ips(w, top["sending_ips"][1]) if "sending_ips" in top else {}
     plans = dict(DEFAULT_PLANS)
     if "plans" in top:
         for name, (_, pnode) in w.mapping(top["plans"][1], "plans", None).items():
-            plan = _plan(w, name, pnode)
+            plan = _plan(w, name, pnode, ips)
             if plan is not None:
                 plans[name] = plan
 
@@ -307,7 +309,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
                 w.fail(knode, f"subaccounts.{name}", "name must be 1-64 of A-Z a-z 0-9 . _ - ")
                 continue
-            built = _subaccount(w, name, snode, plans, base, check_keys, milter)
+            built = _subaccount(w, name, snode, plans, base, check_keys, milter, ips)
             if built is None:
                 continue
             sub, nodes = built
@@ -361,6 +363,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         logd=logd,
         bounces=bounces,
         api=api,
+        sending_ips=tuple(ips.values()),
         by_login=by_login,
     )
 
@@ -439,10 +442,65 @@ def _connection_limits(w: _Walker, m: dict[str, tuple[yaml.Node, yaml.Node]], se
             kw[name] = w.integer(m[name][1], f"{section}.{name}", minimum=1)
 
 
-def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
+_HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                      r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _sending_ips(w: _Walker, node: yaml.Node) -> dict[str, SendingIp]:
+    """`sending_ips: {ADDRESS: {helo: NAME}}` (or `ADDRESS: null`): the addresses of this
+    host that plans and subaccounts may send from."""
+    out: dict[str, SendingIp] = {}
+    for text, (knode, vnode) in w.mapping(node, "sending_ips", None).items():
+        key = f"sending_ips.{text}"
+        try:
+            address = str(ipaddress.ip_address(text))
+        except ValueError:
+            w.fail(knode, key, f"not an IP address: {text!r}")
+            continue
+        if address in out:
+            w.fail(knode, key, f"{address} is listed twice")
+            continue
+        helo = None
+        if not (isinstance(vnode, yaml.ScalarNode) and vnode.tag == "tag:yaml.org,2002:null"):
+            m = w.mapping(vnode, key, {"helo"})
+            if "helo" in m:
+                helo = w.string(m["helo"][1], f"{key}.helo")
+                if helo is not None and not _HOST_RE.match(helo):
+                    w.fail(m["helo"][1], f"{key}.helo", f"not a host name: {helo!r}")
+                    helo = None
+        out[address] = SendingIp(address, helo)
+    return out
+
+
+def _ip_refs(w: _Walker, node: yaml.Node, key: str, ips: dict[str, SendingIp]
+             ) -> tuple[SendingIp, ...] | None:
+    """A plan's or subaccount's `sending_ips: [ADDRESS, ...]`, each declared in the
+    top-level sending_ips; None after an error."""
+    out: list[SendingIp] = []
+    ok = True
+    for inode, text in w.string_list(node, key):
+        try:
+            address = str(ipaddress.ip_address(text))
+        except ValueError:
+            w.fail(inode, key, f"not an IP address: {text!r}")
+            ok = False
+            continue
+        if address not in ips:
+            w.fail(inode, key, f"{address} is not declared in the top-level sending_ips "
+                               f"(declared: {', '.join(ips) or 'none'})")
+            ok = False
+        elif ips[address] not in out:
+            out.append(ips[address])
+    if ok and not out:
+        w.fail(node, key, "an empty list: leave the key out to use Postfix's default transport")
+        ok = False
+    return tuple(out) if ok else None
+
+
+def _plan(w: _Walker, name: str, node: yaml.Node, ips: dict[str, SendingIp]) -> Plan | None:
     key = f"plans.{name}"
     p = w.mapping(node, key, {"hourly_limit", "max_sessions", "retention_days", "monthly_quota",
-                              "bounces_before_block", "soft_bounce_block"})
+                              "bounces_before_block", "soft_bounce_block", "sending_ips"})
     if "hourly_limit" not in p:
         w.fail(node, key, "missing hourly_limit")
         return None
@@ -477,10 +535,15 @@ def _plan(w: _Walker, name: str, node: yaml.Node) -> Plan | None:
                 soft = SoftBounceBlock(count, days)
             else:
                 soft_ok = False
-    if hourly is None or sessions is None or retention is None or bounces is None or not soft_ok:
+    plan_ips: tuple[SendingIp, ...] | None = ()
+    if "sending_ips" in p:
+        plan_ips = _ip_refs(w, p["sending_ips"][1], f"{key}.sending_ips", ips)
+    if hourly is None or sessions is None or retention is None or bounces is None or not soft_ok \
+            or plan_ips is None:
         return None
     return Plan(name, hourly_limit=hourly, max_sessions=sessions, retention_days=retention,
-                monthly_quota=quota, bounces_before_block=bounces, soft_bounce_block=soft)
+                monthly_quota=quota, bounces_before_block=bounces, soft_bounce_block=soft,
+                sending_ips=plan_ips)
 
 
 def _bounces(w: _Walker, node: yaml.Node, base: Path) -> BouncesSettings:
@@ -625,12 +688,12 @@ def _logd(w: _Walker, node: yaml.Node, base: Path) -> LogdSettings:
 
 def _subaccount(
     w: _Walker, name: str, node: yaml.Node, plans: dict[str, Plan], base: Path, check_keys: bool,
-    milter: MilterSettings,
+    milter: MilterSettings, ips: dict[str, SendingIp],
 ) -> tuple[Subaccount, dict[str, yaml.Node]] | None:
     """The subaccount, plus the YAML node of each login and domain for later errors."""
     key = f"subaccounts.{name}"
     s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers",
-                              "suppression", "webhook", "api_login"})
+                              "suppression", "webhook", "api_login", "sending_ips"})
     ok = True
     for required in ("logins", "traffic", "domains"):
         if required not in s:
@@ -710,14 +773,19 @@ def _subaccount(
                        f"{api_login.login!r} is one of this subaccount's logins: the API needs a "
                        f"login of its own (the milter trusts the message ids it sets)")
         ok = ok and len(w.problems) == before
+    sub_ips: tuple[SendingIp, ...] | None = ()
+    if "sending_ips" in s:
+        sub_ips = _ip_refs(w, s["sending_ips"][1], f"{key}.sending_ips", ips)
+        ok = ok and sub_ips is not None
     if not logins:
         w.fail(s["logins"][1], f"{key}.logins", "at least one SASL login is required")
         ok = False
-    if not ok or traffic is None:
+    if not ok or traffic is None or sub_ips is None:
         return None
     return Subaccount(name=name, logins=tuple(logins), plan=plan, traffic=traffic,
                       domains=tuple(domains), tracking=tracking, headers=tuple(headers),
-                      suppression_shadow=shadow, webhook=webhook, api_login=api_login), nodes
+                      suppression_shadow=shadow, webhook=webhook, api_login=api_login,
+                      sending_ips=sub_ips), nodes
 
 
 def _api_login(w: _Walker, key: str, node: yaml.Node, base: Path) -> ApiLogin | None:

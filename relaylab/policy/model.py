@@ -43,6 +43,23 @@ class SoftBounceBlock:
 
 
 @attrs.frozen
+class SendingIp:
+    """An address of this host that mail may leave from (policy `sending_ips`): its own
+    Postfix transport, an smtp(8) clone bound to it (`relaylab postfix transports`)."""
+
+    address: str  # normalised (ipaddress)
+    helo: str | None = None  # smtp_helo_name for it (None: Postfix's myhostname)
+
+    @property
+    def transport(self) -> str:
+        return "relaylab-ip-" + self.address.replace(".", "-").replace(":", "-")
+
+    @property
+    def ipv6(self) -> bool:
+        return ":" in self.address
+
+
+@attrs.frozen
 class Plan:
     name: str
     hourly_limit: int
@@ -52,6 +69,7 @@ class Plan:
     # Hard bounces of one address before relaylab logd blacklists it (1-3).
     bounces_before_block: int = 1
     soft_bounce_block: SoftBounceBlock | None = None  # None: soft bounces never block
+    sending_ips: tuple[SendingIp, ...] = ()  # dedicated address (one) or pool (several)
 
 
 @attrs.frozen
@@ -184,6 +202,13 @@ class Subaccount:
     suppression_shadow: bool = False
     webhook: Webhook | None = None
     api_login: ApiLogin | None = None
+    sending_ips: tuple[SendingIp, ...] = ()  # overrides the plan's
+
+    @property
+    def ips(self) -> tuple[SendingIp, ...]:
+        """The addresses its mail leaves from: its own, else its plan's (() = Postfix's
+        default transport)."""
+        return self.sending_ips or self.plan.sending_ips
 
     def domain(self, name: str) -> SendingDomain | None:
         name = name.lower()
@@ -331,6 +356,7 @@ class Policy:
     logd: LogdSettings = LogdSettings()
     bounces: BouncesSettings = BouncesSettings()
     api: ApiSettings = ApiSettings()
+    sending_ips: tuple[SendingIp, ...] = ()  # every address declared (policy sending_ips)
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 
 import attrs
 
@@ -53,7 +52,10 @@ class Check:
     session_id: str  # "" = session not tracked (no client_port: Postfix < 3.5)
     session_mode: str  # lua.SESSION_*
     usage_header: bool
-    route: str = ""  # at RCPT: the transport of the subaccount's sending address ("" none)
+    # At RCPT: FILTER to the transport of the subaccount's sending address (None: Postfix's
+    # default transport). Chosen from the SASL login's subaccount and, in a pool, the
+    # recipient: nothing in the message can name it.
+    route: Filter | None = None
 
     def call(self, now: float, session_ttl: int) -> lua.AdmitCall:
         plan = self.subaccount.plan
@@ -84,9 +86,8 @@ def plan(request: PolicyRequest, policy: Policy) -> Verdict | Check:
     # Check(subaccount, need, add, session_id, session_mode, usage_header), positionally:
     # this runs for every decision.
     if st is _ST.RCPT:
-        ips = sub.sending_ips or sub.plan.sending_ips
-        route = "" if not ips else ips[0].transport if len(ips) == 1 else \
-            ips[zlib.crc32(sid.encode()) % len(ips)].transport  # a pool: one per session
+        pool = sub.sending or sub.plan.sending
+        route = None if pool is None else _filter(pool.transport_for(request.recipient))
         return Check(sub, 1, 1 if per_rcpt else 0, sid, lua.SESSION_ENFORCE, False, route)
     if st is _ST.MAIL:
         return Check(sub, 1, 0, sid, lua.SESSION_ENFORCE, False)
@@ -97,6 +98,16 @@ def plan(request: PolicyRequest, policy: Policy) -> Verdict | Check:
 
 
 _OTHER_COUNTED = (_ST.MAIL, _ST.DATA, _ST.END_OF_MESSAGE)  # and RCPT, tested first
+
+_FILTERS: dict[str, Filter] = {}
+
+
+def _filter(transport: str) -> Filter:
+    """The FILTER verdict for a transport, made once (the names come from the policy)."""
+    f = _FILTERS.get(transport)
+    if f is None:
+        f = _FILTERS[transport] = Filter(transport)
+    return f
 
 
 def verdict(check: Check, result: lua.AdmitResult, now: float) -> Verdict:
@@ -127,9 +138,8 @@ def verdict(check: Check, result: lua.AdmitResult, now: float) -> Verdict:
             f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(window.next_month_start(now)))} UTC")
     if check.usage_header:
         return Prepend(USAGE_HEADER, usage_value(sub, result, check.need))
-    if check.route:
-        # Decided by the authenticated login, never by anything the client sends.
-        return Filter(check.route)
+    if check.route is not None:
+        return check.route
     return DUNNO
 
 
@@ -141,10 +151,11 @@ def usage_value(sub: Subaccount, result: lua.AdmitResult, pending: int) -> str:
     return text
 
 
-def unavailable(settings: PolicydSettings) -> Verdict:
-    """The answer while Redis cannot be reached."""
+def unavailable(settings: PolicydSettings, check: Check | None = None) -> Verdict:
+    """The answer while Redis cannot be reached (for `check`, if known). Letting mail
+    through (on_redis_error: dunno) still sends it from its subaccount's address."""
     if settings.on_redis_error is RedisErrorAction.DUNNO:
-        return DUNNO
+        return DUNNO if check is None or check.route is None else check.route
     return DeferIfPermit("Sending limits cannot be checked right now; try again later",
                          status=(4, 3, 0))
 

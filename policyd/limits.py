@@ -182,10 +182,11 @@ class LimitService:
                 and self.store.up and not log.isEnabledFor(_DEBUG)):
             # Admitted, nothing to add (or only the subaccount's route): the common case,
             # without parsing.
-            return DUNNO if not pending.check.route else Filter(pending.check.route)
+            route = pending.check.route
+            return DUNNO if route is None else route
         result = self.store.result(reply)
         if result is None:
-            return decide.unavailable(self.holder.policy.policyd)
+            return decide.unavailable(self.holder.policy.policyd, pending.check)
         verdict = decide.verdict(pending.check, result, pending.now)
         if verdict is DUNNO:
             if log.isEnabledFor(logging.DEBUG):

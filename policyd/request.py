@@ -39,6 +39,7 @@ class PolicyRequest:
     server_address: str = ""
     server_port: str = ""
     queue_id: str = ""
+    recipient: str = ""  # at RCPT: the address (chooses a subaccount's address in its pool)
 
     @classmethod
     def from_attributes(cls, a: Mapping[str, str]) -> PolicyRequest:
@@ -60,7 +61,8 @@ class PolicyRequest:
             count = _count(raw_count, "recipient_count")
         return cls(state, get("sasl_username", ""), count,
                    get("client_address", ""), get("client_port", ""),
-                   get("server_address", ""), get("server_port", ""), get("queue_id", ""))
+                   get("server_address", ""), get("server_port", ""), get("queue_id", ""),
+                   get("recipient", ""))
 
 
 _SMALL_COUNTS = {str(n): n for n in range(100)}

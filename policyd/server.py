@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import cast
 
 from policyd import decide
+from policyd.decide import Check
 from policyd.limits import LimitService, LimitStore, Pending
 from policyd.protocol import Broken, Frame, RequestParser, encode_action
 from policyd.request import BadRequest, PolicyRequest
@@ -277,12 +278,12 @@ class PolicyServer:
         try:
             return pending.verdict()
         except Exception as e:
-            return self.bug(e, client)
+            return self.bug(e, client, pending.check)
 
-    def bug(self, e: Exception, client: str) -> Verdict:
+    def bug(self, e: Exception, client: str, check: Check | None = None) -> Verdict:
         """The answer when deciding raised `e` (logged with its traceback)."""
         log.exception("policyd bug")
-        verdict = decide.unavailable(self.service.holder.policy.policyd)
+        verdict = decide.unavailable(self.service.holder.policy.policyd, check)
         log_event(log, "internal_error", logging.ERROR, client=client, detail=repr(e),
                   action=verdict.action())
         return verdict

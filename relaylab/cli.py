@@ -35,7 +35,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for s in policy.subaccounts:
         print(f"subaccount {s.name}: {s.traffic.value}, plan {s.plan.name}, "
               f"logins {', '.join(s.logins)}"
-              + (f", sends from {', '.join(ip.address for ip in s.ips)}" if s.ips else ""))
+              + (f", sends from {s.route.describe()}" if s.route else ""))
         for d in s.domains:
             keys = ", ".join(f"{k.selector} ({k.algorithm.value})" for k in d.keys)
             print(f"  {d.name}: {keys}")

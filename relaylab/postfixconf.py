@@ -140,20 +140,28 @@ def transports(policy: Policy) -> str:
     each subaccount's (or plan's) mail to its address's transport with `FILTER NAME:` at
     RCPT TO, chosen by the SASL login: nothing a client writes in the message selects it."""
     if not policy.sending_ips:
-        return f"# {policy.source}: no sending_ips: every message leaves by Postfix's default transport\n"
+        return (f"# {policy.source}: no sending_ips: every message leaves by Postfix's "
+                "default transport\n")
     lines = [f"# Sending addresses of the Relaylab policy {policy.source}.",
-             "# master.cf (append; or postconf -M/-P), then: postfix reload"]
+             "# master.cf: append these services, then: postfix reload"]
     for ip in policy.sending_ips:
-        users = [s.name for s in policy.subaccounts if ip in s.ips]
-        lines += ["", f"# {ip.address}: {', '.join(users) or 'no subaccount yet'}",
+        users = [s.name for s in policy.subaccounts if s.route and ip in s.route.ips]
+        users += [f"plan {p.name}" for p in policy.plans if p.sending and ip in p.sending.ips]
+        users += [f"pool {p.name}" for p in policy.ip_pools if ip in p.ips]
+        lines += ["", f"# {ip.address}: {', '.join(users) or 'not used yet'}",
                   f"{ip.transport} unix - - n - - smtp",
                   f"  -o syslog_name=postfix/{ip.transport}",
-                  f"  -o smtp_bind_address{'6' if ip.ipv6 else ''}={ip.address}"]
+                  # This address family only: no fallback to the host's default address.
+                  f"  -o inet_protocols={'ipv6' if ip.ipv6 else 'ipv4'}",
+                  f"  -o smtp_bind_address{'6' if ip.ipv6 else ''}={ip.address}",
+                  # Cannot bind it (address gone)? Defer, rather than leave from another.
+                  "  -o smtp_bind_address_enforce=yes"]
         if ip.helo:
             lines.append(f"  -o smtp_helo_name={ip.helo}")
-    lines += ["", "# main.cf: FILTER keeps the usual next hop when default_filter_nexthop is",
-              "# empty (the recipient's domain, by MX). Relaying through a smarthost? Set it to",
-              "# the relayhost value, e.g.:",
-              "#   default_filter_nexthop = [smarthost.example.net]:587",
-              "# Every address must be configured on this host (relaylab check tries to bind it)."]
+    lines += ["", "# main.cf: a FILTER without a next hop goes to default_filter_nexthop, or,",
+              "# when that is empty (the default), to the recipient's domain (by MX). Relaying",
+              "# through a smarthost (relayhost)? FILTER bypasses relayhost: set",
+              "#   postconf -e \"default_filter_nexthop = $(postconf -h relayhost)\"",
+              "# Every address must be configured on this host (relaylab check tries to bind",
+              "# each one)."]
     return "\n".join(lines) + "\n"

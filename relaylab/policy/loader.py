@@ -30,6 +30,7 @@ from relaylab.policy.model import (
     DkimAlgorithm,
     DkimKeyRef,
     DnsSettings,
+    IpPool,
     LogdSettings,
     MilterSettings,
     MissingKeyAction,
@@ -254,7 +255,8 @@ def load_policy(
 
 def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
     top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
-                                 "tracker", "logd", "bounces", "api", "sending_ips"})
+                                 "tracker", "logd", "bounces", "api", "sending_ips",
+                                 "ip_pools"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -291,10 +293,12 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
             dns = DnsSettings(spf_include=w.string(d["spf_include"][1], "dns.spf_include"))
 
     ips = _sending_ips(w, top["sending_ips"][1]) if "sending_ips" in top else {}
+    routes = _ip_pools(w, top["ip_pools"][1], ips) if "ip_pools" in top else \
+        _Routes(ips, {}, frozenset())
     plans = dict(DEFAULT_PLANS)
     if "plans" in top:
         for name, (_, pnode) in w.mapping(top["plans"][1], "plans", None).items():
-            plan = _plan(w, name, pnode, ips)
+            plan = _plan(w, name, pnode, routes)
             if plan is not None:
                 plans[name] = plan
 
@@ -309,7 +313,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
                 w.fail(knode, f"subaccounts.{name}", "name must be 1-64 of A-Z a-z 0-9 . _ - ")
                 continue
-            built = _subaccount(w, name, snode, plans, base, check_keys, milter, ips)
+            built = _subaccount(w, name, snode, plans, base, check_keys, milter, routes)
             if built is None:
                 continue
             sub, nodes = built
@@ -364,6 +368,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         bounces=bounces,
         api=api,
         sending_ips=tuple(ips.values()),
+        ip_pools=tuple(routes.pools.values()),
         by_login=by_login,
     )
 
@@ -472,35 +477,95 @@ def _sending_ips(w: _Walker, node: yaml.Node) -> dict[str, SendingIp]:
     return out
 
 
-def _ip_refs(w: _Walker, node: yaml.Node, key: str, ips: dict[str, SendingIp]
-             ) -> tuple[SendingIp, ...] | None:
-    """A plan's or subaccount's `sending_ips: [ADDRESS, ...]`, each declared in the
-    top-level sending_ips; None after an error."""
-    out: list[SendingIp] = []
-    ok = True
-    for inode, text in w.string_list(node, key):
-        try:
-            address = str(ipaddress.ip_address(text))
-        except ValueError:
-            w.fail(inode, key, f"not an IP address: {text!r}")
-            ok = False
+def _address(w: _Walker, node: yaml.Node, key: str, ips: dict[str, SendingIp]
+             ) -> SendingIp | None:
+    """An address named by ip_pools, a plan or a subaccount: declared in sending_ips."""
+    text = w.string(node, key)
+    if text is None:
+        return None
+    try:
+        address = str(ipaddress.ip_address(text))
+    except ValueError:
+        w.fail(node, key, f"not an IP address: {text!r}")
+        return None
+    if address not in ips:
+        w.fail(node, key, f"{address} is not declared in the top-level sending_ips "
+                          f"(declared: {', '.join(ips) or 'none'})")
+        return None
+    return ips[address]
+
+
+@attrs.frozen
+class _Routes:
+    """What plans and subaccounts may name: sending_ips, the valid ip_pools, and the
+    names of all pools declared (one with errors is reported once, where declared)."""
+
+    ips: dict[str, SendingIp]
+    pools: dict[str, IpPool]
+    declared: frozenset[str]
+
+
+def _ip_pools(w: _Walker, node: yaml.Node, ips: dict[str, SendingIp]) -> _Routes:
+    """`ip_pools: {NAME: [ADDRESS, ...]}`, each address declared in sending_ips."""
+    out: dict[str, IpPool] = {}
+    declared = w.mapping(node, "ip_pools", None)
+    for name, (knode, vnode) in declared.items():
+        key = f"ip_pools.{name}"
+        if not _NAME_RE.match(name):
+            w.fail(knode, key, "name must be 1-64 of A-Z a-z 0-9 . _ - ")
             continue
-        if address not in ips:
-            w.fail(inode, key, f"{address} is not declared in the top-level sending_ips "
-                               f"(declared: {', '.join(ips) or 'none'})")
-            ok = False
-        elif ips[address] not in out:
-            out.append(ips[address])
-    if ok and not out:
-        w.fail(node, key, "an empty list: leave the key out to use Postfix's default transport")
-        ok = False
-    return tuple(out) if ok else None
+        if not isinstance(vnode, yaml.SequenceNode) or not vnode.value:
+            w.fail(vnode, key, "expected a list of one or more addresses of sending_ips, got "
+                               + _describe(vnode))
+            continue
+        members: list[SendingIp] = []
+        ok = True
+        for i, item in enumerate(vnode.value):
+            ip = _address(w, item, f"{key}[{i}]", ips)
+            if ip is None:
+                ok = False
+            elif ip in members:
+                w.fail(item, f"{key}[{i}]", f"{ip.address} is listed twice")
+                ok = False
+            else:
+                members.append(ip)
+        if ok:
+            out[name] = IpPool(name, tuple(members))
+    return _Routes(ips, out, frozenset(declared))
 
 
-def _plan(w: _Walker, name: str, node: yaml.Node, ips: dict[str, SendingIp]) -> Plan | None:
+def _sending(w: _Walker, m: dict[str, tuple[yaml.Node, yaml.Node]], key: str,
+             routes: _Routes) -> tuple[bool, IpPool | None]:
+    """A plan's or subaccount's `sending_ip: ADDRESS` or `ip_pool: NAME`: (ok, pool)."""
+    ips, pools = routes.ips, routes.pools
+    if "sending_ip" in m and "ip_pool" in m:
+        w.fail(m["ip_pool"][0], f"{key}.ip_pool", "give sending_ip or ip_pool, not both")
+        return False, None
+    if "sending_ip" in m:
+        ip = _address(w, m["sending_ip"][1], f"{key}.sending_ip", ips)
+        return (False, None) if ip is None else (True, IpPool(ip.address, (ip,)))
+    if "ip_pool" in m:
+        vnode = m["ip_pool"][1]
+        name = w.string(vnode, f"{key}.ip_pool")
+        if name is None:
+            return False, None
+        if name not in pools:
+            if name not in routes.declared:  # a pool with errors of its own is reported there
+                w.fail(vnode, f"{key}.ip_pool", f"no pool {name!r} in the top-level ip_pools "
+                                                f"(pools: {', '.join(sorted(pools)) or 'none'})")
+            return False, None
+        return True, pools[name]
+    return True, None
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _plan(w: _Walker, name: str, node: yaml.Node, routes: _Routes) -> Plan | None:
     key = f"plans.{name}"
     p = w.mapping(node, key, {"hourly_limit", "max_sessions", "retention_days", "monthly_quota",
-                              "bounces_before_block", "soft_bounce_block", "sending_ips"})
+                              "bounces_before_block", "soft_bounce_block", "sending_ip",
+                              "ip_pool"})
     if "hourly_limit" not in p:
         w.fail(node, key, "missing hourly_limit")
         return None
@@ -535,15 +600,13 @@ def _plan(w: _Walker, name: str, node: yaml.Node, ips: dict[str, SendingIp]) -> 
                 soft = SoftBounceBlock(count, days)
             else:
                 soft_ok = False
-    plan_ips: tuple[SendingIp, ...] | None = ()
-    if "sending_ips" in p:
-        plan_ips = _ip_refs(w, p["sending_ips"][1], f"{key}.sending_ips", ips)
+    sending_ok, sending = _sending(w, p, key, routes)
     if hourly is None or sessions is None or retention is None or bounces is None or not soft_ok \
-            or plan_ips is None:
+            or not sending_ok:
         return None
     return Plan(name, hourly_limit=hourly, max_sessions=sessions, retention_days=retention,
                 monthly_quota=quota, bounces_before_block=bounces, soft_bounce_block=soft,
-                sending_ips=plan_ips)
+                sending=sending)
 
 
 def _bounces(w: _Walker, node: yaml.Node, base: Path) -> BouncesSettings:
@@ -688,12 +751,13 @@ def _logd(w: _Walker, node: yaml.Node, base: Path) -> LogdSettings:
 
 def _subaccount(
     w: _Walker, name: str, node: yaml.Node, plans: dict[str, Plan], base: Path, check_keys: bool,
-    milter: MilterSettings, ips: dict[str, SendingIp],
+    milter: MilterSettings, routes: _Routes,
 ) -> tuple[Subaccount, dict[str, yaml.Node]] | None:
     """The subaccount, plus the YAML node of each login and domain for later errors."""
     key = f"subaccounts.{name}"
     s = w.mapping(node, key, {"logins", "plan", "traffic", "domains", "tracking", "headers",
-                              "suppression", "webhook", "api_login", "sending_ips"})
+                              "suppression", "webhook", "api_login", "sending_ip",
+                              "ip_pool"})
     ok = True
     for required in ("logins", "traffic", "domains"):
         if required not in s:
@@ -773,19 +837,17 @@ def _subaccount(
                        f"{api_login.login!r} is one of this subaccount's logins: the API needs a "
                        f"login of its own (the milter trusts the message ids it sets)")
         ok = ok and len(w.problems) == before
-    sub_ips: tuple[SendingIp, ...] | None = ()
-    if "sending_ips" in s:
-        sub_ips = _ip_refs(w, s["sending_ips"][1], f"{key}.sending_ips", ips)
-        ok = ok and sub_ips is not None
+    sending_ok, sending = _sending(w, s, key, routes)
+    ok = ok and sending_ok
     if not logins:
         w.fail(s["logins"][1], f"{key}.logins", "at least one SASL login is required")
         ok = False
-    if not ok or traffic is None or sub_ips is None:
+    if not ok or traffic is None:
         return None
     return Subaccount(name=name, logins=tuple(logins), plan=plan, traffic=traffic,
                       domains=tuple(domains), tracking=tracking, headers=tuple(headers),
                       suppression_shadow=shadow, webhook=webhook, api_login=api_login,
-                      sending_ips=sub_ips), nodes
+                      sending=sending), nodes
 
 
 def _api_login(w: _Walker, key: str, node: yaml.Node, base: Path) -> ApiLogin | None:

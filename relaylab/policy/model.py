@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import zlib
 from pathlib import Path
 
 import attrs
@@ -60,6 +61,35 @@ class SendingIp:
 
 
 @attrs.frozen
+class IpPool:
+    """Where a plan's or subaccount's mail leaves from: one address (`sending_ip`, the
+    pool is named after it) or a named pool of several (`ip_pools`, `ip_pool`).
+
+    In a pool, each recipient address always gets the same one (a stable hash of the
+    lower-cased address, CRC-32 modulo the pool size): a mailbox provider sees one
+    recipient's mail from one address, and recipients spread evenly over the pool."""
+
+    name: str
+    ips: tuple[SendingIp, ...] = attrs.field(validator=attrs.validators.min_len(1))
+    transports: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "transports", tuple(ip.transport for ip in self.ips))
+
+    def transport_for(self, recipient: str) -> str:
+        """The transport of the address a message to `recipient` leaves from."""
+        t = self.transports
+        if len(t) == 1:
+            return t[0]
+        return t[zlib.crc32(recipient.lower().encode("utf-8", "surrogateescape")) % len(t)]
+
+    def describe(self) -> str:
+        if len(self.ips) == 1 and self.name == self.ips[0].address:
+            return self.name
+        return f"pool {self.name} ({', '.join(ip.address for ip in self.ips)})"
+
+
+@attrs.frozen
 class Plan:
     name: str
     hourly_limit: int
@@ -69,7 +99,7 @@ class Plan:
     # Hard bounces of one address before relaylab logd blacklists it (1-3).
     bounces_before_block: int = 1
     soft_bounce_block: SoftBounceBlock | None = None  # None: soft bounces never block
-    sending_ips: tuple[SendingIp, ...] = ()  # dedicated address (one) or pool (several)
+    sending: IpPool | None = None  # sending_ip / ip_pool (None: Postfix's default transport)
 
 
 @attrs.frozen
@@ -202,13 +232,13 @@ class Subaccount:
     suppression_shadow: bool = False
     webhook: Webhook | None = None
     api_login: ApiLogin | None = None
-    sending_ips: tuple[SendingIp, ...] = ()  # overrides the plan's
+    sending: IpPool | None = None  # its sending_ip / ip_pool; overrides the plan's
 
     @property
-    def ips(self) -> tuple[SendingIp, ...]:
-        """The addresses its mail leaves from: its own, else its plan's (() = Postfix's
+    def route(self) -> IpPool | None:
+        """The addresses its mail leaves from: its own, else its plan's (None: Postfix's
         default transport)."""
-        return self.sending_ips or self.plan.sending_ips
+        return self.sending or self.plan.sending
 
     def domain(self, name: str) -> SendingDomain | None:
         name = name.lower()
@@ -357,6 +387,7 @@ class Policy:
     bounces: BouncesSettings = BouncesSettings()
     api: ApiSettings = ApiSettings()
     sending_ips: tuple[SendingIp, ...] = ()  # every address declared (policy sending_ips)
+    ip_pools: tuple[IpPool, ...] = ()  # the named pools (policy ip_pools)
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

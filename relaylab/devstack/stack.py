@@ -67,12 +67,16 @@ class RelayStack:
         keys_dir: Path | None = None,
         tracker_secret: Path | None = None,
         logd_name: str | None = None,
+        sending_transports: bool = False,
     ) -> None:
         """`shared_redis`/`shared_sink`: parts another owner starts and stops (several
         mail hosts on one Redis, see relaylab.devstack.multihost); `keys_dir` and
         `tracker_secret` may be shared the same way. `logd_name`: also run
-        `relaylab logd --name logd_name` following this Postfix's maillog_file."""
+        `relaylab logd --name logd_name` following this Postfix's maillog_file.
+        `sending_transports`: master.cf gets `relaylab postfix transports`' services for
+        the policy's sending_ips (which policy_dict() of a subclass declares)."""
         self.workdir = Path(workdir)
+        self.sending_transports = sending_transports
         self.accounts = tuple(accounts)
         self.milter_settings = dict(milter_settings or {})
         self.keys_dir = Path(keys_dir) if keys_dir is not None else self.workdir / "keys"
@@ -173,6 +177,11 @@ class RelayStack:
             self.tracker_secret.write_text(secrets.token_urlsafe(32) + "\n")
             self.tracker_secret.chmod(0o600)
         self.write_policy()
+        if self.sending_transports:
+            from relaylab.policy.loader import load_policy
+            from relaylab.postfixconf import transports
+
+            self.postfix.extra_master = transports(load_policy(self.config, check_keys=False))
         try:
             if self._owns["redis"]:
                 self.redis.start()

@@ -276,3 +276,33 @@ def test_logd_reads_the_delivery_lines_of_the_bound_transports() -> None:
     found = Builder.find(buf)
     assert [qid for qid, _, _ in found.items] == [b"8283616028F", b"9A3B4C5D6E"]
     assert found.bad == 0
+
+
+# ------------------------------------------------------------------ the docs
+
+
+def test_the_conf_examples_sending_ips_uncommented_print_the_readmes_transport(
+        tmp_path: Path) -> None:
+    """conf/relaylab.yaml's commented example, uncommented, loads; `relaylab postfix
+    transports` prints for its first address what the README shows."""
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "conf" / "relaylab.yaml").read_text()
+    for old, new in (("# sending_ips:", "sending_ips:"), ("#   192.0.2.", "  192.0.2."),
+                     ("# ip_pools:", "ip_pools:"), ("#   bulk:", "  bulk:"),
+                     ("    # ip_pool: bulk ", "    ip_pool: bulk #"),
+                     ("    # sending_ip: 192.0.2.10 ", "    sending_ip: 192.0.2.10 #")):
+        assert old in text, old
+        text = text.replace(old, new)
+    (tmp_path / "relaylab.yaml").write_text(text)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "tracker.k2026a.secret").write_text("k" * 48)
+    p = load_policy(tmp_path / "relaylab.yaml", check_keys=False)
+    shop = p.subaccount("shop-transactional")
+    assert shop is not None and shop.route is not None and shop.route.describe() == "192.0.2.10"
+    free = next(plan for plan in p.plans if plan.name == "free")
+    assert free.sending is not None and free.sending.describe() == \
+        "pool bulk (192.0.2.11, 192.0.2.12)"
+    readme = (repo / "README.md").read_text()
+    block = readme[readme.index("```\n# 192.0.2.10: ") + 4:]
+    block = block[:block.index("```")]
+    assert block in postfixconf.transports(p)

@@ -56,6 +56,7 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"{len(startcheck.files_to_read(policy))}")
     findings += startcheck.port_findings(startcheck.listen_ports(policy))
     findings += startcheck.sending_ip_findings(policy)
+    findings += startcheck.transport_findings(policy)
     for warning in (startcheck.tracker_finding(policy), startcheck.redis_finding(policy.redis_url)):
         if warning is not None:
             findings.append(warning)

@@ -12,7 +12,10 @@ import errno
 import json
 import os
 import pwd
+import re
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,6 +34,7 @@ __all__ = [
     "redis_finding",
     "sending_ip_findings",
     "tracker_finding",
+    "transport_findings",
     "unit_user",
 ]
 
@@ -199,6 +203,41 @@ def sending_ip_findings(policy: Policy) -> list[Finding]:
         if err is not None:
             out.append(Finding("error", f"sending_ips.{ip.address}: not usable on this host "
                                         f"({err}); configure the address, or remove it"))
+    return out
+
+
+def transport_findings(policy: Policy, postconf: str = "postconf") -> list[Finding]:
+    """Each sending address's transport must be in Postfix's master.cf (`postconf -M`,
+    which honours MAIL_CONFIG), bound to it: policyd's FILTER to a missing one leaves the
+    mail in the queue. No postconf on this host: nothing to check."""
+    if not policy.sending_ips or shutil.which(postconf) is None:
+        return []
+    try:
+        done = subprocess.run([postconf, "-M", *(f"{ip.transport}/unix" for ip in policy.sending_ips)],
+                              capture_output=True, stdin=subprocess.DEVNULL, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return [Finding("warning", f"sending_ips: cannot read Postfix's master.cf ({e})")]
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()
+        return [Finding("warning", "sending_ips: cannot read Postfix's master.cf (postconf -M: "
+                                   f"{detail[-1] if detail else done.returncode})")]
+    services: dict[str, str] = {}  # name: its line (postconf -M prints one per service)
+    for line in done.stdout.decode(errors="replace").splitlines():
+        if line.strip():
+            services[line.split()[0]] = line
+    out = []
+    for ip in policy.sending_ips:
+        service = services.get(ip.transport)
+        bind = f"smtp_bind_address{'6' if ip.ipv6 else ''}={ip.address}"
+        if service is None:
+            out.append(Finding("error", f"sending_ips.{ip.address}: Postfix's master.cf has no "
+                                        f"{ip.transport} service (relaylab postfix transports "
+                                        "prints it; add it, then postfix reload)"))
+        elif not re.search(r"[\s{]" + re.escape(bind).replace("=", r"\s*=\s*") + r"(?=[\s}]|$)",
+                           service):
+            out.append(Finding("error", f"sending_ips.{ip.address}: the {ip.transport} service in "
+                                        f"Postfix's master.cf lacks -o {bind} (relaylab postfix "
+                                        "transports prints it)"))
     return out
 
 

@@ -6,6 +6,8 @@ test, and logd reading the delivery lines of the transports."""
 from __future__ import annotations
 
 import calendar
+import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -235,16 +237,47 @@ def test_postfix_transports_without_sending_ips_says_so(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ relaylab check
 
 
+def postfix_conf(tmp_path: Path, master: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Postfix config directory of our own for postconf (MAIL_CONFIG)."""
+    d = tmp_path / "postfix"
+    d.mkdir()
+    (d / "main.cf").write_text("")
+    (d / "master.cf").write_text("smtp unix - - n - - smtp\n" + master)
+    monkeypatch.setenv("MAIL_CONFIG", str(d))
+
+
 def test_check_fails_naming_an_address_this_host_does_not_have(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    policy(tmp_path, ips="  192.0.2.77:\n")
-    me = __import__("pwd").getpwuid(__import__("os").geteuid()).pw_name
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    p = policy(tmp_path, ips="  192.0.2.77:\n")
+    postfix_conf(tmp_path, postfixconf.transports(p), monkeypatch)
+    me = pwd.getpwuid(os.geteuid()).pw_name
     assert main(["check", "--config", str(tmp_path / "relaylab.yaml"), "--as-user", me]) == 1
     err = capsys.readouterr().err
     assert "error: sending_ips.192.0.2.77: not usable on this host (Cannot assign requested " \
            "address); configure the address, or remove it" in err, err
-    # The loopback addresses are this host's (all of 127.0.0.0/8 is on lo): no finding.
-    assert "127.0.0.2" not in err and "127.0.0.3" not in err
+    # The loopback addresses are this host's (all of 127.0.0.0/8 is on lo), and
+    # master.cf has every transport: nothing else.
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        line for line in err.splitlines() if "192.0.2.77" in line]
+
+
+def test_check_fails_when_master_cf_lacks_a_transport_or_binds_it_elsewhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = policy(tmp_path)
+    full = postfixconf.transports(p)
+    postfix_conf(tmp_path, full.replace("relaylab-ip-127-0-0-3 unix", "other-3 unix")
+                 .replace("smtp_bind_address=127.0.0.4", "smtp_bind_address=127.0.0.44"),
+                 monkeypatch)
+    assert [str(f) for f in startcheck.transport_findings(p)] == [
+        "error: sending_ips.127.0.0.3: Postfix's master.cf has no relaylab-ip-127-0-0-3 "
+        "service (relaylab postfix transports prints it; add it, then postfix reload)",
+        "error: sending_ips.127.0.0.4: the relaylab-ip-127-0-0-4 service in Postfix's "
+        "master.cf lacks -o smtp_bind_address=127.0.0.4 (relaylab postfix transports prints it)"]
+    # All there (one written in the -o { name = value } form): nothing.
+    (tmp_path / "postfix" / "master.cf").write_text(full.replace(
+        "-o smtp_bind_address=127.0.0.3", "-o { smtp_bind_address = 127.0.0.3 }"))
+    assert startcheck.transport_findings(p) == []
 
 
 def test_check_finds_nothing_when_every_address_binds(tmp_path: Path) -> None:

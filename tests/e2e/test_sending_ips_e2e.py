@@ -10,10 +10,12 @@ transports' delivery lines."""
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from relaylab.devstack.sink import read_envelope
 from relaylab.devstack.smtp import SMTPSession
@@ -48,7 +50,7 @@ class RoutedStack(RelayStack):
 @pytest.fixture(scope="module")
 def routed() -> Iterator[RoutedStack]:
     workdir = make_workdir("relaylab-ips-")
-    st = RoutedStack(workdir, ACCOUNTS, sending_transports=True)
+    st = RoutedStack(workdir, ACCOUNTS, sending_transports=True, logd_name="ips")
     # A FILTER without a next hop would go to the recipient's domain (relayhost does not
     # apply): here, as behind a smarthost, default_filter_nexthop names the sink.
     st.postfix.extra_main["default_filter_nexthop"] = f"[127.0.0.1]:{st.sink.port}"
@@ -123,6 +125,22 @@ def test_two_subaccounts_leave_from_their_own_addresses_and_one_without_from_the
     for qid, peer in qids.items():
         agent = "postfix-" if peer == "127.0.0.1" else f"postfix/relaylab-ip-{peer.replace('.', '-')}"
         assert f" {agent}" in lines[qid].decode(), lines[qid]
+    # relaylab logd, following this Postfix's log, recorded each delivery as ok.
+    subs = {OWN: 2, PLANNED: 1, PLAIN: 1}
+    assert ok_events(st, subs) == {qid: "ok" for qid in qids}
+
+
+def ok_events(st: RelayStack, subs: dict[str, int], timeout: float = 20) -> dict[str, str]:
+    """queue id -> event type of the ok events in each subaccount's stream, once each
+    has `subs[name]` of them."""
+    r = redis.Redis.from_url(st.redis.url, decode_responses=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {name: [f for _, f in r.xrange(f"rl:{{sub:{name}}}:events") if f["type"] == "ok"]
+                 for name in subs}
+        if all(len(found[n]) >= c for n, c in subs.items()) or time.monotonic() > deadline:
+            return {f["queue_id"]: f["type"] for fs in found.values() for f in fs}
+        time.sleep(0.1)
 
 
 def test_a_pool_sends_each_recipient_from_its_address_of_the_pool(stack: RoutedStack) -> None:

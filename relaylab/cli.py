@@ -9,6 +9,7 @@ import pwd
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relaylab.cliargs import (
     closed_pipe_exit,
@@ -20,6 +21,9 @@ from relaylab.cliargs import (
 )
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.suppression.cli import register as register_suppression
+
+if TYPE_CHECKING:
+    from relaylab.postfixconf import PostconfCommand
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -66,16 +70,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_postfix_config(args: argparse.Namespace) -> int:
-    import subprocess
-
     from relaylab import postfixconf
 
     policy = load_or_exit(args, check_keys=False)
     if not args.apply:
         sys.stdout.write(postfixconf.script(policy))
         return 0
+    return _postconf(postfixconf.commands(policy))
+
+
+def _postconf(cmds: Sequence[PostconfCommand]) -> int:
+    import subprocess
+
+    from relaylab import postfixconf
+
     try:
-        postfixconf.apply(postfixconf.commands(policy))
+        postfixconf.apply(cmds)
     except subprocess.CalledProcessError as e:
         detail = (e.stderr or b"").decode(errors="replace").strip()
         print(f"relaylab: {' '.join(e.cmd)} failed: {detail}", file=sys.stderr)
@@ -90,8 +100,14 @@ def cmd_postfix_config(args: argparse.Namespace) -> int:
 def cmd_postfix_transports(args: argparse.Namespace) -> int:
     from relaylab import postfixconf
 
-    sys.stdout.write(postfixconf.transports(load_or_exit(args, check_keys=False)))
-    return 0
+    policy = load_or_exit(args, check_keys=False)
+    if not args.apply:
+        sys.stdout.write(postfixconf.transports(policy))
+        return 0
+    if not policy.sending_ips:
+        print(f"{policy.source}: no sending_ips: nothing to apply")
+        return 0
+    return _postconf(postfixconf.transport_commands(policy))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -260,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(pf, "transports", "print the master.cf transports (smtp_bind_address, "
                                   "smtp_helo_name) of the policy's sending_ips")
     config_arg(p)
+    p.add_argument("--apply", action="store_true",
+                   help="write them with postconf -M/-P (honours MAIL_CONFIG), then "
+                        "`postfix reload` yourself")
     p.set_defaults(func=cmd_postfix_transports)
 
     p = command(sub, "reload", "check the policy file, then have the running "

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import attrs
 
-from relaylab.policy.model import Policy
+from relaylab.policy.model import Policy, SendingIp
 
-__all__ = ["PostconfCommand", "apply", "commands", "script", "transports"]
+__all__ = ["PostconfCommand", "apply", "commands", "script", "transport_commands", "transports"]
 
 MILTER_MAIL_MACROS = "i {auth_type} {auth_authen} {auth_author} {mail_addr}"
 
@@ -143,21 +143,11 @@ def transports(policy: Policy) -> str:
         return (f"# {policy.source}: no sending_ips: every message leaves by Postfix's "
                 "default transport\n")
     lines = [f"# Sending addresses of the Relaylab policy {policy.source}.",
-             "# master.cf: append these services, then: postfix reload"]
+             "# master.cf: append these services (or: relaylab postfix transports --apply),",
+             "# then: postfix reload"]
     for ip in policy.sending_ips:
-        users = [s.name for s in policy.subaccounts if s.route and ip in s.route.ips]
-        users += [f"plan {p.name}" for p in policy.plans if p.sending and ip in p.sending.ips]
-        users += [f"pool {p.name}" for p in policy.ip_pools if ip in p.ips]
-        lines += ["", f"# {ip.address}: {', '.join(users) or 'not used yet'}",
-                  f"{ip.transport} unix - - n - - smtp",
-                  f"  -o syslog_name=postfix/{ip.transport}",
-                  # This address family only: no fallback to the host's default address.
-                  f"  -o inet_protocols={'ipv6' if ip.ipv6 else 'ipv4'}",
-                  f"  -o smtp_bind_address{'6' if ip.ipv6 else ''}={ip.address}",
-                  # Cannot bind it (address gone)? Defer, rather than leave from another.
-                  "  -o smtp_bind_address_enforce=yes"]
-        if ip.helo:
-            lines.append(f"  -o smtp_helo_name={ip.helo}")
+        lines += ["", f"# {ip.address}: {_users(policy, ip)}", _SERVICE.format(ip.transport)]
+        lines += [f"  -o {name}={value}" for name, value in _options(ip)]
     lines += ["", "# main.cf: a FILTER without a next hop goes to default_filter_nexthop, or,",
               "# when that is empty (the default), to the recipient's domain (by MX). Relaying",
               "# through a smarthost (relayhost)? FILTER bypasses relayhost: set",
@@ -165,3 +155,40 @@ def transports(policy: Policy) -> str:
               "# Every address must be configured on this host (relaylab check tries to bind",
               "# each one)."]
     return "\n".join(lines) + "\n"
+
+
+_SERVICE = "{0} unix - - n - - smtp"
+
+
+def _users(policy: Policy, ip: SendingIp) -> str:
+    users = [s.name for s in policy.subaccounts if s.route and ip in s.route.ips]
+    users += [f"plan {p.name}" for p in policy.plans if p.sending and ip in p.sending.ips]
+    users += [f"pool {p.name}" for p in policy.ip_pools if ip in p.ips]
+    return ", ".join(users) or "not used yet"
+
+
+def _options(ip: SendingIp) -> list[tuple[str, str]]:
+    """The -o options of an address's transport."""
+    out = [("syslog_name", f"postfix/{ip.transport}"),
+           # This address family only: no fallback to the host's default address.
+           ("inet_protocols", "ipv6" if ip.ipv6 else "ipv4"),
+           ("smtp_bind_address6" if ip.ipv6 else "smtp_bind_address", ip.address),
+           # Cannot bind it (address gone)? Defer, rather than leave from another.
+           ("smtp_bind_address_enforce", "yes")]
+    if ip.helo:
+        out.append(("smtp_helo_name", ip.helo))
+    return out
+
+
+def transport_commands(policy: Policy) -> list[PostconfCommand]:
+    """`relaylab postfix transports --apply`: the services as postconf commands. `-M`
+    replaces a service's whole entry (options an earlier run set included), so running
+    them again after a policy change leaves exactly the policy's options."""
+    out = []
+    for ip in policy.sending_ips:
+        t = ip.transport
+        out.append(PostconfCommand(("postconf", "-M", f"{t}/unix = {_SERVICE.format(t)}"),
+                                   f"{ip.address}: {_users(policy, ip)}"))
+        out += [PostconfCommand(("postconf", "-P", f"{t}/unix/{name} = {value}"))
+                for name, value in _options(ip)]
+    return out

@@ -280,6 +280,29 @@ def test_check_fails_when_master_cf_lacks_a_transport_or_binds_it_elsewhere(
     assert startcheck.transport_findings(p) == []
 
 
+def test_postfix_transports_apply_writes_master_cf_and_a_rerun_drops_stale_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    p = policy(tmp_path)
+    # An older entry for 127.0.0.2: bound elsewhere, with an option the policy never had.
+    postfix_conf(tmp_path, "relaylab-ip-127-0-0-2 unix - - n - - smtp\n"
+                           "  -o smtp_bind_address=127.0.0.9\n  -o smtp_tls_security_level=none\n",
+                 monkeypatch)
+    assert [str(f) for f in startcheck.transport_findings(p)][:1] == [
+        "error: sending_ips.127.0.0.2: the relaylab-ip-127-0-0-2 service in Postfix's master.cf "
+        "lacks -o smtp_bind_address=127.0.0.2 (relaylab postfix transports prints it)"]
+    config = str(tmp_path / "relaylab.yaml")
+    for _ in range(2):  # twice: the same result
+        assert main(["postfix", "transports", "--config", config, "--apply"]) == 0
+        assert "applied" in capsys.readouterr().out
+        assert startcheck.transport_findings(p) == []
+        master = (tmp_path / "postfix" / "master.cf").read_text()
+        assert "smtp_tls_security_level" not in master and "127.0.0.9" not in master
+        assert master.count(" unix - -   n       -       -       smtp\n") == 3
+        assert "relaylab-ip-127-0-0-2 unix" in master and \
+            "    -o smtp_helo_name=out2.relay.test\n" in master
+
+
 def test_check_finds_nothing_when_every_address_binds(tmp_path: Path) -> None:
     assert startcheck.sending_ip_findings(policy(tmp_path)) == []
 

@@ -2,7 +2,8 @@
 message id, tags, envelope sender and recipients a Postfix queue id stands for.
 
 Stored as one string (key relaylab.suppression.keys.queue_key) so that logd fetches a
-whole batch's notes with one MGET: fields separated by TAB, which no SMTP envelope
+whole batch's notes with one script call (logd/service.py NOTES, one string back, a note
+per line; MGET if a note holds a newline after all): fields separated by TAB, which no SMTP envelope
 address, subaccount name, message id or tag can contain (RFC 5321 allows no control
 characters in addresses; the others are restricted by the policy loader and the milter).
 """

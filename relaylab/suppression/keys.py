@@ -30,7 +30,7 @@ rl:{q}:QUEUEID                 string  the milter's note on an accepted       6 
                                        events/note.py): subaccount, message   queue lifetime is
                                        id, tags, sender, recipients; one slot 5); logd deletes it
                                        for all, so logd reads a batch's notes once Postfix logs
-                                       with one MGET                          "removed"
+                                       with one script call                   "removed"
 rl:{q}:m:MESSAGEID             string  the same note by Relaylab message id,  7 days
                                        for `relaylab bounces` (reports come
                                        back days later); written only with

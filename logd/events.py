@@ -19,6 +19,7 @@ postfix_log.scan() finds (tests/unit/test_logd.py checks the two agree on a corp
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 
 import attrs
@@ -58,19 +59,17 @@ def _b(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
-def _event(fields: list[bytes]) -> bytes:
-    """One event's arguments for APPLY (relaylab/events/apply.py event_args), encoded."""
-    return _b(b"%d" % len(fields)) + b"".join([b"$%d\r\n%b\r\n" % (len(f), f) for f in fields])
+def _event(values: list[bytes]) -> bytes:
+    """One event's arguments for LOGD_APPLY (relaylab/events/apply.py), encoded: their
+    number, then type, position, the stream fields' values, name-value pairs."""
+    return _b(b"%d" % len(values)) + b"".join([b"$%d\r\n%b\r\n" % (len(v), v) for v in values])
 
 
-# A status=sent event, APPLY's arguments encoded (the 27 after its count, event_args):
-# position, type, time, daily and hourly key indexes, no address, no entry, then the
-# stream fields type, queue_id, message_id, recipient, ts, dsn, status, relay, delay,
-# reply (tags: NoteInfo.tail). What _event() would make of them, without the calls.
-_OK = (b"%b$%d\r\n%b\r\n$2\r\nok\r\n%b%b$0\r\n\r\n$0\r\n\r\n$4\r\ntype\r\n$2\r\nok\r\n"
-       b"$8\r\nqueue_id\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n$2\r\nts\r\n%b$3\r\ndsn\r\n$%d\r\n%b\r\n"
-       b"$6\r\nstatus\r\n$4\r\nsent\r\n$5\r\nrelay\r\n$%d\r\n%b\r\n$5\r\ndelay\r\n$%d\r\n%b\r\n"
-       b"$5\r\nreply\r\n$%d\r\n%b\r\n%b")
+# A status=sent event as _event() encodes it, without the calls: its count and type
+# (NoteInfo.ok), position, queue id and message id (NoteInfo.ids), recipient, ts, dsn,
+# status, relay, delay, reply, then the tags (NoteInfo.tail).
+_OK = (b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$4\r\nsent\r\n$%d\r\n%b\r\n"
+       b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b")
 
 
 def _entry(address: str, at: int, cls: Class, dsn: str, reply: str) -> bytes:
@@ -85,34 +84,37 @@ def _utf8(b: bytes) -> bytes:
 
 
 class NoteInfo:
-    """A note as the hot loop needs it: subaccount, the fields every event carries (bytes),
-    and the note itself (for expiries, decoded when needed)."""
+    """A queue id's note as the hot loop needs it: subaccount, the encoded values every
+    event of the queue id carries, and the note itself (for expiries, decoded when
+    needed)."""
 
-    __slots__ = ("head", "message_id", "ok", "raw", "subaccount", "tags", "tail")
+    __slots__ = ("count", "ids", "message_id", "ok", "raw", "subaccount", "tags", "tail")
 
-    def __init__(self, raw: bytes, subaccount: str, message_id: bytes, tags: bytes) -> None:
+    def __init__(self, raw: bytes, subaccount: str, queue_id: bytes, message_id: bytes,
+                 tags: bytes) -> None:
         self.raw = raw
         self.subaccount = subaccount
         self.message_id = message_id
         self.tags = tags
-        # Encoded: the fields after the queue id's value up to the recipient's value, and
-        # after the reply (tags, if any); an ok event's argument count (_OK).
-        self.head = b"$10\r\nmessage_id\r\n$%d\r\n%b\r\n$9\r\nrecipient\r\n" % (
-            len(message_id), message_id)
+        # Encoded: queue id and message id; the tags (if any); an ok event's count and
+        # type, and its number of arguments (_OK).
+        self.ids = b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(queue_id), queue_id, len(message_id),
+                                                       message_id)
         self.tail = b"$4\r\ntags\r\n$%d\r\n%b\r\n" % (len(tags), tags) if tags else b""
-        self.ok = b"$2\r\n29\r\n" if tags else b"$2\r\n27\r\n"
+        self.ok = b"$2\r\n13\r\n$2\r\nok\r\n" if tags else b"$2\r\n11\r\n$2\r\nok\r\n"
+        self.count = 14 if tags else 12
 
     @classmethod
-    def decode(cls, raw: bytes) -> NoteInfo | None:
+    def decode(cls, queue_id: bytes, raw: bytes) -> NoteInfo | None:
         """What Note.decode() reads (None where it finds no note)."""
         parts = raw.split(b"\t", 3)
         if len(parts) < 4 or not parts[0] or not parts[1]:
             return None
         if raw.isascii():
-            return cls(raw, parts[0].decode(), parts[1], parts[2])
+            return cls(raw, parts[0].decode(), queue_id, parts[1], parts[2])
         note = Note.decode(raw)
         assert note is not None
-        return cls(raw, note.subaccount, note.message_id.encode(), note.tags.encode())
+        return cls(raw, note.subaccount, queue_id, note.message_id.encode(), note.tags.encode())
 
     @property
     def note(self) -> Note:
@@ -122,31 +124,50 @@ class NoteInfo:
 
 
 class _Sub:
-    __slots__ = ("count", "hours", "keys", "parts")
+    __slots__ = ("bounces", "count", "nb", "ok_times", "parts", "typed")
 
-    def __init__(self, sub: str, name: str) -> None:
-        self.keys = [events_key(sub), logd_position_key(sub, name),
-                     list_key(sub, ListKind.BLACKLIST), bounces_key(sub)]
-        self.hours: dict[int, tuple[bytes, bytes, bytes]] = {}  # hour -> encoded, daily, hourly
-        self.parts: list[bytes] = []  # encoded arguments
-        self.count = 0  # how many
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []  # encoded events
+        self.count = 0  # how many arguments they are
+        self.ok_times: list[int] = []  # of the ok events: their times
+        self.typed: list[tuple[bytes, int]] = []  # of the others: type, time
+        self.bounces: list[bytes] = []  # encoded (position, type, address, time, entry)
+        self.nb = 0
 
-    def hour(self, sub: str, at: int) -> tuple[bytes, bytes, bytes]:
-        """The indexes in KEYS of at's daily and hourly counters: encoded, and as text."""
-        h = at // 3600
-        dh = self.hours.get(h)
-        if dh is None:
-            keys = self.keys
-            daily = daily_key(sub, at)
+    def args(self, sub: str, name: str) -> tuple[list[str], Encoded]:
+        """LOGD_APPLY's KEYS, and its arguments from the fifth on, encoded."""
+        keys = [events_key(sub), logd_position_key(sub, name),
+                list_key(sub, ListKind.BLACKLIST), bounces_key(sub)]
+        counts: dict[tuple[int, bytes], int] = {}
+        for at, n in Counter(self.ok_times).items():
+            ht = (at // 3600, b"ok")
+            counts[ht] = counts.get(ht, 0) + n
+        for (t, at), n in Counter(self.typed).items():
+            ht = (at // 3600, t)
+            counts[ht] = counts.get(ht, 0) + n
+        hours: dict[int, tuple[int, int]] = {}  # hour -> KEYS indexes (1-based)
+        for h in sorted({h for h, _ in counts}):
+            daily = daily_key(sub, h * 3600)
             if daily in keys:
                 d = keys.index(daily) + 1
             else:
                 keys.append(daily)
-                d = len(keys)  # Lua's KEYS is 1-based
-            keys.append(hourly_key(sub, at))
-            d_b, h_b = b"%d" % d, b"%d" % len(keys)
-            dh = self.hours[h] = (_b(d_b) + _b(h_b), d_b, h_b)
-        return dh
+                d = len(keys)
+            keys.append(hourly_key(sub, h * 3600))
+            hours[h] = (d, len(keys))
+        by_key: dict[tuple[int, bytes], int] = {}
+        for (h, t), n in counts.items():
+            for k in hours[h]:
+                by_key[(k, t)] = by_key.get((k, t), 0) + n
+        head = [b"%d" % len(by_key)]
+        for (k, t), n in by_key.items():
+            head += [b"%d" % k, t, b"%d" % n]
+        head.append(b"%d" % len(hours))
+        for h, (d, hh) in hours.items():
+            head += [b"%d" % h, b"%d" % d, b"%d" % hh]
+        head.append(b"%d" % self.nb)
+        return keys, Encoded(len(head) + 5 * self.nb + self.count, b"".join(
+            [*(_b(x) for x in head), *self.bounces, *self.parts]))
 
 
 @attrs.define
@@ -161,9 +182,10 @@ class Found:
 
 @attrs.define
 class Batch:
-    """What a buffer came to: APPLY's (subaccount, (KEYS, ARGV)) calls (see args()), the
-    queue ids Postfix removed, and counts."""
+    """What a buffer came to: LOGD_APPLY's (subaccount, (KEYS, ARGV)) calls (see calls()),
+    the queue ids Postfix removed, and counts."""
 
+    name: str = ""  # logd's
     subs: dict[str, _Sub] = attrs.field(factory=dict)
     removed: list[bytes] = attrs.field(factory=list)
     lines: int = 0
@@ -177,10 +199,10 @@ class Batch:
         out: Calls = []
         for sub, st in self.subs.items():
             plan = plans[sub]
-            out.append((sub, (st.keys, [
+            keys, encoded = st.args(sub, self.name)
+            out.append((sub, (keys, [
                 str(events_minid(now, plan.retention_days)), str(plan.bounces_before_block),
-                str(plan.soft_count), str(plan.soft_seconds), "0",
-                Encoded(st.count, b"".join(st.parts))])))
+                str(plan.soft_count), str(plan.soft_seconds), encoded])))
         return out
 
 
@@ -225,23 +247,20 @@ class Builder:
         out.queue_ids.update(i[0] for i in items)
         return out
 
-    def _time(self, buf: bytes, start: int) -> tuple[int, bytes, bytes]:
-        head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
-        t = self._times.get(head)
-        if t is None:
-            at = int(self.when(head))
-            if len(self._times) > 4096:
-                self._times.clear()
-            t = self._times[head] = (at, b"%d" % at, _b(b"%d" % at))
+    def _time(self, head: bytes) -> tuple[int, bytes, bytes]:
+        at = int(self.when(head))
+        if len(self._times) > 4096:
+            self._times.clear()
+        t = self._times[head] = (at, b"%d" % at, _b(b"%d" % at))
         return t
 
     def build(self, f: Found, base: int, notes: Callable[[bytes], NoteInfo | None]) -> Batch:
         """f: find()'s; base: the log position of the buffer's first byte
         (logd/follow.position); notes: a queue id's note, or None."""
         buf = f.buf
-        out = Batch(lines=buf.count(b"\n"), bad=f.bad, bad_samples=f.bad_samples)
+        out = Batch(self.name, lines=buf.count(b"\n"), bad=f.bad, bad_samples=f.bad_samples)
         ascii_only = buf.isascii()
-        subs, final, name = out.subs, self._final, self.name
+        subs, final, times = out.subs, self._final, self._times
         removed = out.removed = REMOVED_IN_BUFFER.findall(buf)
         records = len(removed) + len(f.items)
         for qid, start, m in f.items:
@@ -252,11 +271,14 @@ class Builder:
             if info is None:
                 out.uncorrelated += 1
                 continue
-            sub = info.subaccount
-            st = subs.get(sub)
+            st = subs.get(info.subaccount)
             if st is None:
-                st = subs[sub] = _Sub(sub, name)
-            at, at_b, at_e = self._time(buf, start)
+                st = subs[info.subaccount] = _Sub()
+            # the line's time: its first 15 bytes (classic syslog), or 32 (RFC 3339)
+            head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
+            t = times.get(head)
+            if t is None:
+                t = self._time(head)
             to, relay, delay, dsn, status, text = m.groups()[:6]
             if text is None:
                 text = b""
@@ -267,17 +289,17 @@ class Builder:
             if status == b"sent":  # most lines: nothing to classify
                 pos = b"%d" % (base + m.end())
                 st.parts.append(_OK % (
-                    info.ok, len(pos), pos, at_e, st.hour(sub, at)[0], len(qid), qid, info.head,
-                    len(to), to, at_e, len(dsn), dsn, len(relay), relay, len(delay), delay,
-                    len(text), text, info.tail))
-                st.count += 30 if info.tail else 28
+                    info.ok, len(pos), pos, info.ids, len(to), to, t[2], len(dsn), dsn,
+                    len(relay), relay, len(delay), delay, len(text), text, info.tail))
+                st.count += info.count
+                st.ok_times.append(t[0])
                 done = final.get(qid)
                 if done is None:
                     final[qid] = [to]
                 else:
                     done.append(to)
                 continue
-            self._other(st, sub, info, base + m.end(), at, at_b, qid, to, relay, delay, dsn,
+            self._other(st, info, base + m.end(), t[0], t[1], qid, to, relay, delay, dsn,
                         status, text)
         out.records = records
         out.events = sum(len(st.parts) for st in subs.values())  # one part per event
@@ -293,9 +315,9 @@ class Builder:
             out.bad, out.bad_samples = s.bad, s.bad_samples
         return out
 
-    def _other(self, st: _Sub, sub: str, info: NoteInfo, pos: int, at: int, at_b: bytes,
-               qid: bytes, to: bytes, relay: bytes, delay: bytes, dsn: bytes, status: bytes,
-               text: bytes) -> None:
+    def _other(self, st: _Sub, info: NoteInfo, pos: int, at: int, at_b: bytes, qid: bytes,
+               to: bytes, relay: bytes, delay: bytes, dsn: bytes, status: bytes, text: bytes
+               ) -> None:
         """A delivery line other than status=sent: classified."""
         key = (status, dsn, text)
         known = self._classes.get(key)
@@ -311,47 +333,45 @@ class Builder:
                 self._final[qid] = [to]
             else:
                 f.append(to)
-        address = entry = b""
+        pos_b = b"%d" % pos
         if cls is Class.HARDBOUNCE or cls is Class.SOFTBOUNCE:
             try:
                 addr = normalize_address(to.decode())
             except InvalidAddress:  # nothing to blacklist
                 pass
             else:
-                address = addr.encode()
-                entry = _entry(addr, at, cls, dsn.decode(), text.decode())
-        _, d, h = st.hour(sub, at)
-        fields = [b"%d" % pos, type_, at_b, d, h, address, entry,
-                  b"type", type_, b"queue_id", qid, b"message_id", info.message_id,
-                  b"recipient", to, b"ts", at_b, b"dsn", dsn, b"status", status, b"relay", relay,
-                  b"delay", delay, b"reply", text]
+                st.bounces.append(b"".join([_b(pos_b), _b(type_), _b(addr.encode()), _b(at_b),
+                                            _b(_entry(addr, at, cls, dsn.decode(), text.decode()))]))
+                st.nb += 1
+        values = [type_, pos_b, qid, info.message_id, to, at_b, dsn, status, relay, delay, text]
         if info.tags:
-            fields += [b"tags", info.tags]
+            values += [b"tags", info.tags]
         if pattern:
-            fields += [b"pattern", pattern]
-        st.parts.append(_event(fields))
-        st.count += len(fields) + 1
+            values += [b"pattern", pattern]
+        st.parts.append(_event(values))
+        st.count += len(values) + 1
+        st.typed.append((type_, at))
 
     def _expired(self, out: Batch, buf: bytes, start: int, end: int, qid: bytes, base: int,
                  info: NoteInfo | None) -> None:
         if info is None:
             out.uncorrelated += 1
             return
-        sub = info.subaccount
-        st = out.subs.get(sub)
+        st = out.subs.get(info.subaccount)
         if st is None:
-            st = out.subs[sub] = _Sub(sub, self.name)
-        at, at_b, _ = self._time(buf, start)
-        _, d, h = st.hour(sub, at)
+            st = out.subs[info.subaccount] = _Sub()
+        head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
+        t = self._times.get(head)
+        at, at_b, _ = t if t is not None else self._time(head)
         done = {r.decode("utf-8", "replace").lower() for r in self._final.get(qid, [])}
+        pos_b = b"%d" % (base + end)
         for rcpt in info.note.recipients:
             if rcpt.lower() in done:
                 continue
-            fields = [b"%d" % (base + end), b"expired", at_b, d, h, b"", b"",
-                      b"type", b"expired", b"queue_id", qid, b"message_id", info.message_id,
-                      b"recipient", rcpt.encode(), b"ts", at_b]
+            values = [b"expired", pos_b, qid, info.message_id, rcpt.encode(), at_b]
             if info.tags:
-                fields += [b"tags", info.tags]
-            st.parts.append(_event(fields))
-            st.count += len(fields) + 1
+                values += [b"tags", info.tags]
+            st.parts.append(_event(values))
+            st.count += len(values) + 1
+            st.typed.append((b"expired", at))
         self.forget(qid)

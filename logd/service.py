@@ -21,10 +21,10 @@ from typing import TypeVar
 
 import attrs
 
-from logd.events import Builder, NoteInfo
+from logd.events import Builder, Found, NoteInfo
 from logd.follow import Checkpoint, LogFollower, position
 from logd.redisconn import sync_resp
-from relaylab.events.apply import APPLY, Applied, Calls, SubaccountPlan, applied
+from relaylab.events.apply import LOGD_APPLY, Applied, Calls, SubaccountPlan, applied
 from relaylab.limits.lua import Script
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
@@ -33,6 +33,8 @@ from relaylab.resp import RedisReplyError, RedisUnavailable, encode_command
 from relaylab.suppression.keys import checkpoint_key, queue_key
 
 NOTE_PREFIX = queue_key("XXXXX")[:-5]  # rl:{q}:
+_PREFIX = NOTE_PREFIX.encode()
+_PREFIX_LEN = len(_PREFIX)
 # The notes of KEYS, one per line ("" for none): notes have no newlines (note.py), and one
 # string is much cheaper to read than an array of as many.
 NOTES = Script("logd_notes", """
@@ -50,6 +52,21 @@ IDLE_POLL = 0.1  # seconds between looks at a log with nothing new
 NOTE_CACHE = 100_000  # queue ids whose note (or its absence) is remembered
 RETRY = 1.0  # seconds between attempts while Redis is unavailable
 STATS_EVERY = 60.0  # seconds between two event=progress lines
+
+
+@attrs.frozen
+class _Notes:
+    queue_ids: list[bytes]
+    command: bytes  # NOTES for them, encoded
+    sent: bool  # and not answered yet
+
+
+@attrs.frozen
+class _Next:
+    found: Found
+    base: int  # the log position of its first byte
+    checkpoint: Checkpoint  # where the log is read to once it is written
+    notes: _Notes | None  # asked for
 
 
 @attrs.frozen
@@ -91,6 +108,7 @@ class Logd:
         self._trigger_stamp = file_stamp(trigger_path(holder.path)) if holder else None
         self._next_policy_check = 0.0
         self._inflight: _Inflight | None = None
+        self._next: _Next | None = None  # read ahead
 
     # -- lifecycle -----------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -139,19 +157,22 @@ class Logd:
     def step(self) -> bool:
         """Handle the next batch of whole lines; False if there was none.
 
-        Pipelined: a batch's scripts are sent, and their replies read (then its
-        checkpoint saved) only after the next batch has been read, parsed and turned into
-        events, so that Redis runs them while this process works on. The next batch's
-        notes come over a second connection, which Redis answers between the scripts.
-        The checkpoint still follows the replies."""
-        got = self.follower.read()
-        if got is None:
-            self._finish()
-            return False
-        data, generation, offset = got
-        found = self.builder.find(data)
-        self._fetch_notes(found.queue_ids)
-        batch = self.builder.build(found, position(generation, offset), self.notes.get)
+        Pipelined, so that Redis works while this process does: a batch's notes are
+        asked for (over a second connection) as soon as it is read and parsed, before the
+        previous batch's scripts are sent; its scripts are sent once it is turned into
+        events, and their replies read (then its checkpoint saved) only after the next
+        batch has been read, parsed, its notes asked for, and turned into events. The
+        checkpoint still follows the replies."""
+        cur = self._next
+        self._next = None
+        if cur is None:
+            cur = self._prepare()
+            if cur is None:
+                self._finish()
+                return False
+        self._collect_notes(cur.notes)
+        self._next = self._prepare()  # read ahead: its notes come while Redis works on
+        batch = self.builder.build(cur.found, cur.base, self.notes.get)
         self._finish()
         self.stats.lines += batch.lines
         self.stats.bad += batch.bad
@@ -159,17 +180,27 @@ class Logd:
         self.stats.uncorrelated += batch.uncorrelated
         for sample in batch.bad_samples[:1]:
             log_event(log, "bad_line", logging.DEBUG, line=sample.decode("utf-8", "replace"))
-        self.follower.advance(len(data))
         calls: Calls = []
         if batch.subs:
             policy = self._policy()
             calls = batch.calls({sub: SubaccountPlan.of(policy, sub) for sub in batch.subs},
                                 time.time())
             scripts = [c for _, c in calls]
-            self._redis(lambda: self.conn.evalsha_send(APPLY, scripts))
-        self._inflight = _Inflight(calls, self.follower.checkpoint, batch.removed)
+            self._redis(lambda: self.conn.evalsha_send(LOGD_APPLY, scripts))
+        self._inflight = _Inflight(calls, cur.checkpoint, batch.removed)
         self.stats.batches += 1
         return True
+
+    def _prepare(self) -> _Next | None:
+        """The next whole lines read and parsed, the notes they need asked for."""
+        got = self.follower.read()
+        if got is None:
+            return None
+        data, generation, offset = got
+        found = self.builder.find(data)
+        self.follower.advance(len(data))
+        return _Next(found, position(generation, offset), self.follower.checkpoint,
+                     self._ask_notes(found.queue_ids))
 
     def _finish(self) -> None:
         """The replies of the batch in flight, then its checkpoint."""
@@ -184,8 +215,9 @@ class Logd:
                 return Applied()
             if first[0]:
                 first[0] = False
-                return applied(fl.calls, self.conn.evalsha_receive(APPLY, scripts, len(scripts)))
-            return applied(fl.calls, self.conn.evalsha_all(APPLY, scripts))  # again, whole
+                return applied(fl.calls, self.conn.evalsha_receive(LOGD_APPLY, scripts,
+                                                                   len(scripts)))
+            return applied(fl.calls, self.conn.evalsha_all(LOGD_APPLY, scripts))  # again
 
         result = self._redis(attempt)
         self.stats.events += result.written
@@ -200,31 +232,56 @@ class Logd:
     def _policy(self) -> Policy | None:
         return self.holder.policy if self.holder is not None else None
 
-    def _fetch_notes(self, queue_ids: set[bytes]) -> None:
-        """The notes of queue ids not seen yet: one script (every note has the hash tag
-        {q}) answering them all in one string, one per line."""
+    def _ask_notes(self, queue_ids: set[bytes]) -> _Notes | None:
+        """Ask for the notes of queue ids not seen yet: one script (every note has the
+        hash tag {q}) answering them all in one string, one per line. Not waited for."""
         notes = self.notes
         missing = [q for q in queue_ids if q not in notes]
         if not missing:
-            return
+            return None
         # The parser only returns queue ids queue_key() accepts: the keys are built here.
-        keys = [NOTE_PREFIX + q.decode() for q in missing]
-        raws = self._redis(lambda: self._notes(keys))
-        decode = NoteInfo.decode
-        for q, raw in zip(missing, raws, strict=True):
-            notes[q] = decode(raw) if raw else None
+        n = b"%d" % len(missing)
+        command = b"".join([
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$%d\r\n%b\r\n" % (
+                len(missing) + 3, NOTES.sha.encode(), len(n), n),
+            *[b"$%d\r\n%b%b\r\n" % (len(q) + _PREFIX_LEN, _PREFIX, q) for q in missing]])
+        try:
+            self.notes_conn.send([command])
+            sent = True
+        except RedisUnavailable:
+            sent = False  # asked again when collected
+        return _Notes(missing, command, sent)
+
+    def _collect_notes(self, asked: _Notes | None) -> None:
+        if asked is None:
+            return
+        first = [asked.sent]
+
+        def attempt() -> list[bytes]:
+            conn = self.notes_conn
+            if first[0]:
+                first[0] = False
+                reply = conn.receive(1)[0]
+            else:
+                reply = conn.execute_all([asked.command])[0]
+            if isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT"):
+                conn.load_script(NOTES)
+                reply = conn.execute_all([asked.command])[0]
+            if isinstance(reply, RedisReplyError):
+                raise reply
+            raws: list[bytes] = reply.split(b"\n")
+            if len(raws) != len(asked.queue_ids):  # a note with a newline after all: MGET
+                raws = [raw or b"" for raw in conn.execute(
+                    "MGET", *(_PREFIX + q for q in asked.queue_ids))]
+            return raws
+
+        raws = self._redis(attempt)
+        notes, decode = self.notes, NoteInfo.decode
+        for q, raw in zip(asked.queue_ids, raws, strict=True):
+            notes[q] = decode(q, raw) if raw else None
         if len(notes) > NOTE_CACHE:
             for q in list(notes)[:len(notes) - NOTE_CACHE]:
                 del notes[q]
-
-    def _notes(self, keys: list[str]) -> list[bytes]:
-        reply = self.notes_conn.evalsha_all(NOTES, [(keys, [])])[0]
-        if isinstance(reply, RedisReplyError):
-            raise reply
-        raws: list[bytes] = reply.split(b"\n")
-        if len(raws) != len(keys):  # a note with a newline after all: the array, then
-            raws = [raw or b"" for raw in self.notes_conn.execute("MGET", *keys)]
-        return raws
 
     def _save(self, cp: Checkpoint, removed: list[bytes]) -> None:
         cmds = [encode_command(["HSET", checkpoint_key(self.name),
@@ -232,13 +289,14 @@ class Logd:
         # A removed message's note is of no more use once the checkpoint is past its
         # removal: a restart never re-reads its lines.
         gone = []
-        pop, forget, prefix = self.notes.pop, self.builder.forget, NOTE_PREFIX.encode()
+        pop, forget = self.notes.pop, self.builder.forget
         for q in removed:
             if pop(q, "unknown") is not None:  # unless we know it has none
-                gone.append(prefix + q)
+                gone.append(q)
             forget(q)
         if gone:
-            cmds.append(encode_command(["UNLINK", *gone]))
+            cmds.append(b"".join([b"*%d\r\n$6\r\nUNLINK\r\n" % (len(gone) + 1), *[
+                b"$%d\r\n%b%b\r\n" % (len(q) + _PREFIX_LEN, _PREFIX, q) for q in gone]]))
         self._redis(lambda: self.conn.execute_all(cmds))
 
     def _redis(self, work: Callable[[], T]) -> T:

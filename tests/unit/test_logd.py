@@ -138,7 +138,7 @@ def test_restart_resumes_at_the_checkpoint(env: tuple[str, Path], r: redis.Redis
     assert [e["recipient"] for e in events(r)] == rcpts
 
 
-def test_crash_after_the_events_before_the_checkpoint_repeats_nothing(
+def test_crash_after_the_events_before_the_checkpoint_repeats_nothing_nor_counts_twice(
         env: tuple[str, Path], r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     url, path = env
     rcpts = [f"r{i}@example.net" for i in range(50)]
@@ -158,6 +158,10 @@ def test_crash_after_the_events_before_the_checkpoint_repeats_nothing(
     d2 = run(url, path)
     assert [e["recipient"] for e in events(r)] == rcpts
     assert d2.stats.skipped == written
+    # counted once too: the batch read again counts only the events it writes
+    for kind in ("daily", "hourly"):
+        keys = all_keys(r, f"rl:{{sub:shop}}:{kind}:*")
+        assert len(keys) == 1 and r.hgetall(keys[0]) == {"ok": "50"}
 
 
 def test_hard_bounce_blacklists_once_whitelist_still_wins(env: tuple[str, Path],

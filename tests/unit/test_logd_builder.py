@@ -6,6 +6,7 @@ delivery, the same stream fields."""
 from __future__ import annotations
 
 import calendar
+import time
 from pathlib import Path
 
 from logd.events import _OK, Builder, NoteInfo, _b, _event
@@ -24,7 +25,7 @@ def when() -> TimeParser:
 def note(q: bytes) -> NoteInfo | None:
     raw = encode_note("shop", f"mid-{q.decode()}", ["t1"], "a@shop.example",
                       ["someone@example.net", "late@example.net"]).encode()
-    return NoteInfo.decode(raw)
+    return NoteInfo.decode(q, raw)
 
 
 def args(encoded: bytes) -> list[bytes]:
@@ -49,24 +50,55 @@ def test_builder_finds_the_records_and_bad_lines_scan_finds() -> None:
     assert batch.uncorrelated == 0
 
 
+DELIVERY_FIELDS = [b"type", b"position", b"queue_id", b"message_id", b"recipient", b"ts", b"dsn",
+                   b"status", b"relay", b"delay", b"reply"]
+
+
+def unpack(flat: list[bytes]) -> tuple[dict[tuple[bytes, bytes], int], list[list[bytes]],
+                                        list[list[bytes]], list[list[bytes]]]:
+    """LOGD_APPLY's arguments from the fifth on: counters {(KEYS index, type): n}, hours,
+    bounces, events (each its values, without their count)."""
+    i = 0
+
+    def section(width: int) -> list[list[bytes]]:
+        nonlocal i
+        n = int(flat[i])
+        out = [flat[i + 1 + k * width:i + 1 + (k + 1) * width] for k in range(n)]
+        i += 1 + n * width
+        return out
+    counters = {(k, t): int(n) for k, t, n in section(3)}
+    hours, bounces = section(3), section(5)
+    events = []
+    while i < len(flat):
+        n = int(flat[i])
+        events.append(flat[i + 1:i + 1 + n])
+        i += n + 1
+    return counters, hours, bounces, events
+
+
+def stream_fields(values: list[bytes]) -> dict[bytes, bytes]:
+    """What LOGD_APPLY writes to the stream for an event's values."""
+    fixed = DELIVERY_FIELDS if values[0] != b"expired" else DELIVERY_FIELDS[:6]
+    out = dict(zip(fixed, values, strict=False))
+    del out[b"position"]
+    rest = values[len(fixed):]
+    out.update(zip(rest[::2], rest[1::2], strict=True))
+    return out
+
+
 def test_events_carry_the_fields_and_positions_of_scans_records() -> None:
     s = scan(CORPUS, when())
     b = Builder("host1", when())
     batch = b.build(b.find(CORPUS), 1000, note)
     (sub, (keys, argv)), = batch.calls({"shop": _plan()}, NOW)
-    assert sub == "shop" and keys[0] == "rl:{sub:shop}:events"
+    assert sub == "shop" and keys[:2] == ["rl:{sub:shop}:events", "rl:{sub:shop}:logd:host1"]
     encoded = argv[-1]
     flat = args(encoded.data)  # type: ignore[union-attr]
     assert len(flat) == encoded.count  # type: ignore[union-attr]
-    events = []
-    i = 0
-    while i < len(flat):
-        n = int(flat[i])
-        events.append(flat[i + 1:i + 1 + n])
-        i += n + 1
+    counters, hours, bounces, events = unpack(flat)
     recs = [(end, r) for end, r in s.records if not isinstance(r, Removed)]
-    assert [int(e[0]) - 1000 for e in events[:10]] == [end for end, _ in recs[:10]]
-    first = dict(zip(events[0][7::2], events[0][8::2], strict=True))
+    assert [int(e[1]) - 1000 for e in events[:10]] == [end for end, _ in recs[:10]]
+    first = stream_fields(events[0])
     d = recs[0][1]
     assert isinstance(d, Delivery)
     assert first == {
@@ -74,11 +106,27 @@ def test_events_carry_the_fields_and_positions_of_scans_records() -> None:
         b"recipient": d.recipient.encode(), b"ts": b"%d" % d.at, b"dsn": d.dsn.encode(),
         b"status": b"sent", b"relay": d.relay.encode(), b"delay": d.delay.encode(),
         b"reply": d.text.encode(), b"tags": b"t1"}
-    second = dict(zip(events[1][7::2], events[1][8::2], strict=True))
+    second = stream_fields(events[1])
     assert second[b"type"] == b"hardbounce" and second[b"pattern"] == b"bad-mailbox-dsn"
-    assert events[1][5] == b"nobody@example.net" and b"hardbounce" in events[1][6]
-    non_utf8 = dict(zip(events[2][7::2], events[2][8::2], strict=True))
+    assert [x[:3] for x in bounces[:1]] == [[events[1][1], b"hardbounce", b"nobody@example.net"]]
+    assert bounces[0][3] == b"%d" % recs[1][1].at and b"hardbounce" in bounces[0][4]
+    non_utf8 = stream_fields(events[2])
     assert "\ufffd" in non_utf8[b"reply"].decode()  # replacement characters, valid UTF-8
+    # every event counted once in its hour's and its day's counters
+    per_type: dict[bytes, int] = {}
+    for e in events:
+        per_type[e[0]] = per_type.get(e[0], 0) + 1
+    for name in (b"daily", b"hourly"):
+        at = {i + 1 for i, k in enumerate(keys) if f":{name.decode()}:" in k}
+        assert at and len(at) <= len(hours)
+        got: dict[bytes, int] = {}
+        for (k, t), n in counters.items():
+            if int(k) in at:
+                got[t] = got.get(t, 0) + n
+        assert got == per_type
+    for h, d_i, h_i in hours:
+        assert keys[int(h_i) - 1].endswith(time.strftime("%Y%m%d%H", time.gmtime(int(h) * 3600)))
+        assert keys[int(d_i) - 1].endswith(time.strftime("%Y%m%d", time.gmtime(int(h) * 3600)))
 
 
 def test_the_pre_encoded_ok_event_is_the_generic_encoding() -> None:
@@ -86,14 +134,12 @@ def test_the_pre_encoded_ok_event_is_the_generic_encoding() -> None:
     assert info is not None
     pos, at, qid, to, dsn, relay, delay, text = (b"77", b"1700000000", b"ABCDE12345", b"x@y.z",
                                                  b"2.0.0", b"mx[1.2.3.4]:25", b"0.1", b"250 ok")
-    fields = [pos, b"ok", at, b"5", b"6", b"", b"", b"type", b"ok", b"queue_id", qid,
-              b"message_id", b"mid-ABCDE12345", b"recipient", to, b"ts", at, b"dsn", dsn,
-              b"status", b"sent", b"relay", relay, b"delay", delay, b"reply", text,
+    values = [b"ok", pos, qid, b"mid-ABCDE12345", to, at, dsn, b"sent", relay, delay, text,
               b"tags", b"t1"]
-    fast = _OK % (info.ok, len(pos), pos, _b(at), _b(b"5") + _b(b"6"), len(qid), qid, info.head,
-                  len(to), to, _b(at), len(dsn), dsn, len(relay), relay, len(delay), delay,
-                  len(text), text, info.tail)
-    assert fast == _event(fields)
+    fast = _OK % (info.ok, len(pos), pos, info.ids, len(to), to, _b(at), len(dsn), dsn,
+                  len(relay), relay, len(delay), delay, len(text), text, info.tail)
+    assert fast == _event(values)
+    assert info.count == len(values) + 1
 
 
 def _plan():  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ from relaylab.suppression.keys import (
 )
 
 __all__ = ["MAX_SUBJECT", "MAX_TAGS", "QUEUE_NOTE_TTL", "TAGS_HEADER", "injected_commands",
-           "parse_tags"]
+           "injected_writes", "parse_tags"]
 
 TAGS_HEADER = "X-Relaylab-Tags"
 MAX_TAGS = 10
@@ -75,9 +75,25 @@ def injected_commands(*, subaccount: str, retention_days: int, queue_id: str, me
                       size: int, tags: Sequence[str], now: float,
                       by_message_id: bool = False) -> list[bytes]:
     """XADD one `injected` event per recipient, count them (hour and day), and write the
-    queue id's note for logd (with its TTL)."""
+    queue id's note for logd (with its TTL): `injected_writes`' two lists in one."""
+    notes, events = injected_writes(
+        subaccount=subaccount, retention_days=retention_days, queue_id=queue_id,
+        message_id=message_id, mail_from=mail_from, recipients=recipients, headers=headers,
+        size=size, tags=tags, now=now, by_message_id=by_message_id)
+    return events + notes
+
+
+def injected_writes(*, subaccount: str, retention_days: int, queue_id: str, message_id: str,
+                    mail_from: str, recipients: Sequence[str], headers: Sequence[Header],
+                    size: int, tags: Sequence[str], now: float,
+                    by_message_id: bool = False) -> tuple[list[bytes], list[bytes]]:
+    """(notes, events): the queue id's note for logd (and the message id's, for bounces),
+    then the `injected` events and their counters. The notes live in their own slot, the
+    events in the subaccount's: the milter writes the notes first and the events once the
+    notes are stored, so a message it tempfails because a write failed leaves at most a
+    note no delivery line will ever name (milter/session.py)."""
     if not recipients:
-        return []
+        return [], []
     stream = events_key(subaccount)
     minid = str(events_minid(now, retention_days))
     common = ["queue_id", queue_id, "message_id", message_id, "from", mail_from]
@@ -93,10 +109,10 @@ def injected_commands(*, subaccount: str, retention_days: int, queue_id: str, me
     try:
         note = queue_key(queue_id)
     except ValueError:
-        return out  # no queue id Postfix would log: nothing for logd to correlate
+        return [], out  # no queue id Postfix would log: nothing for logd to correlate
     text = encode_note(subaccount, message_id, tags, mail_from, recipients)
-    out.append(encode_command(["SET", note, text, "EX", str(QUEUE_NOTE_TTL)]))
+    notes = [encode_command(["SET", note, text, "EX", str(QUEUE_NOTE_TTL)])]
     if by_message_id:  # for relaylab bounces: reports name the message, not the queue id
-        out.append(encode_command(["SET", message_key(message_id), text,
-                                   "EX", str(MESSAGE_NOTE_TTL)]))
-    return out
+        notes.append(encode_command(["SET", message_key(message_id), text,
+                                     "EX", str(MESSAGE_NOTE_TTL)]))
+    return notes, out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from redis.exceptions import RedisError
 
@@ -15,17 +16,28 @@ from relaylab.logfmt import log_event
 log = logging.getLogger("relaylab.milter")
 
 
+# After a heartbeat of this worker failed, it sweeps no lease for this long: an outage
+# of Redis (a node restarted, a failover) stops every worker's heartbeats at once, and
+# the first worker back must not take the others' leases for dead before they had the
+# time to renew theirs; it would free their slots and refund counts of messages they
+# are about to accept (found by the soak, issue 13.3). A worker that is really gone is
+# swept this much later.
+SWEEP_GRACE = leases.LEASE_TTL_MS / 1000
+
+
 async def beat(services: Services) -> None:
-    """One heartbeat and one sweep."""
+    """One heartbeat and, unless a heartbeat failed within SWEEP_GRACE, one sweep."""
     shared = services.shared
     client = shared.client(services.policy())
+    lease = services.lease
     try:
-        if await leases.heartbeat(client, services.lease):
-            log_event(log, "lease_lost", logging.WARNING, lease=services.lease.id,
+        if await leases.heartbeat(client, lease):
+            log_event(log, "lease_lost", logging.WARNING, lease=lease.id,
                       detail="swept while this worker was not heard from; its open "
                              "sessions fall back on policyd.session_ttl")
-        swept = await leases.sweep(client)
+        swept = [] if time.monotonic() < lease.sweep_after else await leases.sweep(client)
     except (RedisError, OSError) as e:
+        lease.sweep_after = time.monotonic() + SWEEP_GRACE
         shared.health.failed(e)
         return
     shared.health.ok()

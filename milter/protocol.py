@@ -71,7 +71,8 @@ class MilterProtocol(asyncio.Protocol):
         self._admitted = False
         self._framer = Framer()
         self._pending: collections.deque[bytes] = collections.deque()
-        self._waiting = False  # a RCPT check is in flight: later commands wait their turn
+        self._waiting = False  # a RCPT check or end of message is in flight: later
+        # commands wait their turn
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
@@ -123,10 +124,15 @@ class MilterProtocol(asyncio.Protocol):
         try:
             while self._pending:
                 payload = self._pending.popleft()
-                if payload[:1] == b"R":  # the one command answered after an await
+                if payload[:1] == b"R":  # answered after an await (the suppression check)
                     self._waiting = True
                     task = asyncio.ensure_future(self._session.on_rcpt_to(payload[1:]))
-                    task.add_done_callback(self._rcpt_done)
+                    task.add_done_callback(self._awaited_done)
+                    break
+                if payload[:1] == b"E":  # answered once the message's notes are stored
+                    self._waiting = True
+                    task = asyncio.ensure_future(self._session.on_end_of_message())
+                    task.add_done_callback(self._awaited_done)
                     break
                 if not self._dispatch(payload, out):
                     if out and transport is not None:
@@ -143,14 +149,18 @@ class MilterProtocol(asyncio.Protocol):
         if out and transport is not None:  # one write (one syscall) for all of them
             transport.write(b"".join(out))
 
-    def _rcpt_done(self, task: asyncio.Future[list[bytes]]) -> None:
+    def _awaited_done(self, task: asyncio.Future[list[bytes]]) -> None:
         self._waiting = False
         if self._transport is None or self._transport.is_closing():
             return
         if task.cancelled():
             self.abort()
             return
-        reply = task.result()  # on_rcpt_to turns its own failures into a 451
+        if task.exception() is not None:  # a bug: Postfix applies milter_default_action
+            log.error("milter connection failed", exc_info=task.exception())
+            self.abort()
+            return
+        reply = task.result()  # both turn their own failures into a 451
         self._transport.write(b"".join(reply))
         self._process()
 
@@ -191,7 +201,7 @@ class MilterProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         now = self._loop.time()
-        if self._waiting:  # Postfix waits for our RCPT answer; Redis timeouts bound that
+        if self._waiting:  # Postfix waits for our answer; Redis timeouts bound that
             self._arm(now + self._idle_timeout)
             return
         partial = self._framer.partial
@@ -229,9 +239,6 @@ class MilterProtocol(asyncio.Protocol):
             return True
         if char == b"B":
             s.on_body_chunk(data)
-            return True
-        if char == b"E":
-            out.extend(s.on_end_of_message())
             return True
         if char == b"M":  # MAIL FROM: <address> NUL [ESMTP args NUL ...]
             address = data.split(b"\0", 1)[0].decode("utf-8", "backslashreplace").strip()

@@ -23,12 +23,13 @@ from redis.exceptions import RedisError
 
 from milter import headers as hdr
 from milter.decide import Outcome, Verdict, decide
-from milter.injected import injected_commands, parse_tags
+from milter.injected import injected_writes, parse_tags
 from milter.services import Services
 from milter.state import MessageState
 from relaylab.limits.refund import CONFIRM, confirm_args, refund
 from relaylab.limits.sessions import MILTER_MACROS, RELEASE, release_args, session_id
 from relaylab.logfmt import log_event, queue_id_var
+from relaylab.resp import RedisReplyError, RedisUnavailable
 
 log = logging.getLogger("relaylab.milter")
 
@@ -171,7 +172,7 @@ class MilterSession:
         if self._msg is not None:
             self._msg.add_body(chunk)
 
-    def on_end_of_message(self) -> list[bytes]:
+    async def on_end_of_message(self) -> list[bytes]:
         started = time.monotonic()
         msg = self._msg or MessageState()
         msg.queue_id = self._take_macros(_Stage.END_OF_MESSAGE).get("i") or msg.queue_id
@@ -186,12 +187,20 @@ class MilterSession:
                 outcome = Outcome(Verdict.TEMPFAIL,
                                   reply=(451, (4, 3, 0), "temporary milter failure"),
                                   fields={"reason": "internal_error", "detail": repr(e)})
-            response = encode_outcome(outcome)
             if outcome.verdict is Verdict.CONTINUE:
-                self._confirm(msg)
-                self._record_injected(msg, outcome)
+                failure = await self._record_injected(msg, outcome)
+                if failure is None:
+                    self._confirm(msg)
+                else:
+                    outcome = Outcome(
+                        Verdict.TEMPFAIL,
+                        reply=(451, (4, 3, 0), "Relay temporarily unable to record the "
+                                               "message; try again later"),
+                        fields={"reason": "redis_unavailable", "detail": failure})
+                    self._refund(msg)
             else:
                 self._refund(msg)
+            response = encode_outcome(outcome)
             self._log(msg, outcome, started)
             return response
         finally:
@@ -208,23 +217,38 @@ class MilterSession:
         k, a = confirm_args(sub.name, msg.queue_id)
         client.evalsha(client.script_prefix(CONFIRM, k, []), a, self._redis_reply)
 
-    def _record_injected(self, msg: MessageState, outcome: Outcome) -> None:
+    async def _record_injected(self, msg: MessageState, outcome: Outcome) -> str | None:
         """One `injected` event per accepted recipient, and the queue id's note for logd
-        (milter/injected.py), written in the same event-loop turn as the reply to Postfix:
-        Redis has the note long before Postfix has queued, delivered and logged the message
-        (a lost write is logged as event_lost)."""
+        (milter/injected.py). With `milter.on_redis_error: tempfail` (the default) they
+        are stored before Postfix hears that the message goes on: the note first, then
+        the events; if a write fails the message is tempfailed (the sender retries it,
+        policyd's count is given back), so that no accepted message lacks its note (logd
+        could not tell its delivery's subaccount) or its events. Returns the failure, or
+        None. With `pass` they are sent in the same event-loop turn as the reply and a
+        lost write is only logged (event_lost)."""
         message_id = outcome.fields.get("message_id")
         policy = self._services.policy()
         sub = policy.subaccount_for_login(msg.login) if msg.login else None
         if sub is None or not message_id or not msg.rcpt_addrs:
-            return
-        commands = injected_commands(
+            return None
+        notes, events = injected_writes(
             subaccount=sub.name, retention_days=sub.plan.retention_days,
             queue_id=msg.queue_id or "", message_id=message_id, mail_from=msg.mail_from,
             recipients=msg.rcpt_addrs, headers=msg.headers, size=msg.size,
             tags=parse_tags(msg.headers), now=time.time(),
             by_message_id=outcome.mail_from is not None)
-        client = self._services.shared.fast(policy)
+        shared = self._services.shared
+        client = shared.fast(policy)
+        if policy.milter.redis_error_action != "pass":
+            try:
+                if notes:
+                    await client.execute_all(notes)
+                await client.execute_all(events)
+            except (RedisUnavailable, RedisReplyError, OSError) as e:
+                shared.health.failed(e)
+                return str(e) or type(e).__name__
+            shared.health.ok()
+            return None
         queue_id, lost = msg.queue_id, [False]
 
         def on_reply(reply: Any) -> None:
@@ -234,8 +258,9 @@ class MilterSession:
                 log_event(log, "event_lost", logging.WARNING, type="injected", queue_id=queue_id,
                           subaccount=sub.name, message_id=message_id, detail=str(reply))
 
-        for command in commands:
+        for command in events + notes:
             client.submit(command, on_reply)
+        return None
 
     def _refund(self, msg: MessageState) -> None:
         """policyd counted this message at END-OF-DATA, before our refusal: give it back."""

@@ -184,6 +184,33 @@ class RedisCluster:
             return out
         return {}
 
+    def master_of(self, slot: int) -> int:
+        """The port of the master serving hash `slot` (CLUSTER NODES of the first node
+        that answers)."""
+        for port in self.ports:
+            try:
+                text = command(port, "CLUSTER", "NODES").decode()
+            except (OSError, RuntimeError):
+                continue
+            for line in text.splitlines():
+                f = line.split()
+                if len(f) < 9 or "master" not in f[2] or "fail" in f[2].split(","):
+                    continue
+                for r in f[8:]:
+                    lo, _, hi = r.partition("-")
+                    if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                        return int(f[1].split("@")[0].rpartition(":")[2])
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def replica_of(self, master_port: int) -> int:
+        """The port of a replica of the master on `master_port`."""
+        for port, role in self.roles().items():
+            if role == "replica":
+                info = command(port, "INFO", "replication").decode()
+                if f"master_port:{master_port}\r" in info:
+                    return port
+        raise RuntimeError(f"master :{master_port} has no replica")
+
     def node(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)
 

@@ -98,6 +98,9 @@ class Lease:
     # Subaccounts already recorded in rl:lease:ID:subs by this process.
     registered: set[str] = attrs.field(factory=set)
     beats: int = 0
+    # time.monotonic() before which this worker sweeps nothing (after a failed heartbeat,
+    # milter/leases.py)
+    sweep_after: float = 0.0
 
     def claim_commands(self, subaccount: str, session: str) -> list[bytes]:
         """Record this worker as the owner of `session` of `subaccount` (at MAIL FROM)."""

@@ -20,6 +20,8 @@ from milter.server import MilterServer
 from milter.services import Services
 from milter.shared_state import SharedState
 from milter.suppression import SuppressionChecker
+from relaylab.devstack.ports import free_port
+from relaylab.devstack.redis import RedisServer
 from relaylab.policy.model import Policy, Subaccount
 from relaylab.policy.reloader import PolicyHolder
 
@@ -73,12 +75,15 @@ def test_negotiates_only_the_events_and_macros_it_uses() -> None:
 
 
 @pytest.fixture
-def services(tmp_path: Path) -> Services:
+def services(tmp_path: Path, redis_single: RedisServer) -> Services:
+    """A subaccount signing with one key; Redis is real: the milter stores each accepted
+    message's note and events before it answers end of message."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (tmp_path / "k.pem").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"subaccounts": {"shop": {
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"redis": {"url": redis_single.url},
+                                                     "subaccounts": {"shop": {
         "logins": ["shop"], "traffic": "transactional",
         "domains": {"shop.example.com": {"dkim": [{"selector": "s", "key": "k.pem"}]}}}}}))
     return Services(PolicyHolder.load(tmp_path / "p.yaml"), suppression=NoSuppression(SharedState()))
@@ -225,3 +230,44 @@ def test_edits_are_encoded_exactly_as_the_library_encodes_them() -> None:
 ])
 def test_unusable_negotiation_closes_the_connection(services: Services, optneg: bytes) -> None:
     assert asyncio.run(converse(services, packet(b"O", optneg))) == b""
+
+
+def no_redis_services(tmp_path: Path, redis_error: str) -> Services:
+    """The `services` policy, its Redis a loopback port nothing listens on."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "redis": {"url": f"redis://127.0.0.1:{free_port()}/0"},
+        "milter": {"on_redis_error": redis_error},
+        "subaccounts": {"shop": {
+            "logins": ["shop"], "traffic": "transactional",
+            "domains": {"shop.example.com": {"dkim": [{"selector": "s", "key": "k.pem"}]}}}}}))
+    return Services(PolicyHolder.load(tmp_path / "p.yaml"), suppression=NoSuppression(SharedState()))
+
+
+def test_a_message_whose_note_cannot_be_stored_is_tempfailed_not_accepted_without_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13.3 (found by the soak): with Redis away at end of message the milter used
+    to let the message go on and lose its note, so logd could never record its delivery.
+    Now (on_redis_error: tempfail) it answers 451 4.3.0 and the sender retries."""
+    caplog.set_level(logging.INFO, "relaylab.milter")
+    script = (packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+              + message(1, precedence=False) + packet(b"Q"))
+    out = replies(asyncio.run(converse(no_redis_services(tmp_path, "tempfail"), script)))
+    assert out[1] == b"c"  # RCPT (no suppression check here)
+    assert out[2].startswith(b"y451 4.3.0 Relay temporarily unable to record the message")
+    assert not any(b"DKIM-Signature" in r for r in out[2:])
+    (kv,) = [getattr(r, "kv", {}) for r in caplog.records if r.msg == "refused"]
+    assert kv["reason"] == "redis_unavailable"
+
+
+def test_with_on_redis_error_pass_the_message_goes_on_and_the_lost_note_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "relaylab.milter")
+    script = (packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+              + message(1, precedence=False) + packet(b"Q"))
+    out = replies(asyncio.run(converse(no_redis_services(tmp_path, "pass"), script)))
+    assert out[-1] == b"c" and any(b"DKIM-Signature" in r for r in out[2:])
+    assert [r.msg for r in caplog.records].count("event_lost") == 1

@@ -1,0 +1,88 @@
+"""The milter's lease loop (milter/leases.py) against a real redis-server restarted under
+it: after an outage that stopped every worker's heartbeats, the first worker back does
+not take the others' leases for dead before they could renew them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from milter import leases as milter_leases
+from milter.services import Services
+from relaylab.devstack.redis import RedisServer
+from relaylab.limits import keys, leases
+from relaylab.policy.reloader import PolicyHolder
+from relaylab.redisclient import async_client
+
+
+def services_on(tmp_path: Path, url: str) -> Services:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"redis": {"url": url}, "subaccounts": {
+        "shop": {"logins": ["shop"], "traffic": "transactional",
+                 "domains": {"shop.example.com": {"dkim": [{"selector": "s", "key": "k.pem"}]}}}}}))
+    return Services(PolicyHolder.load(tmp_path / "p.yaml"))
+
+
+def test_after_a_redis_outage_no_lease_is_swept_before_its_worker_could_renew_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the soak (issue 13.3): a Redis node restarted, every worker's heartbeat
+    failed for a few seconds, and the first worker back swept another live worker's lease,
+    refunding the count of a message that worker then accepted (one message uncounted)."""
+    monkeypatch.setattr(milter_leases, "SWEEP_GRACE", 1.0)
+    server = RedisServer(tmp_path / "redis",
+                         extra_args=("--appendonly", "yes", "--appendfsync", "always"))
+    server.start()
+    try:
+        services = services_on(tmp_path, server.url)
+        other = leases.Lease()  # another worker, as alive as this one
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+
+        def leased() -> set[str]:
+            return set(r.zrange(keys.LEASES_KEY, 0, -1))
+
+        async def other_beats() -> None:
+            c = async_client(server.url, 5.0)
+            try:
+                await leases.heartbeat(c, other)
+            finally:
+                await c.aclose()
+
+        async def scenario() -> float:
+            await milter_leases.beat(services)
+            await other_beats()
+            assert leased() == {services.lease.id, other.id}
+            server.stop()  # the outage: every heartbeat fails
+            await milter_leases.beat(services)
+            assert not services.shared.health.up
+            server.start()  # the data comes back (append-only file) ...
+            seconds, micros = r.time()  # ... and the other worker's renewal is overdue
+            r.zadd(keys.LEASES_KEY, {other.id: seconds * 1000 + micros // 1000
+                                     - leases.LEASE_TTL_MS - 1000})
+            for _ in range(5):  # this worker is back first
+                await milter_leases.beat(services)
+                if services.shared.health.up:
+                    break
+                await asyncio.sleep(0.2)
+            assert services.shared.health.up
+            back = time.monotonic()
+            assert other.id in leased()  # not swept: it may be alive, its beat is due
+            # a worker that does not come back is swept once the grace is over
+            while other.id in leased():
+                assert time.monotonic() - back < 5
+                await milter_leases.beat(services)
+                await asyncio.sleep(0.1)
+            return time.monotonic() - back
+
+        assert asyncio.run(scenario()) >= 0.5
+    finally:
+        server.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
+from operator import itemgetter
 
 import attrs
 
@@ -48,7 +49,7 @@ from relaylab.suppression.keys import (
 from relaylab.suppression.model import Entry, Kind, ListKind, Reason, Source
 from relaylab.suppression.normalize import InvalidAddress, normalize_address
 
-__all__ = ["MAX_REPLY", "Batch", "Builder", "Found", "NoteInfo"]
+__all__ = ["MAX_REPLY", "Batch", "Builder", "Found", "NoteInfo", "Tags", "note", "note_info"]
 
 MAX_REPLY = 500  # characters of the remote reply kept in an event
 MAX_TRACKED = 200_000  # queue ids whose final recipients are remembered (for `expired`)
@@ -66,10 +67,16 @@ def _event(values: list[bytes]) -> bytes:
 
 
 # A status=sent event as _event() encodes it, without the calls: its count and type
-# (NoteInfo.ok), position, queue id and message id (NoteInfo.ids), recipient, ts, dsn,
-# status, relay, delay, reply, then the tags (NoteInfo.tail).
+# (Tags.ok), position, queue id and message id (NoteInfo), recipient, ts, dsn, status,
+# relay, delay, reply, then the tags (Tags.tail).
 _OK = (b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$4\r\nsent\r\n$%d\r\n%b\r\n"
        b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b")
+
+
+# Any other delivery event, as _event() encodes it: count, type, position, queue id and
+# message id (NoteInfo), recipient, ts, dsn, status, relay, delay, reply, tags, pattern.
+_OTHER = (b"$2\r\n%d\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
+          b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b")
 
 
 def _entry(address: str, at: int, cls: Class, dsn: str, reply: str) -> bytes:
@@ -83,44 +90,50 @@ def _utf8(b: bytes) -> bytes:
     return b if b.isascii() else b.decode("utf-8", "replace").encode()
 
 
-class NoteInfo:
-    """A queue id's note as the hot loop needs it: subaccount, the encoded values every
-    event of the queue id carries, and the note itself (for expiries, decoded when
-    needed)."""
+class Tags:
+    """What the events of every note with the same tags share, encoded: an ok event's
+    count and type (ok), the tags pair (tail), an ok event's number of arguments."""
 
-    __slots__ = ("count", "ids", "message_id", "ok", "raw", "subaccount", "tags", "tail")
+    __slots__ = ("count", "ok", "tags", "tail")
 
-    def __init__(self, raw: bytes, subaccount: str, queue_id: bytes, message_id: bytes,
-                 tags: bytes) -> None:
-        self.raw = raw
-        self.subaccount = subaccount
-        self.message_id = message_id
+    def __init__(self, tags: bytes) -> None:
         self.tags = tags
-        # Encoded: queue id and message id; the tags (if any); an ok event's count and
-        # type, and its number of arguments (_OK).
-        self.ids = b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(queue_id), queue_id, len(message_id),
-                                                       message_id)
         self.tail = b"$4\r\ntags\r\n$%d\r\n%b\r\n" % (len(tags), tags) if tags else b""
         self.ok = b"$2\r\n13\r\n$2\r\nok\r\n" if tags else b"$2\r\n11\r\n$2\r\nok\r\n"
         self.count = 14 if tags else 12
 
-    @classmethod
-    def decode(cls, queue_id: bytes, raw: bytes) -> NoteInfo | None:
-        """What Note.decode() reads (None where it finds no note)."""
-        parts = raw.split(b"\t", 3)
-        if len(parts) < 4 or not parts[0] or not parts[1]:
-            return None
-        if raw.isascii():
-            return cls(raw, parts[0].decode(), queue_id, parts[1], parts[2])
+
+# A queue id's note as the hot loop needs it (a plain tuple: a batch makes thousands):
+# subaccount, queue id and message id encoded (_OK), Tags, message id, the note as stored
+# (for expiries: note()).
+NoteInfo = tuple[str, bytes, Tags, bytes, bytes]
+_tags: dict[bytes, Tags] = {}
+
+
+def note_info(queue_id: bytes, raw: bytes) -> NoteInfo | None:
+    """What Note.decode() reads (None where it finds no note)."""
+    parts = raw.split(b"\t", 3)
+    if len(parts) < 4 or not parts[0] or not parts[1]:
+        return None
+    if raw.isascii():
+        sub, mid, tags = parts[0].decode(), parts[1], parts[2]
+    else:
         note = Note.decode(raw)
         assert note is not None
-        return cls(raw, note.subaccount, queue_id, note.message_id.encode(), note.tags.encode())
+        sub, mid, tags = note.subaccount, note.message_id.encode(), note.tags.encode()
+    shared = _tags.get(tags)
+    if shared is None:
+        if len(_tags) > 10_000:
+            _tags.clear()
+        shared = _tags[tags] = Tags(tags)
+    return (sub, b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(queue_id), queue_id, len(mid), mid),
+            shared, mid, raw)
 
-    @property
-    def note(self) -> Note:
-        note = Note.decode(self.raw)
-        assert note is not None
-        return note
+
+def note(info: NoteInfo) -> Note:
+    decoded = Note.decode(info[4])
+    assert decoded is not None
+    return decoded
 
 
 class _Sub:
@@ -221,6 +234,11 @@ class Builder:
     def forget(self, queue_id: bytes) -> None:
         self._final.pop(queue_id, None)
 
+    def forget_all(self, queue_ids: list[bytes]) -> None:
+        pop = self._final.pop
+        for q in queue_ids:
+            pop(q, None)
+
     @staticmethod
     def find(buf: bytes) -> Found:
         """The delivery and expiry lines of buf (whole lines, each ending with a newline),
@@ -244,7 +262,7 @@ class Builder:
                 out.expired = len(expired)
                 items += expired
                 items.sort(key=lambda i: i[2].end())
-        out.queue_ids.update(i[0] for i in items)
+        out.queue_ids = set(map(itemgetter(0), items))
         return out
 
     def _time(self, head: bytes) -> tuple[int, bytes, bytes]:
@@ -271,15 +289,16 @@ class Builder:
             if info is None:
                 out.uncorrelated += 1
                 continue
-            st = subs.get(info.subaccount)
+            sub, ids, tags = info[:3]
+            st = subs.get(sub)
             if st is None:
-                st = subs[info.subaccount] = _Sub()
+                st = subs[sub] = _Sub()
             # the line's time: its first 15 bytes (classic syslog), or 32 (RFC 3339)
             head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
             t = times.get(head)
             if t is None:
                 t = self._time(head)
-            to, relay, delay, dsn, status, text = m.groups()[:6]
+            to, relay, delay, dsn, status, text, _ = m.groups()
             if text is None:
                 text = b""
             if not ascii_only:
@@ -289,9 +308,9 @@ class Builder:
             if status == b"sent":  # most lines: nothing to classify
                 pos = b"%d" % (base + m.end())
                 st.parts.append(_OK % (
-                    info.ok, len(pos), pos, info.ids, len(to), to, t[2], len(dsn), dsn,
-                    len(relay), relay, len(delay), delay, len(text), text, info.tail))
-                st.count += info.count
+                    tags.ok, len(pos), pos, ids, len(to), to, t[2], len(dsn), dsn,
+                    len(relay), relay, len(delay), delay, len(text), text, tags.tail))
+                st.count += tags.count
                 st.ok_times.append(t[0])
                 done = final.get(qid)
                 if done is None:
@@ -343,13 +362,14 @@ class Builder:
                 st.bounces.append(b"".join([_b(pos_b), _b(type_), _b(addr.encode()), _b(at_b),
                                             _b(_entry(addr, at, cls, dsn.decode(), text.decode()))]))
                 st.nb += 1
-        values = [type_, pos_b, qid, info.message_id, to, at_b, dsn, status, relay, delay, text]
-        if info.tags:
-            values += [b"tags", info.tags]
-        if pattern:
-            values += [b"pattern", pattern]
-        st.parts.append(_event(values))
-        st.count += len(values) + 1
+        tags = info[2]
+        n = 11 + (2 if tags.tags else 0) + (2 if pattern else 0)
+        st.parts.append(_OTHER % (
+            n, len(type_), type_, len(pos_b), pos_b, info[1], len(to), to, len(at_b), at_b,
+            len(dsn), dsn, len(status), status, len(relay), relay, len(delay), delay,
+            len(text), text, tags.tail, b"$7\r\npattern\r\n$%d\r\n%b\r\n" % (
+                len(pattern), pattern) if pattern else b""))
+        st.count += n + 1
         st.typed.append((type_, at))
 
     def _expired(self, out: Batch, buf: bytes, start: int, end: int, qid: bytes, base: int,
@@ -357,20 +377,20 @@ class Builder:
         if info is None:
             out.uncorrelated += 1
             return
-        st = out.subs.get(info.subaccount)
+        st = out.subs.get(info[0])
         if st is None:
-            st = out.subs[info.subaccount] = _Sub()
+            st = out.subs[info[0]] = _Sub()
         head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
         t = self._times.get(head)
         at, at_b, _ = t if t is not None else self._time(head)
         done = {r.decode("utf-8", "replace").lower() for r in self._final.get(qid, [])}
         pos_b = b"%d" % (base + end)
-        for rcpt in info.note.recipients:
+        for rcpt in note(info).recipients:
             if rcpt.lower() in done:
                 continue
-            values = [b"expired", pos_b, qid, info.message_id, rcpt.encode(), at_b]
-            if info.tags:
-                values += [b"tags", info.tags]
+            values = [b"expired", pos_b, qid, info[3], rcpt.encode(), at_b]
+            if info[2].tags:
+                values += [b"tags", info[2].tags]
             st.parts.append(_event(values))
             st.count += len(values) + 1
             st.typed.append((b"expired", at))

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import attrs
 
-from logd.events import Builder, Found, NoteInfo
+from logd.events import Builder, Found, NoteInfo, note_info
 from logd.follow import Checkpoint, LogFollower, position
 from logd.redisconn import sync_resp
 from relaylab.events.apply import LOGD_APPLY, Applied, Calls, SubaccountPlan, applied
@@ -276,7 +276,7 @@ class Logd:
             return raws
 
         raws = self._redis(attempt)
-        notes, decode = self.notes, NoteInfo.decode
+        notes, decode = self.notes, note_info
         for q, raw in zip(asked.queue_ids, raws, strict=True):
             notes[q] = decode(q, raw) if raw else None
         if len(notes) > NOTE_CACHE:
@@ -288,12 +288,9 @@ class Logd:
                                 *(x for kv in cp.to_fields().items() for x in kv)])]
         # A removed message's note is of no more use once the checkpoint is past its
         # removal: a restart never re-reads its lines.
-        gone = []
-        pop, forget = self.notes.pop, self.builder.forget
-        for q in removed:
-            if pop(q, "unknown") is not None:  # unless we know it has none
-                gone.append(q)
-            forget(q)
+        pop = self.notes.pop
+        gone = [q for q in removed if pop(q, "unknown") is not None]  # unless it has none
+        self.builder.forget_all(removed)
         if gone:
             cmds.append(b"".join([b"*%d\r\n$6\r\nUNLINK\r\n" % (len(gone) + 1), *[
                 b"$%d\r\n%b%b\r\n" % (len(q) + _PREFIX_LEN, _PREFIX, q) for q in gone]]))

@@ -3,6 +3,8 @@ is classified by that very pattern), and the statuses that need no pattern."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from relaylab.events.classify import Class, Pattern, classify, load_patterns
@@ -41,3 +43,24 @@ def test_unrecognised_permanent_failure_is_a_softbounce_never_a_hard_one() -> No
 
 def test_mailbox_full_is_soft_even_with_a_5_code() -> None:
     assert classify("bounced", "5.2.2", "552 5.2.2 Mailbox full")[0] is Class.SOFTBOUNCE
+
+
+def test_printable_ascii_replies_classify_as_with_unicode_case_folding() -> None:
+    # classify() searches printable ASCII replies with the re.ASCII twins of the patterns
+    texts = [p.example[1] for p in load_patterns()]
+    texts += [t.upper() for t in texts] + [t.lower() for t in texts]
+    texts += [line.decode("ascii", "replace") for line in
+              (Path(__file__).parent / "corpus" / "postfix" / "maillog.txt").read_bytes().splitlines()]
+    for p in load_patterns():
+        if p.text is None:
+            continue
+        assert p.text_ascii is not None
+        for t in texts:
+            if t.isascii() and t.isprintable():
+                assert (p.text.search(t) is None) == (p.text_ascii.search(t) is None), (p.name, t)
+
+
+def test_a_non_ascii_reply_is_matched_with_unicode_case_folding() -> None:
+    # U+212A KELVIN SIGN folds to "k": only the Unicode pattern sees "unknown" here
+    assert classify("bounced", "5.0.0", "550 user un\u212anown") == (Class.HARDBOUNCE,
+                                                                       "unknown-user-text")

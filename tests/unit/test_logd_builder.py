@@ -9,7 +9,7 @@ import calendar
 import time
 from pathlib import Path
 
-from logd.events import _OK, Builder, NoteInfo, _b, _event
+from logd.events import _OK, Builder, NoteInfo, _b, _event, note_info
 from relaylab.events.note import encode_note
 from relaylab.events.postfix_log import Delivery, Expired, Removed, TimeParser, scan
 from relaylab.resp import ReplyParser
@@ -25,7 +25,7 @@ def when() -> TimeParser:
 def note(q: bytes) -> NoteInfo | None:
     raw = encode_note("shop", f"mid-{q.decode()}", ["t1"], "a@shop.example",
                       ["someone@example.net", "late@example.net"]).encode()
-    return NoteInfo.decode(q, raw)
+    return note_info(q, raw)
 
 
 def args(encoded: bytes) -> list[bytes]:
@@ -136,10 +136,11 @@ def test_the_pre_encoded_ok_event_is_the_generic_encoding() -> None:
                                                  b"2.0.0", b"mx[1.2.3.4]:25", b"0.1", b"250 ok")
     values = [b"ok", pos, qid, b"mid-ABCDE12345", to, at, dsn, b"sent", relay, delay, text,
               b"tags", b"t1"]
-    fast = _OK % (info.ok, len(pos), pos, info.ids, len(to), to, _b(at), len(dsn), dsn,
-                  len(relay), relay, len(delay), delay, len(text), text, info.tail)
+    _, ids, tags, _, _ = info
+    fast = _OK % (tags.ok, len(pos), pos, ids, len(to), to, _b(at), len(dsn), dsn,
+                  len(relay), relay, len(delay), delay, len(text), text, tags.tail)
     assert fast == _event(values)
-    assert info.count == len(values) + 1
+    assert tags.count == len(values) + 1
 
 
 def _plan():  # type: ignore[no-untyped-def]

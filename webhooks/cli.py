@@ -73,8 +73,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--body", action="store_true", help="print each batch's JSON too")
     p.set_defaults(func=cmd_dead)
 
-    p = command(wh, "status", "batches waiting and dead letters per subaccount")
+    p = command(wh, "status", "batches waiting, dead letters and the recent delivery attempts "
+                "per subaccount")
     config_arg(p)
+    p.add_argument("--attempts", type=int, default=5, metavar="N",
+                   help="show each subaccount's N most recent delivery attempts, newest first "
+                   "(default 5, at most 50; 0: none)")
     p.set_defaults(func=cmd_status)
 
     p = command(wh, "secret", "print a new signing secret (whsec_...) for the policy")
@@ -255,10 +259,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from relaylab.eventloop import run
 
     policy = load_or_exit(args, check_keys=False)
-    return run(_status(policy))
+    return run(_status(policy, max(0, args.attempts)))
 
 
-async def _status(policy: Policy) -> int:
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+async def _status(policy: Policy, attempts: int) -> int:
     from webhooks.store import Store, client
 
     r = client(policy.redis_url)
@@ -273,6 +281,10 @@ async def _status(policy: Policy) -> int:
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(first))
             print(f"{sub.name}: url={sub.webhook.url} batches_waiting={waiting} "
                   f"next_due={due} dead_letters={dead}")
+            for a in await store.attempts(sub.name, attempts) if attempts else ():
+                print(f"  {_stamp(a.at)} batch={a.batch} events={a.events} target={a.target} "
+                      f"url={a.url} try={a.attempt} result={a.result!r} "
+                      f"duration_ms={a.duration_ms:g} outcome={a.outcome}")
     finally:
         await r.close()
     return 0

@@ -1,6 +1,8 @@
 """`relaylab webhooks serve`: turn each subaccount's events into signed batches and send
 them, with retries, a backup URL and a dead-letter store (decisions: decide.py; state:
-store.py). One line per attempt (event=webhook_attempt)."""
+store.py). One line per attempt (event=webhook_attempt), and each attempt kept in the
+subaccount's list of recent ones (relaylab/webhook_attempts.py), written with the batch's
+new state."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from relaylab.policy.model import Webhook
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.resp import RedisReplyError, RedisUnavailable
 from relaylab.suppression.keys import events_minid
+from relaylab.webhook_attempts import Attempt
 from webhooks.decide import Outcome, Stage, after_attempt, cut_batches
 from webhooks.sender import post
 from webhooks.store import BatchState, Store
@@ -131,23 +134,28 @@ class WebhookService:
                             webhook.backup_url is not None)
         tries = state.tries + 1
         now = self.clock()
+        duration_ms = round(answer.duration * 1000, 1)
         fields: dict[str, object] = {
             "subaccount": sub, "batch": state.id, "events": state.count, "kind": state.kind,
             "url": url, "target": stage.value, "try": tries,
             "status": answer.status if answer.status is not None else "-",
-            "duration_ms": round(answer.duration * 1000, 1), "outcome": nxt.outcome.value}
+            "duration_ms": duration_ms, "outcome": nxt.outcome.value}
+        note = Attempt(now, state.id, state.count, stage.value, url, answer.status,
+                       answer.failure, duration_ms, nxt.outcome.value, tries)
+        keep_s = retention_days * 86400
         level = logging.INFO
         if nxt.outcome is Outcome.DELIVERED:
-            await self.store.delivered(sub, state.id)
+            await self.store.delivered(sub, state.id, attempt=note, keep_s=keep_s)
             self.delivered_events += state.count
         elif nxt.outcome is Outcome.DEAD:
             await self.store.dead(sub, state.id, minid_ms=events_minid(now, retention_days),
-                                  tries=tries, error=answer.failure, url=url)
+                                  tries=tries, error=answer.failure, url=url, attempt=note,
+                                  keep_s=keep_s)
             level = logging.ERROR
         else:
             await self.store.reschedule(sub, state.id, due_ms=int((now + nxt.delay) * 1000),
                                         stage=nxt.stage, fails=nxt.fails, tries=tries,
-                                        error=answer.failure)
+                                        error=answer.failure, attempt=note, keep_s=keep_s)
             fields["next_in_s"] = round(nxt.delay, 3)
             level = logging.WARNING
         if answer.failure:

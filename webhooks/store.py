@@ -8,7 +8,9 @@
   its score past the request's timeout (a lease): a service killed mid-request leaves it
   there, and it is sent again once the lease runs out (at least once).
 - After an attempt the batch is deleted (delivered), rescheduled, or moved to the
-  dead-letter stream, each by one script.
+  dead-letter stream, each by one script, which also pushes the attempt onto the
+  subaccount's capped list of recent attempts (relaylab/webhook_attempts.py): no round
+  trip of its own.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from relaylab.limits.lua import Script
 from relaylab.resp import RespClient, encode_args, resp_client
 from relaylab.suppression.keys import (
     events_key,
+    webhook_attempts_key,
     webhook_batch_key,
     webhook_cursor_key,
     webhook_dead_key,
     webhook_due_key,
 )
+from relaylab.webhook_attempts import MAX_ATTEMPTS, Attempt
+from relaylab.webhook_attempts import decode as decode_attempt
+from relaylab.webhook_attempts import encode as encode_attempt
 from webhooks.decide import Batch, Stage
 
 __all__ = ["BatchState", "DeadLetter", "Store"]
@@ -50,7 +56,18 @@ for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
 return ids
 """)
 
-RESCHEDULE = Script("webhooks_reschedule", """
+# Every script settling an attempt ends its KEYS with the attempts list and its ARGV with
+# the attempt (JSON), the list's cap and its TTL (seconds): pushed even if the batch is gone.
+NOTE = """
+local function note(k, a)
+  redis.call('LPUSH', k, ARGV[a])
+  redis.call('LTRIM', k, 0, tonumber(ARGV[a + 1]) - 1)
+  redis.call('EXPIRE', k, ARGV[a + 2])
+end
+"""
+
+RESCHEDULE = Script("webhooks_reschedule", NOTE + """
+note(KEYS[3], 7)
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 0
@@ -60,7 +77,8 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """)
 
-DEAD = Script("webhooks_dead", """
+DEAD = Script("webhooks_dead", NOTE + """
+note(KEYS[4], 6)
 local b = redis.call('HMGET', KEYS[1], 'body', 'n', 'kind', 'created')
 if b[1] then
   redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[2], '*', 'batch', ARGV[1], 'n', b[2],
@@ -72,7 +90,8 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return b[1] and 1 or 0
 """)
 
-DELIVERED = Script("webhooks_delivered", """
+DELIVERED = Script("webhooks_delivered", NOTE + """
+note(KEYS[3], 2)
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
@@ -127,6 +146,10 @@ def _entries(reply: list[Any]) -> list[tuple[str, dict[str, str]]]:
         out.append((entry_id.decode(), {k.decode(): v.decode() for k, v in zip(it, it,
                                                                              strict=True)}))
     return out
+
+
+def _note(attempt: Attempt, keep_s: int) -> list[str | bytes]:
+    return [encode_attempt(attempt), str(MAX_ATTEMPTS), str(max(1, keep_s))]
 
 
 def client(url: str) -> RespClient:
@@ -202,20 +225,33 @@ class Store:
         return BatchState(batch_id, v[0], int(v[1] or 0), Stage(_s(v[2] or b"primary")),
                           int(v[3] or 0), int(v[4] or 0), _s(v[5] or b"live"))
 
-    async def delivered(self, sub: str, batch_id: str) -> None:
-        await self._eval(DELIVERED, [webhook_batch_key(sub, batch_id), webhook_due_key(sub)],
-                         [batch_id])
+    # After an attempt: `attempt` is what the list of recent attempts gets, kept for
+    # `keep_s` seconds after the subaccount's last attempt.
+
+    async def delivered(self, sub: str, batch_id: str, *, attempt: Attempt, keep_s: int
+                        ) -> None:
+        await self._eval(DELIVERED, [webhook_batch_key(sub, batch_id), webhook_due_key(sub),
+                                     webhook_attempts_key(sub)],
+                         [batch_id, *_note(attempt, keep_s)])
 
     async def reschedule(self, sub: str, batch_id: str, *, due_ms: int, stage: Stage, fails: int,
-                         tries: int, error: str) -> None:
-        await self._eval(RESCHEDULE, [webhook_batch_key(sub, batch_id), webhook_due_key(sub)],
-                         [batch_id, str(due_ms), stage.value, str(fails), str(tries), error])
+                         tries: int, error: str, attempt: Attempt, keep_s: int) -> None:
+        await self._eval(RESCHEDULE, [webhook_batch_key(sub, batch_id), webhook_due_key(sub),
+                                      webhook_attempts_key(sub)],
+                         [batch_id, str(due_ms), stage.value, str(fails), str(tries), error,
+                          *_note(attempt, keep_s)])
 
     async def dead(self, sub: str, batch_id: str, *, minid_ms: int, tries: int, error: str,
-                   url: str) -> None:
+                   url: str, attempt: Attempt, keep_s: int) -> None:
         await self._eval(DEAD, [webhook_batch_key(sub, batch_id), webhook_due_key(sub),
-                                webhook_dead_key(sub)],
-                         [batch_id, str(minid_ms), str(tries), error, url])
+                                webhook_dead_key(sub), webhook_attempts_key(sub)],
+                         [batch_id, str(minid_ms), str(tries), error, url,
+                          *_note(attempt, keep_s)])
+
+    async def attempts(self, sub: str, count: int = MAX_ATTEMPTS) -> list[Attempt]:
+        """The subaccount's recent delivery attempts, newest first."""
+        raw = await self.r.execute("LRANGE", webhook_attempts_key(sub), "0", str(count - 1))
+        return [a for a in map(decode_attempt, raw) if a is not None]
 
     async def dead_letters(self, sub: str, count: int = 1000) -> list[DeadLetter]:
         out = []

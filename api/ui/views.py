@@ -12,7 +12,8 @@ autoescaped); the only script is the vendored uPlot and static/dash.js drawing t
     GET  /ui/suppression       blacklist/whitelist; POST .../add, .../remove, .../import;
                                GET .../export (CSV)
     GET  /ui/settings          plan, DKIM selectors (with ?dns=1: live DNS check), tracking,
-                               webhook and its pending and dead-lettered deliveries
+                               webhook with its recent delivery attempts, pending and
+                               dead-lettered deliveries
 """
 
 from __future__ import annotations
@@ -447,7 +448,14 @@ def _dns_resolver() -> Any:
 
 
 async def _webhook_state(redis: Any, sub: str) -> dict[str, Any]:
-    from relaylab.suppression.keys import webhook_batch_key, webhook_dead_key, webhook_due_key
+    from relaylab.suppression.keys import (
+        webhook_attempts_key,
+        webhook_batch_key,
+        webhook_dead_key,
+        webhook_due_key,
+    )
+    from relaylab.webhook_attempts import MAX_ATTEMPTS
+    from relaylab.webhook_attempts import decode as decode_attempt
 
     due = await redis.zrange(webhook_due_key(sub), 0, 19, withscores=True)
     pending = []
@@ -467,7 +475,9 @@ async def _webhook_state(redis: Any, sub: str) -> dict[str, Any]:
         dead.append({"at": int(eid.split("-")[0]) / 1000, "batch": f.get("batch", ""),
                      "n": f.get("n", ""), "tries": f.get("tries", ""), "error": f.get("error", ""),
                      "url": f.get("url", "")})
-    return {"pending": pending, "dead": dead}
+    raw = await redis.lrange(webhook_attempts_key(sub), 0, MAX_ATTEMPTS - 1)
+    attempts = [a for a in map(decode_attempt, raw) if a is not None]  # newest first
+    return {"pending": pending, "dead": dead, "attempts": attempts}
 
 
 @page()
@@ -488,7 +498,8 @@ async def settings(request: web.Request) -> web.Response:
                     None, dnscheck.check_domain, policy, d.name, resolver)
             except (dnscheck.DnsCheckError, ValueError) as e:
                 dns[d.name] = str(e)
-    hooks = await _webhook_state(c.redis, sub) if s.webhook else {"pending": [], "dead": []}
+    hooks = await _webhook_state(c.redis, sub) if s.webhook else \
+        {"pending": [], "dead": [], "attempts": []}
     return render(request, "settings.html", sub=sub, s=s, dns=dns, hooks=hooks)
 
 

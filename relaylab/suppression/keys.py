@@ -64,6 +64,14 @@ rl:{sub:NAME}:wh:b:BATCHID     hash    one webhook batch: body (the JSON      no
 rl:{sub:NAME}:wh:dead          stream  dead letters: batches whose retries    trimmed to the
                                        to the URL and backup URL ran out      plan's retention
                                        (batch, body, n, tries, error, url)    (MINID ~)
+rl:{sub:NAME}:wh:attempts      list    the last 50 webhook delivery attempts, EXPIRE the plan's
+                                       newest first, each JSON {t (unix s),   retention, set
+                                       b (batch), n (events), g (primary |    again on every
+                                       backup), u (URL), s (HTTP status or    attempt
+                                       null), e (error), d (ms), o (outcome),
+                                       k (try)}; pushed and trimmed (LTRIM)
+                                       in the script that settles the batch
+                                       (relaylab/webhook_attempts.py)
 rl:{sub:NAME}:templates        hash    send API templates (add_template):     none; at most
                                        field = template id (32 hex) -> JSON   api/template_store
                                        {html, text, created}                  .MAX_TEMPLATES per
@@ -115,6 +123,7 @@ __all__ = [
     "scope_tag",
     "templates_key",
     "unique_key",
+    "webhook_attempts_key",
     "webhook_batch_key",
     "webhook_cursor_key",
     "webhook_dead_key",
@@ -216,6 +225,10 @@ def webhook_batch_key(subaccount: str, batch_id: str) -> str:
 
 def webhook_dead_key(subaccount: str) -> str:
     return f"rl:{scope_tag(subaccount)}:wh:dead"
+
+
+def webhook_attempts_key(subaccount: str) -> str:
+    return f"rl:{scope_tag(subaccount)}:wh:attempts"
 
 
 _MESSAGE_ID_RE = re.compile(r"[0-9a-f]{32}\Z")

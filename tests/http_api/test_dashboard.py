@@ -4,20 +4,26 @@ content over events and lists written the way the services write them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from pathlib import Path
 
 import pytest
-from apiharness import CLIENTS, RunningApi
+from apiharness import CLIENTS, WEBHOOK_URLS, RunningApi
 from dnsserver import DnsServer
 from uiclient import UiClient
 
 from api.ui.session import SESSION_PREFIX, SESSION_SECONDS
 from relaylab.devstack.api import ApiProcess
 from relaylab.devstack.ports import free_port
+from relaylab.policy.loader import load_policy
 from relaylab.suppression.store import SyncSuppressionStore
+from relaylab.webhook_attempts import Attempt
+from webhooks.decide import Stage
+from webhooks.store import Store
+from webhooks.store import client as webhook_store_client
 
 PAGES = ("/ui/", "/ui/activity", "/ui/suppression", "/ui/settings")
 
@@ -257,3 +263,62 @@ def test_the_settings_page_runs_the_dns_check_live_and_shows_its_verdicts(
         assert rows == [("spf", "fail"), ("dkim r1", "fail"), ("dmarc", "ok")], html
         assert "p=reject" in html
         assert ("udp", "_dmarc.shop-a.example.com.", "TXT") in dns_srv.queries
+
+
+def write_attempts(api: RunningApi, sub: str, attempts: list[Attempt]) -> None:
+    """As `relaylab webhooks serve` writes them: with the batch's new state, one script."""
+    async def main() -> None:
+        client = webhook_store_client(load_policy(api.config, check_keys=False).redis_url)
+        store = Store(client)
+        for a in attempts:
+            if a.ok:
+                await store.delivered(sub, a.batch, attempt=a, keep_s=3600)
+            else:
+                await store.reschedule(sub, a.batch, due_ms=0, stage=Stage(a.target), fails=1,
+                                       tries=a.attempt, error=a.error, attempt=a, keep_s=3600)
+        await client.close()
+    asyncio.run(main())
+
+
+def attempt_rows(html: str) -> list[tuple[str, ...]]:
+    table = html.split('id="wh-attempts"', 1)[1].split("</table>", 1)[0]
+    return [tuple(re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row))
+            for row in re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>", 1)[1], re.S)]
+
+
+def test_the_settings_page_lists_the_webhooks_recent_delivery_attempts_newest_first(
+        api: RunningApi) -> None:
+    now = time.time()
+    a2 = WEBHOOK_URLS["shop-a2"]
+    write_attempts(api, "shop-a2", [
+        Attempt(now - 30, "msg_first", 3, "primary", a2, None, "timeout after 10s", 10001.2,
+                "retry", 1),
+        Attempt(now - 20, "msg_first", 3, "primary", a2, 503, "http 503", 12.5, "backup", 2),
+        Attempt(now - 10, "msg_first", 3, "backup", "http://127.0.0.1:9/a2-backup", 200, "",
+                8.25, "delivered", 3)])
+    write_attempts(api, "shop-b", [
+        Attempt(now, "msg_ofshopb", 1, "primary", WEBHOOK_URLS["shop-b"], 200, "", 5.0,
+                "delivered", 1)])
+    html = logged_in(api, "alpha").get("/ui/settings?sub=shop-a2").text
+    stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))  # noqa: E731
+    assert attempt_rows(html) == [
+        (stamp(now - 10), "msg_first", "3", "http://127.0.0.1:9/a2-backup (backup)", "200",
+         "8.2 ms", "delivered, try 3"),
+        (stamp(now - 20), "msg_first", "3", f"{a2} (primary)", "http 503", "12.5 ms",
+         "backup, try 2"),
+        (stamp(now - 30), "msg_first", "3", f"{a2} (primary)", "timeout after 10s",
+         "10001.2 ms", "retry, try 1")]
+    assert "msg_ofshopb" not in html and "b-hook" not in html
+    # The other customer sees its own attempts only, and cannot ask for shop-a2's.
+    beta = logged_in(api, "beta")
+    b_html = beta.get("/ui/settings").text
+    assert [r[1] for r in attempt_rows(b_html)] == ["msg_ofshopb"]
+    assert "msg_first" not in b_html and "a2-hook" not in b_html and "a2-backup" not in b_html
+    r = beta.get("/ui/settings?sub=shop-a2")
+    assert r.status == 403 and "msg_first" not in r.text
+
+
+def test_the_settings_page_says_when_no_attempt_was_made_yet(api: RunningApi) -> None:
+    html = logged_in(api, "alpha").get("/ui/settings?sub=shop-a2").text
+    assert attempt_rows(html) == [("None yet (the last 50 are kept).",)]
+

@@ -25,6 +25,9 @@ from relaylab.cli import main as relaylab
 from relaylab.devstack.redis import RedisServer
 from relaylab.policy.loader import load_policy
 from relaylab.policy.reloader import PolicyHolder
+from relaylab.webhook_attempts import MAX_ATTEMPTS, Attempt
+from relaylab.webhook_attempts import decode as decode_attempt
+from webhooks.decide import Stage
 from webhooks.service import WebhookService
 from webhooks.store import Store
 from webhooks.store import client as store_client
@@ -306,3 +309,83 @@ def test_status_shows_batches_waiting_for_a_retry_and_secret_prints_a_usable_sec
     secret = capsys.readouterr().out.strip()
     standardwebhooks.Webhook(secret)  # accepted by the independent implementation
     assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
+
+
+ATTEMPTS = f"rl:{{sub:{SUB}}}:wh:attempts"
+
+
+def recorded(r: redis.Redis) -> list[Attempt]:
+    out = [decode_attempt(raw) for raw in r.lrange(ATTEMPTS, 0, -1)]
+    assert None not in out
+    return out  # type: ignore[return-value]
+
+
+def test_every_attempt_is_recorded_newest_first_with_its_url_status_error_and_duration(
+        tmp_path: Path, redis_server: RedisServer, r: redis.Redis,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with Receiver(hang=1.5, hang_first=1) as rec:
+        rec.always_fail_paths.add("/primary")
+        cfg = policy(tmp_path, redis_server.url,
+                     f"url: {rec.url('/primary')}\nbackup_url: {rec.url('/backup')}\n"
+                     "timeout: 300ms\nretry: [100ms]\n")
+        run_service(cfg, lambda: r.exists(f"rl:{{sub:{SUB}}}:wh:cursor") == 1)
+        start = time.time()
+        add_events(r, ["open", "click"])
+        run_service(cfg, lambda: len(rec.delivered()) == 1)
+    delivered, failed, timed_out = recorded(r)
+    assert [(a.target, a.url, a.status, a.error, a.outcome, a.attempt, a.events)
+            for a in (delivered, failed, timed_out)] == [
+        ("backup", rec.url("/backup"), 200, "", "delivered", 3, 2),
+        ("primary", rec.url("/primary"), 500, "http 500", "backup", 2, 2),
+        ("primary", rec.url("/primary"), None, "timeout after 0.3s", "retry", 1, 2)]
+    batch = rec.delivered()[0].headers["webhook-id"]
+    assert delivered.batch == failed.batch == timed_out.batch == batch
+    assert 290 <= timed_out.duration_ms < 1000 and 0 < delivered.duration_ms < 290
+    assert start <= timed_out.at <= failed.at <= delivered.at <= time.time()
+    assert [a.result for a in (delivered, failed, timed_out)] == [
+        "200", "http 500", "timeout after 0.3s"]
+    assert 7 * 86400 - 60 < r.ttl(ATTEMPTS) <= 7 * 86400  # the default plan's retention
+
+    assert relaylab(["webhooks", "status", "--config", str(cfg), "--attempts", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith(f"{SUB}: url=")
+    assert f"batch={batch} events=2 target=backup url={rec.url('/backup')} try=3 " \
+           "result='200'" in lines[1] and lines[1].endswith("outcome=delivered")
+    assert "target=primary" in lines[2] and "result='http 500'" in lines[2]
+
+
+def test_a_dead_lettered_attempt_is_recorded_too(
+        tmp_path: Path, redis_server: RedisServer, r: redis.Redis) -> None:
+    with Receiver() as rec:
+        rec.always_fail_paths.add("/hook")
+        cfg = policy(tmp_path, redis_server.url, f"url: {rec.url()}\nretry: []\n")
+        run_service(cfg, lambda: r.exists(f"rl:{{sub:{SUB}}}:wh:cursor") == 1)
+        add_events(r, ["open"])
+        run_service(cfg, lambda: r.xlen(f"rl:{{sub:{SUB}}}:wh:dead") == 1)
+    [dead] = recorded(r)
+    assert (dead.outcome, dead.status, dead.error, dead.attempt) == ("dead", 500, "http 500", 1)
+
+
+def test_the_attempts_list_keeps_the_newest_50_and_is_written_even_for_a_vanished_batch(
+        redis_server: RedisServer, r: redis.Redis) -> None:
+    async def main() -> None:
+        client = store_client(redis_server.url)
+        store = Store(client)
+        for i in range(60):
+            a = Attempt(1000.0 + i, f"msg_{i:04d}", 1, "primary", "http://127.0.0.1:9/h",
+                        200 if i % 3 == 0 else 503, "" if i % 3 == 0 else "http 503",
+                        1.5, "delivered" if i % 3 == 0 else "retry", 1)
+            if i % 3 == 0:  # no such batch in Redis: the attempt is still listed
+                await store.delivered(SUB, a.batch, attempt=a, keep_s=3600)
+            else:
+                await store.reschedule(SUB, a.batch, due_ms=0, stage=Stage.PRIMARY, fails=1,
+                                       tries=1, error=a.error, attempt=a, keep_s=3600)
+        assert [a.batch for a in await store.attempts(SUB, 3)] == [
+            "msg_0059", "msg_0058", "msg_0057"]
+        await client.close()
+    asyncio.run(main())
+    assert r.llen(ATTEMPTS) == MAX_ATTEMPTS == 50
+    assert [a.batch for a in recorded(r)] == [f"msg_{i:04d}" for i in range(59, 9, -1)]
+    assert 3590 < r.ttl(ATTEMPTS) <= 3600
+    assert r.zcard(f"rl:{{sub:{SUB}}}:wh:due") == 0  # rescheduling a vanished batch adds nothing
+

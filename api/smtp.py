@@ -1,5 +1,6 @@
 """GET /api/smtp: the subaccounts the client may see ("SMTP accounts" at EmailLabs), each
-with its plan, limits and current usage."""
+with its plan, limits, current usage and where its mail leaves from (`sending`: its own
+or its plan's sending_ip / ip_pool; null for Postfix's default transport)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ from aiohttp import web
 from api.context import ctx, form, scope
 from api.envelope import ok
 from relaylab.limits.report import read_usage_async
+from relaylab.policy.model import Subaccount
 
 __all__ = ["paths", "setup"]
+
+
+def sending(sub: Subaccount) -> dict[str, Any] | None:
+    route = sub.route
+    if route is None:
+        return None
+    return {"ip_pool": route.pool_name, "addresses": [ip.address for ip in route.ips],
+            "set_on": "subaccount" if sub.sending is not None else "plan"}
 
 
 async def get_smtp(request: web.Request) -> web.Response:
@@ -37,6 +47,7 @@ async def get_smtp(request: web.Request) -> web.Response:
                       "hourly_free": u.hourly_free, "monthly_free": u.monthly_free,
                       "capacity_frees_at": u.frees_at},
             "domains": [d.name for d in sub.domains],
+            "sending": sending(sub),
         })
     return ok(request, out)
 
@@ -48,7 +59,8 @@ def setup(app: web.Application) -> None:
 def paths() -> dict[str, Any]:
     from api.openapi import envelope_of, nullable_int, smtp_account_param
 
-    account = {"type": "object", "required": ["smtp_account", "plan", "limits", "usage"],
+    account = {"type": "object",
+               "required": ["smtp_account", "plan", "limits", "usage", "sending"],
                "properties": {
                    "smtp_account": {"type": "string"}, "traffic": {"type": "string"},
                    "plan": {"type": "string"},
@@ -60,7 +72,20 @@ def paths() -> dict[str, Any]:
                                                          "this_month", "sessions",
                                                          "hourly_free")} | {
                        "monthly_free": nullable_int(), "capacity_frees_at": nullable_int()}},
-                   "domains": {"type": "array", "items": {"type": "string"}}}}
+                   "domains": {"type": "array", "items": {"type": "string"}},
+                   "sending": {
+                       "description": "where its mail leaves from: its own or its plan's "
+                                      "sending_ip (ip_pool null) or ip_pool; null: Postfix's "
+                                      "default transport",
+                       "oneOf": [{"type": "null"}, {
+                           "type": "object", "required": ["ip_pool", "addresses", "set_on"],
+                           "additionalProperties": False,
+                           "properties": {
+                               "ip_pool": {"type": ["string", "null"]},
+                               "addresses": {"type": "array", "items": {"type": "string"},
+                                             "minItems": 1},
+                               "set_on": {"type": "string",
+                                          "enum": ["subaccount", "plan"]}}}]}}}
     return {"/api/smtp": {"get": {
         "summary": "Subaccounts with plan, limits and current usage",
         "operationId": "getSmtp",

@@ -12,8 +12,8 @@ autoescaped); the only script is the vendored uPlot and static/dash.js drawing t
     GET  /ui/suppression       blacklist/whitelist; POST .../add, .../remove, .../import;
                                GET .../export (CSV)
     GET  /ui/settings          plan, DKIM selectors (with ?dns=1: live DNS check), tracking,
-                               webhook with its recent delivery attempts, pending and
-                               dead-lettered deliveries
+                               sending address or pool, webhook with its recent delivery
+                               attempts, pending and dead-lettered deliveries
 """
 
 from __future__ import annotations

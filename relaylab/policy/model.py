@@ -83,8 +83,15 @@ class IpPool:
             return t[0]
         return t[zlib.crc32(recipient.lower().encode("utf-8", "surrogateescape")) % len(t)]
 
-    def describe(self) -> str:
+    @property
+    def pool_name(self) -> str | None:
+        """The name of a pool of `ip_pools`; None for a single `sending_ip`."""
         if len(self.ips) == 1 and self.name == self.ips[0].address:
+            return None
+        return self.name
+
+    def describe(self) -> str:
+        if self.pool_name is None:
             return self.name
         return f"pool {self.name} ({', '.join(ip.address for ip in self.ips)})"
 

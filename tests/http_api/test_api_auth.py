@@ -66,6 +66,15 @@ def test_smtp_shows_plan_limits_and_current_usage(api: RunningApi) -> None:
     assert acct["usage"]["today"] == 42
 
 
+def test_smtp_shows_where_each_subaccounts_mail_leaves_from(api: RunningApi) -> None:
+    _, body = api.client("ops").get("/api/smtp")
+    assert {s["smtp_account"]: s["sending"] for s in body["data"]} == {
+        "shop-a": {"ip_pool": None, "addresses": ["192.0.2.10"], "set_on": "plan"},
+        "shop-a2": None,
+        "shop-b": {"ip_pool": "bulk", "addresses": ["192.0.2.11", "2001:db8::25"],
+                   "set_on": "subaccount"}}
+
+
 def test_unknown_path_is_404_in_the_envelope(api: RunningApi) -> None:
     status, body = api.client("alpha").get("/api/nope")
     assert (status, body["code"], body["status"]) == (404, 404, "fail")

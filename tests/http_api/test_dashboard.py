@@ -322,3 +322,13 @@ def test_the_settings_page_says_when_no_attempt_was_made_yet(api: RunningApi) ->
     html = logged_in(api, "alpha").get("/ui/settings?sub=shop-a2").text
     assert attempt_rows(html) == [("None yet (the last 50 are kept).",)]
 
+
+def test_the_settings_page_shows_the_sending_address_or_pool(api: RunningApi) -> None:
+    alpha = logged_in(api, "alpha")
+    sends_from = lambda html: re.search(r'<td id="sending">(.*?)</td>', html).group(1)  # type: ignore[union-attr]  # noqa: E731
+    assert sends_from(alpha.get("/ui/settings?sub=shop-a").text) == \
+        "192.0.2.10 (HELO mail1.relay.example.net) (from plan small)"
+    assert sends_from(alpha.get("/ui/settings?sub=shop-a2").text) == \
+        "the default address of Postfix (no sending_ip or ip_pool)"
+    assert sends_from(logged_in(api, "beta").get("/ui/settings").text) == \
+        "IP pool bulk: 192.0.2.11, 2001:db8::25 (set on this subaccount)"

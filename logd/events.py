@@ -1,4 +1,4 @@
-"""From a buffer of log lines to APPLY's per-subaccount arguments (pure: no I/O).
+"""From a buffer of log lines to LOGD_APPLY's per-subaccount arguments (pure: no I/O).
 
 A delivery line becomes one event for its recipient, in the subaccount the milter noted
 for its queue id (relaylab/events/note.py, milter/injected.py): ok, deferred, softbounce,
@@ -9,11 +9,14 @@ are counted and dropped.
 
 Speed (bench/logd): a log has millions of lines and a delivery line's work is most of
 logd's. The delivery lines are found and split by one regular expression run over the
-whole buffer (postfix_log.DELIVERY_IN_BUFFER, finditer), and each becomes APPLY's packed
-bytes (relaylab/events/apply.py pack_event's format) straight from the matched bytes: no
-decoding, no record or event objects, no JSON. Only bounces (a few per cent) are decoded,
-to be classified and to name the address to blacklist. The same records as
-postfix_log.scan() finds (tests/unit/test_logd.py checks the two agree on a corpus).
+whole buffer (postfix_log.DELIVERY_IN_BUFFER, finditer), and each becomes LOGD_APPLY's
+arguments (relaylab/events/apply.py), encoded as RESP bulk strings straight from the
+matched bytes: its values only (the stream's field names are in the script), no
+decoding, no record or event objects, no JSON; a status=sent line is one `%` format.
+The counters are summed per (hour, type) here, not counted per event in Redis. Only
+bounces (a few per cent) are decoded, to be classified and to name the address to
+blacklist. The same records as postfix_log.scan() finds (tests/unit/test_logd_builder.py
+checks the two agree on a corpus).
 """
 
 from __future__ import annotations
@@ -245,16 +248,20 @@ class Builder:
         with their queue ids (whose notes build() needs), and the bad ones."""
         out = Found(buf)
         items, rfind, head = out.items, buf.rfind, DELIVERY_HEAD.match
+        append = items.append
         for m in DELIVERY_IN_BUFFER.finditer(buf):
             s = m.start()
-            start = rfind(b"\n", 0, s) + 1
-            h = head(buf, rfind(b"/", start, s) + 1, s)
-            if h is None or m[7] is not None:  # not an agent's delivery line, or garbled
+            # the program name ends at the line's last "/" before ": to=<" (one in an
+            # earlier line: no match, the line is bad)
+            slash = rfind(b"/", 0, s)
+            h = head(buf, slash + 1, s)
+            if h is None or m.lastindex == 7:  # not an agent's delivery line, or garbled
                 out.bad += 1
                 if len(out.bad_samples) < 5:
+                    start = rfind(b"\n", 0, s) + 1
                     out.bad_samples.append(buf[start:m.end() - 1][:200])
                 continue
-            items.append((h[2], start, m))
+            append((h[2], rfind(b"\n", 0, slash) + 1, m))
         if NEEDLES[1] in buf:  # rare: in log order with the deliveries
             expired = [(m[1], rfind(b"\n", 0, m.start()) + 1, m)
                        for m in EXPIRED_IN_BUFFER.finditer(buf)]
@@ -289,7 +296,7 @@ class Builder:
             if info is None:
                 out.uncorrelated += 1
                 continue
-            sub, ids, tags = info[:3]
+            sub, ids, tags, _, _ = info
             st = subs.get(sub)
             if st is None:
                 st = subs[sub] = _Sub()

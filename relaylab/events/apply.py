@@ -3,7 +3,8 @@ the hourly and daily counters, bounce counting and automatic suppression (shared
 relaylab logd, which also records log positions to write each event exactly once, and
 relaylab bounces).
 
-Per subaccount, one Lua script (APPLY) writes the batch's events to the activity stream,
+Per subaccount, one Lua script (APPLY; relaylab logd's LOGD_APPLY does the same with its
+arguments laid out for speed) writes the batch's events to the activity stream,
 counts them per hour and day, counts bounces and blacklists an address when the plan
 says so, and records the position of the last line it wrote (rl:{sub:NAME}:logd:LOGD) — all
 atomically, in the subaccount's slot. An event at or before that recorded position is

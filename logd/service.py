@@ -38,8 +38,11 @@ _PREFIX_LEN = len(_PREFIX)
 # The notes of KEYS, one per line ("" for none): notes have no newlines (note.py), and one
 # string is much cheaper to read than an array of as many.
 NOTES = Script("logd_notes", """
-local out = {}
-for i = 1, #KEYS do out[i] = redis.call('GET', KEYS[i]) or '' end
+local out, n = {}, #KEYS
+for i = 1, n, 4000 do  -- MGET in slices (unpack's limit)
+  local got = redis.call('MGET', unpack(KEYS, i, math.min(i + 3999, n)))
+  for k = 1, #got do out[i + k - 1] = got[k] or '' end
+end
 return table.concat(out, '\\n')
 """)
 

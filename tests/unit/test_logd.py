@@ -314,3 +314,25 @@ def test_a_note_with_a_newline_still_correlates_every_queue_id(env: tuple[str, P
     assert [(e["queue_id"], e["message_id"], e["recipient"]) for e in events(r)] == [
         ("AAAAA1", "mid-AAAAA1", "a@example.net"), ("BBBBB1", "mid-BBBBB1", "b@example.net"),
         ("CCCCC1", "mid-CCCCC1", "c@example.net")]
+
+
+def test_a_batch_of_more_notes_than_one_mget_slice_correlates_each(env: tuple[str, Path],
+                                                                   r: redis.Redis) -> None:
+    # NOTES reads a batch's notes with MGETs of 4,000 keys: 9,001 queue ids in one batch
+    url, path = env
+    qids = [f"BIG{i:06d}" for i in range(9001)]
+    pipe = r.pipeline(transaction=False)
+    for q in qids[::2]:  # every other one noted: the others are uncorrelated
+        pipe.set(f"rl:{{q}}:{q}", encode_note(SUB, f"mid-{q}", [], "a@shop.example.com",
+                                              [f"{q}@example.net"]))
+    pipe.execute()
+    append(path, *(delivery(q, f"{q}@example.net") for q in qids))
+    d = Logd(None, url, path, "test", start_at="start", rotate_grace=0)
+    d.start()
+    d.run(until_idle=True)
+    d.close()
+    assert d.stats.batches == 1
+    evs = events(r)
+    assert [(e["queue_id"], e["message_id"], e["recipient"]) for e in evs] == [
+        (q, f"mid-{q}", f"{q}@example.net") for q in qids[::2]]
+    assert d.stats.uncorrelated == 4500

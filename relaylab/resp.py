@@ -184,7 +184,12 @@ _Retry = tuple[bytes, ...]
 # Called exactly once with the reply, or with the exception (RedisReplyError,
 # RedisUnavailable) that stands for it. Called from the event loop; must not raise.
 OnReply = Callable[[Any], None]
-_Pending = tuple[OnReply, float, _Retry | None]
+# (reply callback, time sent, command to send instead if the reply is NOSCRIPT, the command
+# itself if the connection has an error hook (a cluster node's), else None)
+_Pending = tuple[OnReply, float, _Retry | None, bytes | None]
+# A cluster node connection's error hook: (error, command, on_reply, retry); it delivers the
+# reply (or follows a redirection) itself. An error of the whole connection comes with b"".
+ErrorHook = Callable[[BaseException, bytes, OnReply, "_Retry | None"], None]
 
 
 class _Connection(asyncio.Protocol):
@@ -193,8 +198,8 @@ class _Connection(asyncio.Protocol):
         self._timeout = command_timeout
         self._transport: asyncio.Transport | None = None
         self._parser = ReplyParser()
-        # (reply callback, time sent, command to send instead if the reply is NOSCRIPT)
         self._pending: collections.deque[_Pending] = collections.deque()
+        self.on_error: ErrorHook | None = None
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -206,12 +211,14 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def send(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None,
-             rest: bytes = b"") -> None:
-        """Queue `command` (followed by `rest`, if any: saves joining them per call)."""
+             rest: bytes = b"", *, hook: bool = True) -> None:
+        """Queue `command` (followed by `rest`, if any: saves joining them per call).
+        `hook`: an error reply goes to the connection's `on_error` hook, if it has one."""
         if self.closed:
             on_reply(RedisUnavailable(self.error))
             return
-        self._pending.append((on_reply, self._loop.time(), retry))
+        keep = (command + rest if rest else command) if hook and self.on_error is not None else None
+        self._pending.append((on_reply, self._loop.time(), retry, keep))
         out = self._out
         out.append(command)
         if rest:
@@ -249,12 +256,15 @@ class _Connection(asyncio.Protocol):
             if not pending:
                 self.abort("reply without a command")
                 return
-            on_reply, _, retry = pending.popleft()
-            if retry is not None and isinstance(reply, RedisReplyError) \
-                    and str(reply).startswith("NOSCRIPT"):
-                # The script cache was flushed (or a failover): send the script itself.
-                self.send(b"".join(retry), on_reply)
-                continue
+            on_reply, _, retry, command = pending.popleft()
+            if isinstance(reply, RedisReplyError):
+                if retry is not None and str(reply).startswith("NOSCRIPT"):
+                    # The script cache was flushed (or a failover): send the script itself.
+                    self.send(b"".join(retry), on_reply)
+                    continue
+                if command is not None and self.on_error is not None:
+                    self.on_error(reply, command, on_reply, retry)  # MOVED, ASK ...
+                    continue
             on_reply(reply)
 
     def abort(self, reason: str) -> None:
@@ -277,8 +287,10 @@ class _Connection(asyncio.Protocol):
         self._flush_handle = self._watchdog = None
         self._out.clear()
         error = RedisUnavailable(self.error)
+        if self.on_error is not None:
+            self.on_error(error, b"", _ignore, None)
         while self._pending:
-            on_reply, _, _ = self._pending.popleft()
+            on_reply, _, _, _ = self._pending.popleft()
             on_reply(error)
 
     def close(self) -> None:
@@ -319,6 +331,7 @@ class RespClient:
         self.command_timeout = command_timeout
         self.retry_interval = retry_interval
         self._conn: _Connection | None = None
+        self.on_error: ErrorHook | None = None  # given to its connections (cluster nodes)
         self._lock = asyncio.Lock()
         self._retry_after = 0.0
         self._last_error = ""
@@ -329,9 +342,12 @@ class RespClient:
         self.submit(encode_command(args), _future_callback(fut))
         return await fut
 
-    async def execute_all(self, commands: Sequence[bytes]) -> list[Any]:
+    async def execute_all(self, commands: Sequence[bytes], keys: Sequence[str] | None = None
+                          ) -> list[Any]:
         """Encoded commands, sent together (and with those of concurrent callers); their
-        replies in order. The first error reply or failure raises."""
+        replies in order. The first error reply or failure raises. `keys`: the key of each
+        command (its first), for a cluster client to route by without parsing the command
+        (`submit_keyed`); a single-node client ignores them."""
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         replies: list[Any] = [None] * len(commands)
         missing = [len(commands)]
@@ -349,21 +365,30 @@ class RespClient:
                     fut.set_result(replies)
             return store
 
-        for i, command in enumerate(commands):
-            self.submit(command, on_reply(i))
+        if keys is None:
+            for i, command in enumerate(commands):
+                self.submit(command, on_reply(i))
+        else:
+            for i, command in enumerate(commands):
+                self.submit_keyed(keys[i], command, on_reply(i))
         return await fut
 
+    def submit_keyed(self, key: str, command: bytes, on_reply: OnReply) -> None:
+        """`submit` of a command whose first key is `key` (ClusterRespClient routes by it)."""
+        self.submit(command, on_reply)
+
     def submit(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None,
-               *, asking: bool = False) -> None:
+               *, asking: bool = False, hook: bool = True) -> None:
         """Send an encoded command; `on_reply` gets its reply or an exception. No future, no
         coroutine on the usual path: when connected, this is one append to the connection's
         outgoing batch, and the reply calls `on_reply` straight from data_received.
-        `asking`: precede it with ASKING on the same connection (Cluster ASK redirection)."""
+        `asking`: precede it with ASKING on the same connection (Cluster ASK redirection).
+        `hook`: an error reply goes to `on_error` (a cluster's node) instead of `on_reply`."""
         conn = self._conn
         if conn is not None and not conn.closed:
             if asking:
-                conn.send(_ASKING, _ignore)
-            conn.send(command, on_reply, retry)
+                conn.send(_ASKING, _ignore, hook=False)
+            conn.send(command, on_reply, retry, hook=hook)
             return
         task = asyncio.ensure_future(self._connect())
 
@@ -374,8 +399,8 @@ class RespClient:
                 on_reply(t.exception())
             else:
                 if asking:
-                    t.result().send(_ASKING, _ignore)
-                t.result().send(command, on_reply, retry)
+                    t.result().send(_ASKING, _ignore, hook=False)
+                t.result().send(command, on_reply, retry, hook=hook)
 
         task.add_done_callback(connected)
 
@@ -430,7 +455,9 @@ class RespClient:
         a = self.address
 
         def factory() -> _Connection:
-            return _Connection(self.command_timeout)
+            conn = _Connection(self.command_timeout)
+            conn.on_error = self.on_error
+            return conn
 
         if a.path is not None:
             _, conn = await loop.create_unix_connection(factory, a.path)
@@ -448,7 +475,7 @@ class RespClient:
             futures = []
             for c in commands:
                 fut: asyncio.Future[Any] = loop.create_future()
-                conn.send(encode_command(c), _future_callback(fut))
+                conn.send(encode_command(c), _future_callback(fut), hook=False)
                 futures.append(fut)
             for reply in await asyncio.gather(*futures, return_exceptions=True):
                 if isinstance(reply, BaseException):
@@ -621,6 +648,7 @@ class ClusterRespClient(RespClient):
         self._clients: dict[tuple[str, int], RespClient] = {}
         self._slots: list[RespClient | None] = [None] * SLOTS
         self._head_slots: dict[bytes, int | None] = {}
+        self._key_slots: dict[str, int] = {}
         self.redirects = 0  # MOVED and ASK replies followed (a well-routed client: none)
         self._refresh: asyncio.Future[None] | None = None
         self._refreshed_at = -1e9
@@ -637,7 +665,22 @@ class ClusterRespClient(RespClient):
                 self.cluster.node_url(host, port), scripts=self.scripts,
                 connect_timeout=self.connect_timeout, command_timeout=self.command_timeout,
                 retry_interval=self.retry_interval)
+            c.on_error = self._node_error
         return c
+
+    def _node_error(self, error: BaseException, command: bytes, on_reply: OnReply,
+                    retry: _Retry | None) -> None:
+        """The error hook of every node's connection: the fast path (`_send`) sends without
+        a redirection-following callback; an error reply to such a command, rare, lands
+        here and is followed like `_follow` does (its slot read from the command)."""
+        if not command:  # the connection broke: perhaps a failover
+            self._maybe_refresh()
+            return
+        try:
+            slot = command_slot(command)
+        except (IndexError, ValueError):
+            slot = None
+        self._follow(slot, command, on_reply, retry, 0)(error)
 
     async def _read_slots(self) -> None:
         seeds = list(dict.fromkeys([*self._clients, *self.cluster.nodes]))
@@ -671,8 +714,29 @@ class ClusterRespClient(RespClient):
             self.refresh()
 
     def submit(self, command: bytes, on_reply: OnReply, retry: _Retry | None = None,
-               *, asking: bool = False) -> None:
-        self._route(command_slot(command), command, on_reply, retry, 0)
+               *, asking: bool = False, hook: bool = True) -> None:
+        self._send(command_slot(command), command, on_reply, retry)
+
+    def submit_keyed(self, key: str, command: bytes, on_reply: OnReply) -> None:
+        # The callers' keys repeat (a subaccount's lists, the global lists): their slots
+        # are remembered, which saves parsing the command and hashing the key (~7 us)
+        slot = self._key_slots.get(key)
+        if slot is None:
+            if len(self._key_slots) >= 4096:
+                self._key_slots.clear()
+            slot = self._key_slots[key] = key_slot(key)
+        self._send(slot, command, on_reply, None)
+
+    def _send(self, slot: int | None, command: bytes, on_reply: OnReply, retry: _Retry | None
+              ) -> None:
+        """The hot path: straight into the slot owner's live connection, whose error hook
+        (`_node_error`) follows redirections; else `_route` (connecting, reading the map)."""
+        owner = self._slots[slot if slot is not None else 0]
+        conn = owner._conn if owner is not None else None
+        if conn is not None and not conn.closed:
+            conn.send(command, on_reply, retry)
+        else:
+            self._route(slot, command, on_reply, retry, 0)
 
     def evalsha_head(self, head: bytes, eval_head: bytes, rest: bytes, on_reply: OnReply
                      ) -> None:
@@ -689,7 +753,7 @@ class ClusterRespClient(RespClient):
                 if len(self._head_slots) >= 4096:
                     self._head_slots.clear()
                 self._head_slots[head] = slot
-        self._route(slot, command, on_reply, (eval_head, rest), 0)
+        self._send(slot, command, on_reply, (eval_head, rest))
 
     def _route(self, slot: int | None, command: bytes, on_reply: OnReply, retry: _Retry | None,
                redirects: int) -> None:
@@ -705,7 +769,8 @@ class ClusterRespClient(RespClient):
                     self._route(slot, command, on_reply, retry, redirects)
             fut.add_done_callback(mapped)
             return
-        owner.submit(command, self._follow(slot, command, on_reply, retry, redirects), retry)
+        owner.submit(command, self._follow(slot, command, on_reply, retry, redirects), retry,
+                     hook=False)
 
     def _follow(self, slot: int | None, command: bytes, on_reply: OnReply, retry: _Retry | None,
                 redirects: int) -> OnReply:
@@ -722,9 +787,9 @@ class ClusterRespClient(RespClient):
                     if moved:
                         self._slots[int(s)] = target
                         self._maybe_refresh()
-                        target.submit(command, follow, retry)
+                        target.submit(command, follow, retry, hook=False)
                     else:
-                        target.submit(command, follow, retry, asking=True)
+                        target.submit(command, follow, retry, asking=True, hook=False)
                     return
                 if msg.startswith(("CLUSTERDOWN", "TRYAGAIN")):
                     self._maybe_refresh()

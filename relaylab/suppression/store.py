@@ -287,7 +287,8 @@ async def lookup_pipelined(client: RespClient, subaccount: str, recipient: str, 
     p = probe(subaccount, recipient, local_part)
     if p is None:
         return Verdict(recipient, refuse=False)
-    replies = await client.execute_all([encode_command(("HMGET", key, *p.fields)) for key in p.keys])
+    replies = await client.execute_all([encode_command(("HMGET", key, *p.fields)) for key in p.keys],
+                                       p.keys)
     return p.verdict(replies, _now(now))
 
 

@@ -155,6 +155,37 @@ def test_resp_client_routes_each_command_to_its_slots_node(cluster: RedisCluster
         assert redis.Redis(port=_owner_port(cluster, k)).get(k) == k.upper().encode()
 
 
+def test_execute_all_with_keys_routes_by_the_given_keys_without_parsing_the_commands(
+        cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suppression lookup's way: each command's key given, its slot remembered; the
+    commands are not parsed, and a wrong key shows as a MOVED redirect."""
+    keys = _keys_on_distinct_nodes(cluster)
+
+    def no_parsing(command: bytes) -> int | None:
+        raise AssertionError(f"command parsed: {command!r}")
+
+    async def go() -> tuple[list[object], int, object, int]:
+        c = resp_client(cluster.url)
+        assert isinstance(c, ClusterRespClient)
+        try:
+            await c.execute_all([encode_command(["SET", k, k.upper()]) for k in keys])
+            monkeypatch.setattr(resp_module, "command_slot", no_parsing)
+            before = c.redirects
+            got = await c.execute_all([encode_command(["GET", k]) for k in keys], keys)
+            routed = c.redirects - before
+            monkeypatch.undo()  # following a redirection reads the command's slot
+            # the key of another node: the command goes there and is MOVED to its owner
+            wrong = await c.execute_all([encode_command(["GET", keys[0]])], [keys[1]])
+            return got, routed, wrong[0], c.redirects - before
+        finally:
+            await c.close()
+
+    got, routed, wrong, redirects = asyncio.run(go())
+    assert got == [k.upper().encode() for k in keys]
+    assert routed == 0
+    assert wrong == keys[0].upper().encode() and redirects == 1
+
+
 def test_script_with_keys_of_two_slots_is_refused_by_the_cluster(cluster: RedisCluster) -> None:
     async def go() -> object:
         c = resp_client(cluster.url, scripts=(SCRIPT,))

@@ -14,7 +14,6 @@ import importlib
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -26,6 +25,8 @@ from api.context import CONTEXT, ApiContext, auth_middleware
 from api.envelope import envelope_middleware, ok
 from api.events import ACTIVITY
 from relaylab import eventloop
+from relaylab.connlimit import ensure_fd_limit
+from relaylab.httpguard import GuardedSite, ServerLog, track_requests
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
@@ -55,7 +56,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def make_app(context: ApiContext) -> web.Application:
-    app = web.Application(middlewares=[envelope_middleware, auth_middleware],
+    app = web.Application(middlewares=[track_requests, envelope_middleware, auth_middleware],
                           client_max_size=MAX_BODY)
     app[CONTEXT] = context
     app[ACTIVITY] = Activity(context.fast, lambda name: retention_days(context.policy, name))
@@ -103,15 +104,6 @@ def make_context(holder_policy: PolicyHolder | Policy) -> ApiContext:
                       auth=Authenticator(lambda: policy_of().api))
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
 async def serve_worker(config: Path, host: str | None, port: int | None, *, worker: int = 0,
                        ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
                        ) -> None:
@@ -122,9 +114,10 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     context = make_context(holder)
     app = make_app(context)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE)
+                           shutdown_timeout=SHUTDOWN_GRACE, logger=ServerLog(log))
     await runner.setup()
-    site = web.SockSite(runner, listen_socket(host, port))
+    ensure_fd_limit(policy.api.max_connections, log)
+    site = GuardedSite(runner, host, port, lambda: holder.policy.api, log)
     await site.start()
     holder.start()
     stop = stop or asyncio.Event()

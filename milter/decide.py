@@ -140,6 +140,11 @@ def decide(
                        fields={**fields, "reason": "too_many_headers"
                                if msg.header_count > msg.max_headers else "header_too_large",
                                "headers": msg.header_count, "header_bytes": msg.header_bytes})
+    if msg.too_large:
+        return Outcome(Verdict.REJECT,
+                       reply=(552, (5, 3, 4), f"Message too large "
+                              f"({msg.size} > {msg.max_message_bytes} bytes)"),
+                       fields={**fields, "reason": "message_too_large", "size": msg.size})
     message_id = api_message_id(policy, sub, msg) or new_message_id()
     fields["message_id"] = message_id
     ops = tagging_ops(policy, sub, msg.headers, message_id)

@@ -37,6 +37,10 @@ _LENGTH = struct.Struct("!I")
 # A packet must arrive whole within this long once it has begun: Postfix writes each one
 # at once (its own milter_command_timeout defaults to 30s as well).
 PACKET_TIMEOUT = 30.0
+# Bytes a connection may send while its RCPT check or end of message is in flight.
+# Postfix sends nothing until it has the answer; a peer that keeps sending is closed
+# (logged) before what it sent costs more memory than this.
+MAX_BACKLOG = 1 << 20
 _OPTNEG = struct.Struct("!III")
 
 # The negotiation answer never changes: encode it once, not once per SMTP session.
@@ -73,6 +77,9 @@ class MilterProtocol(asyncio.Protocol):
         self._pending: collections.deque[bytes] = collections.deque()
         self._waiting = False  # a RCPT check or end of message is in flight: later
         # commands wait their turn
+        self._backlog = 0  # bytes received while waiting
+        self._write_paused = False
+        self._write_timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
@@ -102,6 +109,15 @@ class MilterProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last = now = self._loop.time()
+        if self._waiting:
+            self._backlog += len(data)
+            if self._backlog > MAX_BACKLOG:
+                log_event(log, "connection_cap", logging.WARNING, peer=self.peer,
+                          cap="backlog", max_bytes=MAX_BACKLOG,
+                          detail="sent more while its RCPT or end of message was answered", action="close")
+                if self._transport is not None:
+                    self._transport.abort()
+                return
         was_partial, queued = self._framer.partial, len(self._pending)
         try:
             self._pending.extend(self._framer.feed(data))
@@ -151,6 +167,7 @@ class MilterProtocol(asyncio.Protocol):
 
     def _awaited_done(self, task: asyncio.Future[list[bytes]]) -> None:
         self._waiting = False
+        self._backlog = 0
         if self._transport is None or self._transport.is_closing():
             return
         if task.cancelled():
@@ -163,6 +180,35 @@ class MilterProtocol(asyncio.Protocol):
         reply = task.result()  # both turn their own failures into a 451
         self._transport.write(b"".join(reply))
         self._process()
+
+    # A peer that does not read its replies: read nothing more from it until it has (what
+    # one read's commands answer is all the output a connection can have buffered).
+    # One that reads nothing for the packet timeout is closed (logged).
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(min(PACKET_TIMEOUT, self._idle_timeout),
+                                                      self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        t = self._transport
+        if t is None or self.closed.done():
+            return
+        log_event(log, "write_timeout", logging.WARNING, peer=self.peer,
+                  seconds=min(PACKET_TIMEOUT, self._idle_timeout),
+                  buffered=t.get_write_buffer_size(), action="close")
+        t.abort()
 
     def _fail(self, error: BaseException) -> None:
         # Postfix applies milter_default_action (tempfail) to the message in flight.
@@ -179,6 +225,9 @@ class MilterProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._pending.clear()
         self._session.close()
         self._registry.discard(self)

@@ -92,6 +92,7 @@ class MilterSession:
             mail_from=address,
             max_headers=settings.max_headers,
             max_header_bytes=settings.max_header_bytes,
+            max_message_bytes=settings.max_message_bytes,
         )
         if not self._session_name and "{client_port}" in macros:
             self._session_name = session_id(

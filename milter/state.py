@@ -25,6 +25,9 @@ class MessageState:
     # what it costs us stays bounded however many fields it has.
     max_headers: int = 1000
     max_header_bytes: int = 1 << 20
+    # milter.max_message_bytes: past it the body is no longer kept (the message is refused
+    # at its end), so one connection holds at most this much of a message.
+    max_message_bytes: int = 64 << 20
     header_count: int = 0
     header_bytes: int = 0  # name ":" value CRLF of every field, kept or not
 
@@ -38,10 +41,17 @@ class MessageState:
     def headers_over_cap(self) -> bool:
         return self.header_count > self.max_headers or self.header_bytes > self.max_header_bytes
 
+    @property
+    def too_large(self) -> bool:
+        return self.body_size + self.header_bytes > self.max_message_bytes
+
     def add_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
-        if not self.headers_over_cap:  # to be refused: only its size matters
-            self.body_chunks.append(chunk)
+        if self.headers_over_cap or self.too_large:  # to be refused: only its size matters
+            if self.body_chunks:
+                self.body_chunks.clear()
+            return
+        self.body_chunks.append(chunk)
 
     @property
     def body(self) -> bytes:

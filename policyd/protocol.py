@@ -14,6 +14,8 @@ Limits (Postfix itself sends about 30 short attributes, well under 2 KB):
 * a complete request whose content is unusable (a line without ``=``, an empty name, a NUL
   byte, an empty request): a `Frame` with `error` set. The framing is intact, so the caller
   answers it with a safe action and keeps the connection.
+* more than MAX_ERRORS such unusable requests on one connection: `Broken` (Postfix never
+  sends one; a client that keeps sending them would otherwise cost a log line each).
 * bytes that are not UTF-8: replaced (U+FFFD) and reported in `Frame.warning`; the request
   is decided as usual (Postfix passes 8-bit HELO names and addresses through unchanged).
 
@@ -34,6 +36,7 @@ import attrs
 MAX_LINE = 4096
 MAX_REQUEST = 64 * 1024
 MAX_ATTRIBUTES = 256
+MAX_ERRORS = 16
 
 
 class _FramingError(Exception):
@@ -58,10 +61,14 @@ class Frame(NamedTuple):
 
 class RequestParser:
     def __init__(self, max_line: int = MAX_LINE, max_request: int = MAX_REQUEST,
-                 max_attributes: int = MAX_ATTRIBUTES) -> None:
+                 max_attributes: int = MAX_ATTRIBUTES, max_errors: int = MAX_ERRORS) -> None:
         self.max_line = max_line
         self.max_request = max_request
         self.max_attributes = max_attributes
+        self.max_errors = max_errors
+        # Unusable requests so far (the caller adds those it finds unusable itself, see
+        # `count_error`); past max_errors the connection is Broken.
+        self.errors = 0
         # Requests whose shape is a prefix of this take the fast path (see _simple_frame).
         self._simple = b"=\n" * max_attributes
         self._fast_max = min(max_line + 2, max_request)  # whole buffers up to this size
@@ -94,6 +101,7 @@ class RequestParser:
         try:
             while pos < n:
                 if buf[pos] == 10:  # LF
+                    self._error()
                     frames.append(Frame({}, error="empty request"))
                     pos += 1
                     continue
@@ -104,7 +112,10 @@ class RequestParser:
                 pos = end + 2
                 if len(block) + 2 > self.max_request:
                     raise _FramingError(f"request larger than {self.max_request} bytes")
-                frames.append(self._parse(block))
+                frame = self._parse(block)
+                if frame.error is not None:
+                    self._error()
+                frames.append(frame)
             if pos < n:
                 rest = buf[pos:]
                 last_nl = rest.rfind(b"\n")
@@ -120,6 +131,22 @@ class RequestParser:
             self.partial = False
             frames.append(Broken(str(e)))
         return frames
+
+    def _error(self) -> None:
+        self.errors += 1
+        if self.errors > self.max_errors:
+            raise _FramingError(f"more than {self.max_errors} malformed requests")
+
+    def count_error(self) -> bool:
+        """Count a request the caller found unusable; True once over max_errors (then the
+        caller closes the connection, as after `Broken`)."""
+        self.errors += 1
+        if self.errors > self.max_errors:
+            self._broken = True
+            self._buf = b""
+            self.partial = False
+            return True
+        return False
 
     def _parse(self, block: bytes) -> Frame:
         if len(block) <= self.max_line:

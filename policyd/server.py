@@ -32,16 +32,14 @@ from relaylab.resp import resp_client
 
 log = logging.getLogger("relaylab.policyd")
 
-# A request must arrive whole within this long (Postfix writes each request at once; a
-# client that stalls mid-request is broken or hostile).
-REQUEST_TIMEOUT = 10.0
-# Postfix closes an idle policy connection after smtpd_policy_service_max_idle (300s);
-# we wait longer, so that the close normally comes from Postfix.
-IDLE_TIMEOUT = 600.0
+# The timeouts are policyd.request_timeout and policyd.idle_timeout (relaylab/policy/
+# model.py), read per connection; a PolicyServer may be given fixed ones (tests).
 # Requests a client may have outstanding before we stop reading from it (Postfix has
 # one; a pipelining client gets backpressure, not unbounded memory).
 MAX_IN_FLIGHT = 64
 _DUNNO_ANSWER = encode_action(DUNNO.action())
+# The answer to a request that cannot be decided (one object: the connection counts them).
+MALFORMED = decide.malformed()
 
 
 class PolicyConnection(asyncio.Protocol):
@@ -57,6 +55,9 @@ class PolicyConnection(asyncio.Protocol):
         self._request_since = 0.0  # the first byte of the request now arriving
         self._paused = False
         self._write_paused = False
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._request_timeout = 0.0
+        self._idle_timeout = 0.0
         self._closing = False
         self._admitted = False
         self.closed = False
@@ -73,8 +74,10 @@ class PolicyConnection(asyncio.Protocol):
             self._transport.abort()  # Postfix applies the service's default_action
             return
         self._admitted = True
+        self._request_timeout = self._server.request_timeout
+        self._idle_timeout = self._server.idle_timeout
         self._last = self._loop.time()
-        self._arm(self._last + self._server.idle_timeout)
+        self._arm(self._last + self._idle_timeout)
         self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -93,6 +96,12 @@ class PolicyConnection(asyncio.Protocol):
                 break
             item = answer(frame, self.client)
             queue.append(item)
+            if item is MALFORMED and frame.error is None and self._parser.count_error():
+                log_event(log, "protocol_error", logging.ERROR, client=self.client,
+                          detail=f"more than {self._parser.max_errors} malformed requests",
+                          action="close")
+                self.shutdown()
+                break
             if isinstance(item, Pending) and not item.done:
                 item.notify = self._flush
         # Nothing to write while the oldest request still waits for Redis (the usual case:
@@ -102,8 +111,8 @@ class PolicyConnection(asyncio.Protocol):
         if self._parser.partial and (framed or not was_partial):
             # A new request began: whole within request_timeout, however it trickles in.
             self._request_since = now
-            if self._timer_at > now + self._server.request_timeout:
-                self._arm(now + self._server.request_timeout)
+            if self._timer_at > now + self._request_timeout:
+                self._arm(now + self._request_timeout)
         if len(queue) >= MAX_IN_FLIGHT and not self._paused:
             self._paused = True
             self._transport_pause(True)
@@ -120,6 +129,9 @@ class PolicyConnection(asyncio.Protocol):
         self._closing = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._queue.clear()
         if self._admitted:
             self._admitted = False
@@ -129,11 +141,28 @@ class PolicyConnection(asyncio.Protocol):
     def pause_writing(self) -> None:  # the client does not read its answers
         self._write_paused = True
         self._transport_pause(True)
+        # Read nothing more from it, and close it if it reads nothing for request_timeout:
+        # its unread answers are all it can make us hold.
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(self._request_timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         if not self._paused:
             self._transport_pause(False)
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        t = self._transport
+        if t is None or self.closed:
+            return
+        log_event(log, "write_timeout", logging.WARNING, client=self.client,
+                  seconds=self._request_timeout, buffered=t.get_write_buffer_size(),
+                  action="close")
+        t.abort()
 
     # -- answers, in order -----------------------------------------------------------------
     def _flush(self) -> None:
@@ -206,16 +235,17 @@ class PolicyConnection(asyncio.Protocol):
         if self.closed or self._transport is None:
             return
         now = self._loop.time()
-        if self._parser.partial:
-            deadline = self._request_since + self._server.request_timeout
+        # (while its answers wait unread we read nothing: the write timeout applies)
+        if self._parser.partial and not self._write_paused:
+            deadline = self._request_since + self._request_timeout
             if now >= deadline:
                 log_event(log, "request_timeout", logging.ERROR, client=self.client,
-                          detail=f"request incomplete after {self._server.request_timeout:g}s",
+                          detail=f"request incomplete after {self._request_timeout:g}s",
                           action="close")
                 self._transport.abort()
                 return
         else:
-            deadline = self._last + self._server.idle_timeout
+            deadline = self._last + self._idle_timeout
             if now >= deadline and not self._queue:
                 log_event(log, "idle_timeout", logging.DEBUG, client=self.client)
                 self._transport.close()
@@ -226,17 +256,31 @@ class PolicyConnection(asyncio.Protocol):
 
 class PolicyServer:
     def __init__(self, service: LimitService, host: str, port: int, *,
-                 request_timeout: float = REQUEST_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT
+                 request_timeout: float | None = None, idle_timeout: float | None = None
                  ) -> None:
         self.service = service
         self.host = host
         self.port = port
-        self.request_timeout = request_timeout
-        self.idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
+        self._idle_timeout = idle_timeout
         self.connections: set[PolicyConnection] = set()
         self.cap = ConnectionCap(lambda: service.holder.policy.policyd.max_connections, log)
         self._server: asyncio.Server | None = None
         self._all_closed: asyncio.Event | None = None
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds a request may take to arrive whole, from its first byte (and a client
+        may leave its answers unread)."""
+        if self._request_timeout is not None:
+            return self._request_timeout
+        return float(self.service.holder.policy.policyd.request_timeout)
+
+    @property
+    def idle_timeout(self) -> float:
+        if self._idle_timeout is not None:
+            return self._idle_timeout
+        return float(self.service.holder.policy.policyd.idle_timeout)
 
     async def start(self, sock: socket.socket | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -258,14 +302,14 @@ class PolicyServer:
             log_event(log, "protocol_warning", logging.WARNING, client=client,
                       detail=frame.warning, login=frame.attributes.get("sasl_username", ""))
         if frame.error is not None:
-            verdict = decide.malformed()
+            verdict = MALFORMED
             log_event(log, "protocol_error", logging.ERROR, client=client, detail=frame.error,
                       action=verdict.action())
             return verdict
         try:
             request = PolicyRequest.from_attributes(frame.attributes)
         except BadRequest as e:
-            verdict = decide.malformed()
+            verdict = MALFORMED
             log_event(log, "bad_request", logging.ERROR, client=client, detail=str(e),
                       action=verdict.action())
             return verdict

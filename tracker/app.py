@@ -22,6 +22,7 @@ import attrs
 from aiohttp import web
 
 from relaylab.health import RedisHealth
+from relaylab.httpguard import track_requests
 from relaylab.logfmt import log_event
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
@@ -30,7 +31,6 @@ from relaylab.suppression.normalize import InvalidAddress
 from relaylab.suppression.store import SuppressionStore
 from relaylab.tracking.tokens import Claims, Kind, TokenSigner
 from tracker import pages
-from tracker.connections import track_requests
 from tracker.events import DEFAULT_RETENTION_DAYS, Event, EventQueue, EventWriter
 from tracker.machines import classify
 

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from relaylab import eventloop
 from relaylab.connlimit import ensure_fd_limit
+from relaylab.httpguard import GuardedSite, ServerLog
 from relaylab.logfmt import log_event
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
@@ -26,7 +27,6 @@ from relaylab.resp import resp_client
 from relaylab.suppression.store import SuppressionStore
 from relaylab.workers import run_workers
 from tracker.app import Tracker, make_app
-from tracker.connections import GuardedSite, ServerLog
 from tracker.events import RECORD
 
 log = logging.getLogger("relaylab.tracker")
@@ -52,7 +52,7 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
                            shutdown_timeout=SHUTDOWN_GRACE, logger=ServerLog(log))
     await runner.setup()
     ensure_fd_limit(policy.tracker.max_connections, log)
-    site = GuardedSite(runner, host, port, lambda: holder.policy.tracker)
+    site = GuardedSite(runner, host, port, lambda: holder.policy.tracker, log)
     await site.start()
     holder.start()
     stop = stop or asyncio.Event()

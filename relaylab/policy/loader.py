@@ -377,7 +377,7 @@ def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
     m = w.mapping(node, "milter", {"listen", "workers", "unauthenticated", "missing_key",
                                    "message_id_header", "subaccount_header", "on_redis_error",
                                    "max_headers", "max_header_bytes", "idle_timeout",
-                                   "max_connections"})
+                                   "max_connections", "max_message_bytes"})
     kw: dict[str, object] = {}
     _connection_limits(w, m, "milter", kw, ("idle_timeout", "max_connections"))
     if "listen" in m and (listen := w.listen(m["listen"][1], "milter.listen")):
@@ -391,6 +391,9 @@ def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
     if "max_header_bytes" in m:
         kw["max_header_bytes"] = w.integer(m["max_header_bytes"][1], "milter.max_header_bytes",
                                            minimum=16384)
+    if "max_message_bytes" in m:
+        kw["max_message_bytes"] = w.integer(m["max_message_bytes"][1], "milter.max_message_bytes",
+                                            minimum=1 << 20)
     if "unauthenticated" in m:
         kw["unauthenticated"] = w.choice(m["unauthenticated"][1], "milter.unauthenticated",
                                          UnauthenticatedAction)
@@ -421,9 +424,10 @@ def _milter(w: _Walker, node: yaml.Node) -> MilterSettings:
 
 def _policyd(w: _Walker, node: yaml.Node) -> PolicydSettings:
     m = w.mapping(node, "policyd", {"listen", "on_redis_error", "count_mode", "usage_header",
-                                    "session_ttl", "max_connections"})
+                                    "session_ttl", "max_connections", "request_timeout",
+                                    "idle_timeout"})
     kw: dict[str, object] = {}
-    _connection_limits(w, m, "policyd", kw, ("max_connections",))
+    _connection_limits(w, m, "policyd", kw, ("max_connections", "request_timeout", "idle_timeout"))
     if "listen" in m and (listen := w.listen(m["listen"][1], "policyd.listen")):
         kw["listen_host"], kw["listen_port"] = listen
     if "on_redis_error" in m:
@@ -655,8 +659,10 @@ _SECRET_HASH_RE = re.compile(r"^scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$
 def _api(w: _Walker, node: yaml.Node, subaccounts: set[str]) -> ApiSettings:
     """The HTTP API: where it listens and its clients, each `{key, secret_hash,
     subaccounts: [...] | operator: true}` (`relaylab api keygen` prints one)."""
-    m = w.mapping(node, "api", {"listen", "workers", "clients", "submit"})
+    m = w.mapping(node, "api", {"listen", "workers", "clients", "submit", "keepalive_timeout",
+                                "header_timeout", "max_connections"})
     kw: dict[str, object] = {}
+    _connection_limits(w, m, "api", kw, ("keepalive_timeout", "header_timeout", "max_connections"))
     if "listen" in m and (listen := w.listen(m["listen"][1], "api.listen")):
         kw["listen_host"], kw["listen_port"] = listen
     if "submit" in m and (submit := w.listen(m["submit"][1], "api.submit")):
@@ -716,7 +722,7 @@ def _api(w: _Walker, node: yaml.Node, subaccounts: set[str]) -> ApiSettings:
                 clients.append(ApiClient(name=name, key=app_key, secret_hash=secret_hash,
                                          subaccounts=frozenset(granted), operator=operator))
     kw["clients"] = tuple(clients)
-    return ApiSettings(**kw)  # type: ignore[arg-type]
+    return ApiSettings(**{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
 
 
 def _valid_b64(text: str) -> bool:

@@ -272,6 +272,11 @@ class MilterSettings:
     # with 552 5.3.4. Real mail has 20-60 fields and well under 64 KiB.
     max_headers: int = 1000
     max_header_bytes: int = 1 << 20
+    # What one message may cost the milter's memory (header and body as Postfix sends
+    # them): a subaccount's bigger message is refused with 552 5.3.4, and past this size
+    # no message's body is kept. Above Postfix's own message_size_limit (10,240,000 by
+    # default), which Postfix applies before the milter sees the message.
+    max_message_bytes: int = 64 << 20
     # Seconds a connection may stay silent before it is closed. Postfix keeps a milter
     # connection for its whole SMTP session, quiet between commands for up to its
     # smtpd_timeout (300s), and sends a message to the milter only once it has it all, so
@@ -301,6 +306,12 @@ class PolicydSettings:
     usage_header: bool = False  # PREPEND X-Relaylab-Usage at the DATA stage
     session_ttl: int = 600  # seconds a session slot outlives its last policy request
     max_connections: int = 1000  # open connections; more are closed at once (logged)
+    # Seconds a request may take to arrive whole from its first byte (Postfix writes each
+    # at once), and a client may leave its answers unread; then it is closed (logged).
+    request_timeout: int = 10
+    # Seconds a connection may stay idle. Postfix closes an idle policy connection after
+    # smtpd_policy_service_max_idle (300s); we wait longer, so that Postfix closes it.
+    idle_timeout: int = 600
 
 
 @attrs.frozen
@@ -367,6 +378,12 @@ class ApiSettings:
     # local Postfix's submission service, which `relaylab postfix config` sets up.
     submit_host: str = "127.0.0.1"
     submit_port: int = 587
+    # As the tracker's (relaylab/httpguard.py): seconds an idle keep-alive connection
+    # stays open (also how long a client may leave its answer unread), seconds a request's
+    # headers may take from their first byte, open connections per worker.
+    keepalive_timeout: int = 75
+    header_timeout: int = 15
+    max_connections: int = 1000
 
     def client(self, key: str) -> ApiClient | None:
         for c in self.clients:

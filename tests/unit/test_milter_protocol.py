@@ -271,3 +271,25 @@ def test_with_on_redis_error_pass_the_message_goes_on_and_the_lost_note_is_logge
     out = replies(asyncio.run(converse(no_redis_services(tmp_path, "pass"), script)))
     assert out[-1] == b"c" and any(b"DKIM-Signature" in r for r in out[2:])
     assert [r.msg for r in caplog.records].count("event_lost") == 1
+
+
+def test_a_message_over_max_message_bytes_is_not_kept_refused_552_and_the_next_one_signed(
+        tmp_path: Path, services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    """milter.max_message_bytes (here 1 MiB): a 1.5 MiB body is counted, not kept, the
+    message refused at its end; the connection goes on."""
+    text = (tmp_path / "p.yaml").read_text()
+    (tmp_path / "p.yaml").write_text(text + "milter:\n  max_message_bytes: 1048576\n")
+    small = Services(PolicyHolder.load(tmp_path / "p.yaml"), suppression=NoSuppression(SharedState()))
+    caplog.set_level(logging.INFO, "relaylab.milter")
+    big = (macros(b"M", i="QB", **{"{auth_authen}": "shop"})
+           + packet(b"M", b"<a@shop.example.com>\0") + packet(b"R", b"<b@example.net>\0")
+           + packet(b"L", b"From\0 <a@shop.example.com>\0")
+           + packet(b"B", b"z" * 60_000) * 26 + macros(b"E", i="QB") + packet(b"E"))
+    script = (packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)) + big
+              + message(2, precedence=False) + packet(b"Q"))
+    out = replies(asyncio.run(converse(small, script)))
+    assert out[1] == b"c"
+    assert out[2] == b"y552 5.3.4 Message too large (1560028 > 1048576 bytes)\0"
+    assert out[3] == b"c" and any(b"DKIM-Signature" in r for r in out[4:])
+    (kv,) = [getattr(r, "kv", {}) for r in caplog.records if r.msg == "refused"]
+    assert (kv["reason"], kv["size"]) == ("message_too_large", 1560028)

@@ -709,12 +709,17 @@ def test_cli_workers_must_be_a_positive_integer(
 def test_connection_limits_and_event_log_load_with_defaults(tmp_path: Path, keys: Keys) -> None:
     p = load_policy(write(tmp_path, VALID_HEAD, keys))
     assert (p.milter.idle_timeout, p.milter.max_connections) == (1800, 1000)
-    assert p.policyd.max_connections == 1000
+    assert p.milter.max_message_bytes == 64 << 20
+    assert (p.policyd.max_connections, p.policyd.request_timeout, p.policyd.idle_timeout) == (1000, 10, 600)
+    a = p.api
+    assert (a.keepalive_timeout, a.header_timeout, a.max_connections) == (75, 15, 1000)
     t = p.tracker
     assert (t.log_events, t.keepalive_timeout, t.header_timeout, t.max_connections) == (True, 75, 15, 1000)
     assert t.event_queue == 50_000
     set_ = write(tmp_path, VALID_HEAD + "milter:\n  idle_timeout: 600\n  max_connections: 20\n"
-                 "policyd:\n  max_connections: 30\n"
+                 "  max_message_bytes: 2000000\n"
+                 "policyd:\n  max_connections: 30\n  request_timeout: 3\n  idle_timeout: 60\n"
+                 "api:\n  keepalive_timeout: 7\n  header_timeout: 4\n  max_connections: 50\n"
                  "tracker:\n  log_events: false\n  keepalive_timeout: 5\n  header_timeout: 2\n"
                  "  max_connections: 40\n  event_queue: 200_000\n", keys, name="set.yaml")
     p = load_policy(set_)
@@ -722,6 +727,9 @@ def test_connection_limits_and_event_log_load_with_defaults(tmp_path: Path, keys
     t = p.tracker
     assert (t.log_events, t.keepalive_timeout, t.header_timeout, t.max_connections) == (False, 5, 2, 40)
     assert t.event_queue == 200_000
+    assert p.milter.max_message_bytes == 2_000_000
+    assert (p.policyd.request_timeout, p.policyd.idle_timeout) == (3, 60)
+    assert (p.api.keepalive_timeout, p.api.header_timeout, p.api.max_connections) == (7, 4, 50)
 
 
 @pytest.mark.parametrize(("section", "text", "message"), [
@@ -729,6 +737,9 @@ def test_connection_limits_and_event_log_load_with_defaults(tmp_path: Path, keys
     ("milter", "  max_connections: lots\n", "expected an integer"),
     ("milter", '  idle_timeout: "600"\n', "expected an integer"),
     ("policyd", "  max_connections: -1\n", "must be >= 1"),
+    ("policyd", "  request_timeout: 0\n", "must be >= 1"),
+    ("milter", "  max_message_bytes: 1000\n", "must be >= 1048576"),
+    ("api", "  header_timeout: soon\n", "expected an integer"),
     ("tracker", "  header_timeout: 1.5\n", "expected an integer"),
     ("tracker", "  keepalive_timeout: 0\n", "must be >= 1"),
     ("tracker", "  log_events: yes please\n", "expected true or false"),

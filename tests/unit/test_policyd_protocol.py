@@ -6,6 +6,7 @@ import pytest
 
 from policyd.protocol import (
     MAX_ATTRIBUTES,
+    MAX_ERRORS,
     MAX_LINE,
     MAX_REQUEST,
     Broken,
@@ -123,6 +124,24 @@ def test_requests_before_a_break_are_still_returned() -> None:
     frames = RequestParser().feed(REQUEST + b"a=" + b"x" * (MAX_LINE + 1))
     assert isinstance(frames[0], Frame) and frames[0].attributes == EXPECTED
     assert isinstance(frames[1], Broken)
+
+
+def test_more_than_max_errors_unusable_requests_break_the_stream_at_once() -> None:
+    """100,000 empty requests in one read: 16 answered as errors, then Broken (not 100,000
+    frames and log lines)."""
+    frames = RequestParser().feed(REQUEST + b"\n" * 100_000)
+    assert frames[0] == Frame(EXPECTED)
+    assert [f.error for f in frames[1:-1] if isinstance(f, Frame)] == ["empty request"] * MAX_ERRORS
+    assert isinstance(frames[-1], Broken) and frames[-1].reason == "more than 16 malformed requests"
+    assert len(frames) == MAX_ERRORS + 2
+
+
+def test_unusable_requests_the_caller_counts_share_the_budget() -> None:
+    p = RequestParser()
+    assert p.feed(b"x\n\n")[0].error is not None  # type: ignore[union-attr]
+    assert not any(p.count_error() for _ in range(MAX_ERRORS - 1))
+    assert p.count_error()  # the 17th
+    assert p.feed(REQUEST) == []  # broken: no more input taken
 
 
 def test_encode_action() -> None:

@@ -15,9 +15,9 @@ from aiohttp.test_utils import make_mocked_request
 from resputil import all_keys
 from trackerutil import ODD_URLS
 
+from relaylab.httpguard import ServerLog
 from relaylab.suppression.keys import daily_key, hourly_key, unique_key
 from tracker.app import client_ip, safe_location
-from tracker.connections import ServerLog
 from tracker.events import RECORD, Event
 
 pytestmark = pytest.mark.redis_both  # single Redis and a Redis Cluster

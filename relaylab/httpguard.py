@@ -1,5 +1,6 @@
-"""What the tracker allows a connection: a cap on open connections, a header timeout
-and a keep-alive timeout, around aiohttp's own request handler.
+"""What the HTTP services (tracker, API) allow a connection: a cap on open connections, a
+header timeout, a keep-alive timeout and a write timeout, around aiohttp's own request
+handler.
 
 aiohttp alone keeps an idle connection for about an hour (its default keep-alive) and
 has no deadline for the headers of a request that arrives a byte at a time, so idle and
@@ -10,11 +11,19 @@ slow clients can take every file descriptor. Each connection is wrapped in a
   `tracker.header_timeout`, however slowly the bytes come;
 * between requests (and before the first), a connection may stay silent for
   `tracker.keepalive_timeout`;
-* while a request is being answered, no deadline (the handlers' Redis calls are bounded).
+* while a request is being answered, no deadline (the handlers' Redis calls are bounded),
+  except that a client which stops reading its answer (our writes paused) is closed once
+  the writes stay paused for the keep-alive timeout: `event=write_timeout`.
 
 "Headers complete" is when aiohttp hands the request to the application: the
 `track_requests` middleware tells the connection (the transport's protocol). The
 settings are read per connection, so a policy reload applies to the next one.
+
+What one connection may hold in memory is bounded by aiohttp: a request line or header
+field of at most 8,190 bytes, at most 128 header fields (more: 400 or 431 and the
+connection is closed, logged as `event=bad_request`), a body of at most the
+application's `client_max_size`, and the answer being written (paused reading while the
+client does not read it).
 """
 
 from __future__ import annotations
@@ -23,18 +32,26 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Protocol, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from relaylab.connlimit import ConnectionCap
 from relaylab.logfmt import log_event
-from relaylab.policy.model import TrackerSettings
 
-__all__ = ["GuardedConnection", "GuardedSite", "ServerLog", "track_requests"]
+__all__ = ["ConnectionSettings", "GuardedConnection", "GuardedSite", "ServerLog", "track_requests"]
 
-log = logging.getLogger("relaylab.tracker")
+
+class ConnectionSettings(Protocol):
+    """The settings a guarded site reads (TrackerSettings, ApiSettings)."""
+
+    @property
+    def keepalive_timeout(self) -> int: ...
+    @property
+    def header_timeout(self) -> int: ...
+    @property
+    def max_connections(self) -> int: ...
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _MAX_REASON = 200
@@ -76,6 +93,8 @@ class GuardedConnection(asyncio.Protocol):
         self._idle_since = 0.0
         self._head_since: float | None = None  # first byte of a request not yet handed over
         self._in_request = False
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._log = site.log
         settings = site.settings()
         self._header_timeout = float(settings.header_timeout)
         self._keepalive_timeout = float(settings.keepalive_timeout)
@@ -107,10 +126,25 @@ class GuardedConnection(asyncio.Protocol):
         return self._inner.eof_received() if self._admitted else None
 
     def pause_writing(self) -> None:
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(self._keepalive_timeout, self._write_stalled)
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._inner.resume_writing()
+
+    def _write_stalled(self) -> None:
+        """The client has read nothing of its answers for keepalive_timeout seconds."""
+        self._write_timer = None
+        transport = self._transport
+        if self._admitted and transport is not None:
+            log_event(self._log, "write_timeout", logging.WARNING, peer=self.peer,
+                      seconds=round(self._keepalive_timeout, 1),
+                      buffered=transport.get_write_buffer_size(), action="close")
+            transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._admitted:
@@ -119,6 +153,9 @@ class GuardedConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._site.cap.release()
         self._inner.connection_lost(exc)
 
@@ -150,7 +187,7 @@ class GuardedConnection(asyncio.Protocol):
         if self._head_since is not None:
             deadline = self._head_since + self._header_timeout
             if now >= deadline:
-                log_event(log, "header_timeout", logging.INFO, peer=self.peer,
+                log_event(self._log, "header_timeout", logging.INFO, peer=self.peer,
                           seconds=round(now - self._head_since, 1), action="close")
                 transport.abort()
                 return
@@ -180,14 +217,17 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 class GuardedSite(web.BaseSite):
     """A TCP site (SO_REUSEPORT: workers share the port) whose connections are wrapped in
-    GuardedConnection and capped at `tracker.max_connections` per worker."""
+    GuardedConnection and capped at the settings' `max_connections` per worker; its log
+    lines go to `log` (the service's logger)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int,
-                 settings: Callable[[], TrackerSettings], *, backlog: int = 1024) -> None:
+                 settings: Callable[[], ConnectionSettings], log: logging.Logger, *,
+                 backlog: int = 1024) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self.settings = settings
+        self.log = log
         self.cap = ConnectionCap(lambda: settings().max_connections, log)
 
     @property

@@ -177,7 +177,7 @@ _QUEUE_ID_RE = re.compile(r"[0-9A-Za-z]{5,32}\Z")
 
 def queue_key(queue_id: str) -> str:
     """The milter's note on an accepted message, for relaylab logd. Every note shares the
-    hash tag {q}: logd reads a batch's notes with one MGET (legal in a cluster too)."""
+    hash tag {q}: logd reads a batch's notes with one script call (legal in a cluster too)."""
     if not _QUEUE_ID_RE.match(queue_id):
         raise ValueError(f"not a Postfix queue id: {queue_id!r}")
     return f"rl:{{q}}:{queue_id}"

@@ -6,7 +6,7 @@ import argparse
 import re
 from typing import Any
 
-from relaylab.cliargs import command, config_path, load_or_exit, service_args
+from relaylab.cliargs import command, config_path, load_or_exit, service_args, start_metrics
 
 __all__ = ["register"]
 
@@ -32,6 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     policy = load_or_exit(args, check_keys=False)
+    if not start_metrics("api", policy, multiprocess_mode=True):
+        return 1
     host, port = args.listen or (None, None)
     run(config_path(args), host, port, args.workers or policy.api.workers)
     return 0

@@ -21,13 +21,14 @@ from aiohttp import web
 
 from api.activity import Activity
 from api.auth import Authenticator
-from api.context import CONTEXT, ApiContext, auth_middleware
+from api.context import CONTEXT, ApiContext, Handler, auth_middleware
 from api.envelope import envelope_middleware, ok
 from api.events import ACTIVITY
 from relaylab import eventloop
 from relaylab.connlimit import ensure_fd_limit
 from relaylab.httpguard import GuardedSite, ServerLog, track_requests
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics, worker_exited
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
@@ -55,8 +56,24 @@ async def healthz(request: web.Request) -> web.Response:
     return ok(request, {"status": "up"})
 
 
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """relaylab_api_requests_total by status class (2xx, 4xx, 5xx ...)."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        metrics().api_requests.labels(f"{e.status // 100}xx").inc()
+        raise
+    except Exception:
+        metrics().api_requests.labels("5xx").inc()
+        raise
+    metrics().api_requests.labels(f"{response.status // 100}xx").inc()
+    return response
+
+
 def make_app(context: ApiContext) -> web.Application:
-    app = web.Application(middlewares=[track_requests, envelope_middleware, auth_middleware],
+    app = web.Application(middlewares=[track_requests, metrics_middleware, envelope_middleware,
+                                       auth_middleware],
                           client_max_size=MAX_BODY)
     app[CONTEXT] = context
     app[ACTIVITY] = Activity(context.fast, lambda name: retention_days(context.policy, name))
@@ -120,6 +137,7 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     site = GuardedSite(runner, host, port, lambda: holder.policy.api, log)
     await site.start()
     holder.start()
+    metrics().up.set(1)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,4 +161,5 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
 
 def run(config: Path, host: str | None, port: int | None, workers: int) -> None:
     """Run `workers` processes (1: this process) until SIGTERM/SIGINT."""
-    run_workers(workers, lambda n: eventloop.run(serve_worker(config, host, port, worker=n)), log)
+    run_workers(workers, lambda n: eventloop.run(serve_worker(config, host, port, worker=n)), log,
+                on_exit=worker_exited)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from relaylab.cliargs import command, config_path, load_or_exit, service_args
+from relaylab.cliargs import command, config_path, load_or_exit, service_args, start_metrics
 
 
 def register(subparsers: Any) -> None:
@@ -30,6 +30,8 @@ def cmd_bounces(args: argparse.Namespace) -> int:
               f"relaylab bounces", file=sys.stderr)
         return 1
     host, port = args.listen or (policy.bounces.listen_host, policy.bounces.listen_port)
+    if not start_metrics("bounces", policy):
+        return 1
     holder = PolicyHolder(config_path(args), policy, check_keys=False)
     eventloop.run(serve(holder, host, port))
     return 0

@@ -35,6 +35,7 @@ from relaylab.events.note import Note
 from relaylab.events.reports import MalformedReport, Report, parse_report
 from relaylab.events.verp import parse, verify
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
@@ -112,6 +113,7 @@ class BounceProcessor:
         if report.action != "failed":
             log_event(log, "report_ignored", subaccount=note.subaccount, message_id=note.message_id,
                       recipient=recipient, action=report.action, status=report.status)
+            metrics().bounces.labels("ignored").inc()
             return
         cls, pattern = classify("bounced", report.status, report.text)
         now = int(time.time())
@@ -137,6 +139,7 @@ class BounceProcessor:
         log_event(log, "bounce", subaccount=note.subaccount, message_id=note.message_id,
                   recipient=recipient, type=cls.value, dsn=report.status,
                   blacklisted=bool(blocked))
+        metrics().bounces.labels(cls.value).inc()
 
     async def _arf(self, policy: Policy, note: Note, recipient: str, report: Report) -> None:
         now = int(time.time())
@@ -162,6 +165,7 @@ class BounceProcessor:
                     raise Unavailable(str(e)) from e
         log_event(log, "feedback", subaccount=note.subaccount, message_id=note.message_id,
                   recipient=recipient, feedback_type=report.text, blacklisted=blacklisted)
+        metrics().bounces.labels("feedback").inc()
 
     async def _apply(self, policy: Policy, events: list[Event]) -> list[tuple[str, str]]:
         plans = {e.subaccount: SubaccountPlan.of(policy, e.subaccount) for e in events}
@@ -176,6 +180,7 @@ class BounceProcessor:
 
     def _drop(self, rcpt: str, reason: str, **fields: Any) -> None:
         log_event(log, "report_dropped", logging.WARNING, rcpt=rcpt, reason=reason, **fields)
+        metrics().bounces.labels("dropped").inc()
 
 
 class LmtpProtocol(asyncio.Protocol):
@@ -277,6 +282,7 @@ class LmtpProtocol(asyncio.Protocol):
                     self._write("250 2.0.0 OK")
                 except Unavailable as e:
                     log_event(log, "redis_unavailable", logging.ERROR, rcpt=rcpt, detail=str(e))
+                    metrics().redis_errors.inc()
                     self._write("451 4.3.0 temporarily unavailable, try again later")
                 except Exception as e:  # never crash on a report: log and drop it
                     log.exception("report failed")
@@ -309,6 +315,7 @@ async def serve(holder: PolicyHolder, host: str, port: int) -> None:
     server = await loop.create_server(lambda: LmtpProtocol(processor), host=host, port=port,
                                       reuse_address=True)
     holder.start()
+    metrics().up.set(1)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from relaylab.cliargs import command, config_arg, config_path, load_or_exit
+from relaylab.cliargs import command, config_arg, config_path, load_or_exit, start_metrics
 
 
 def register(subparsers: Any) -> None:
@@ -35,6 +35,8 @@ def cmd_logd(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     policy = load_or_exit(args, check_keys=False)
+    if not start_metrics("logd", policy):
+        return 1
     holder = PolicyHolder(config_path(args), policy, check_keys=False)
     settings = policy.logd
     d = Logd(holder, policy.redis_url, args.log_file or settings.log_file,

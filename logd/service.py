@@ -29,6 +29,7 @@ from logd.redisconn import sync_resp
 from relaylab.events.apply import LOGD_APPLY, Applied, Calls, SubaccountPlan, applied
 from relaylab.limits.lua import Script
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics
 from relaylab.policy.model import Policy
 from relaylab.policy.reloader import PolicyHolder, file_stamp, trigger_path
 from relaylab.resp import RedisReplyError, RedisUnavailable, encode_command
@@ -96,6 +97,8 @@ class _Inflight:
     calls: Calls
     checkpoint: Checkpoint  # where the log is read to once these are written
     removed: list[bytes]  # queue ids Postfix removed in the batch
+    read_at: float = 0.0  # time.monotonic() when its lines were read
+    lines: int = 0
 
 
 @attrs.define
@@ -150,6 +153,7 @@ class Logd:
         log_event(log, "started", file=str(self.follower.path), name=self.name,
                   offset=self.follower.offset, generation=self.follower.generation,
                   resumed=cp is not None)
+        metrics().up.set(1)
 
     def _load_checkpoint(self) -> Checkpoint | None:
         reply = self.conn.execute("HGETALL", checkpoint_key(self.name))
@@ -194,6 +198,7 @@ class Logd:
             if cur is None:
                 self._finish()
                 return False
+        read_at = time.monotonic()
         self._collect_notes(cur.notes)
         self._next = self._prepare()  # read ahead: its notes come while Redis works on
         batch = self.builder.build(cur.found, cur.base, self.notes.get)
@@ -211,7 +216,8 @@ class Logd:
                                 time.time())
             scripts = [c for _, c in calls]
             self._redis(lambda: self.conn.evalsha_send(LOGD_APPLY, scripts))
-        self._inflight = _Inflight(calls, cur.checkpoint, batch.removed)
+        self._inflight = _Inflight(calls, cur.checkpoint, batch.removed, read_at,
+                                   batch.lines)
         self.stats.batches += 1
         return True
 
@@ -252,6 +258,10 @@ class Logd:
                       source="bounce")
         self._save(fl.checkpoint, fl.removed)
         self._inflight = None
+        m = metrics()
+        m.logd_lines.inc(fl.lines)
+        m.logd_events.inc(result.written)
+        m.logd_lag.set(time.monotonic() - fl.read_at)
 
     def _policy(self) -> Policy | None:
         return self.holder.policy if self.holder is not None else None
@@ -326,8 +336,10 @@ class Logd:
             try:
                 result = work()
             except (RedisUnavailable, RedisReplyError, OSError) as e:
+                metrics().redis_errors.inc()
                 if self._down_since is None:
                     self._down_since = time.monotonic()
+                    metrics().redis_down.set(1)
                     log_event(log, "redis_unavailable", logging.ERROR, detail=str(e),
                               effect="retrying; the log is read on once Redis answers")
                 if self._stop:
@@ -335,8 +347,10 @@ class Logd:
                 time.sleep(RETRY)
                 continue
             if self._down_since is not None:
-                log_event(log, "redis_recovered",
-                          outage_s=round(time.monotonic() - self._down_since, 1))
+                outage = time.monotonic() - self._down_since
+                log_event(log, "redis_recovered", outage_s=round(outage, 1))
+                metrics().redis_outage_seconds.inc(outage)
+                metrics().redis_down.set(0)
                 self._down_since = None
             return result
 

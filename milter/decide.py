@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import time
 from collections.abc import Callable
 from email.utils import getaddresses
 from typing import Any
@@ -60,6 +61,7 @@ class Outcome:
     fields: dict[str, Any] = attrs.field(factory=dict)  # for the per-message log line
     # Passed, but the operator should look: the log line is a warning (unsigned mail).
     warn: bool = False
+    sign_seconds: float | None = None  # signed: how long the signatures took (metrics)
 
 
 def from_domain(headers: list[Header]) -> str | None:
@@ -208,7 +210,9 @@ def decide(
         if reencoded.notes:
             fields["reencode_notes"] = "; ".join(reencoded.notes)
     final = for_signing(apply(msg.headers, ops))
+    sign_started = time.perf_counter()
     values = signer.sign(final, body, signing_keys, timestamp=int(now()), linesep=b"\n")
+    sign_seconds = time.perf_counter() - sign_started
     # Insert in reverse so the first configured key's signature ends up on top.
     for value in reversed(values):
         ops.append(InsertHeader(0, "DKIM-Signature", value.decode("ascii")))
@@ -217,4 +221,4 @@ def decide(
                               for k in signing_keys)
     fields["actions"] = ",".join(actions)
     return Outcome(Verdict.CONTINUE, ops=tuple(ops), body=new_body, fields=fields,
-                   mail_from=mail_from)
+                   mail_from=mail_from, sign_seconds=sign_seconds)

@@ -19,6 +19,7 @@ from milter.services import Services
 from relaylab import eventloop
 from relaylab.connlimit import ConnectionCap, ensure_fd_limit
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics, worker_exited
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.workers import run_workers
 
@@ -80,7 +81,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def run(config: Path, sock: socket.socket, workers: int) -> None:
     """Serve on `sock` with `workers` processes (1: this one) until SIGTERM/SIGINT."""
-    run_workers(workers, lambda n: eventloop.run(serve(config, sock, worker=n)), log, [sock])
+    run_workers(workers, lambda n: eventloop.run(serve(config, sock, worker=n)), log, [sock],
+                on_exit=worker_exited)
 
 
 async def serve(config: Path, sock: socket.socket, *, worker: int = 0) -> None:
@@ -96,6 +98,7 @@ async def serve(config: Path, sock: socket.socket, *, worker: int = 0) -> None:
     await beat(services)
     await server.start(sock)
     holder.start()
+    metrics().up.set(1)
     log_event(log, "started", listen=f"{host}:{port}", worker=worker, pid=os.getpid(),
               config=str(config), subaccounts=len(holder.policy.subaccounts),
               lease=services.lease.id, library=purepythonmilter.__version__)

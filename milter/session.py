@@ -29,6 +29,7 @@ from milter.state import MessageState
 from relaylab.limits.refund import CONFIRM, confirm_args, refund
 from relaylab.limits.sessions import MILTER_MACROS, RELEASE, release_args, session_id
 from relaylab.logfmt import log_event, queue_id_var
+from relaylab.metrics import metrics
 from relaylab.resp import RedisReplyError, RedisUnavailable
 
 log = logging.getLogger("relaylab.milter")
@@ -201,6 +202,7 @@ class MilterSession:
                     self._refund(msg)
             else:
                 self._refund(msg)
+            count_message(outcome)
             response = encode_outcome(outcome)
             self._log(msg, outcome, started)
             return response
@@ -317,6 +319,18 @@ class MilterSession:
         passed = outcome.verdict is Verdict.CONTINUE
         level = logging.INFO if passed and not outcome.warn else logging.WARNING
         log_event(log, "message" if passed else "refused", level, **fields)
+
+
+def count_message(outcome: Outcome) -> None:
+    """The message's verdict (and signing time) in the metrics."""
+    m = metrics()
+    if outcome.sign_seconds is not None:
+        m.milter_verdict["signed"].inc()
+        m.sign_seconds.observe(outcome.sign_seconds)
+    elif outcome.verdict is Verdict.CONTINUE:
+        m.milter_verdict["unsigned"].inc()
+    else:
+        m.milter_verdict["rejected" if outcome.verdict is Verdict.REJECT else "tempfailed"].inc()
 
 
 def format_reply(outcome: Outcome) -> str:

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from milter.decide import Outcome, Verdict
 from milter.shared_state import SharedState
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics
 from relaylab.policy.model import Policy, Subaccount
 from relaylab.resp import RedisReplyError, RedisUnavailable
 from relaylab.suppression.decide import REFUSE_CODE, REFUSE_STATUS
@@ -57,6 +58,7 @@ class SuppressionChecker:
         if shadow:
             log_event(log, "would_refuse_recipient", logging.INFO, subaccount=sub.name, **fields)
             return Outcome(Verdict.CONTINUE)
+        metrics().suppression_list[fields["list"]].inc()
         return Outcome(Verdict.REJECT, reply=(REFUSE_CODE, REFUSE_STATUS, verdict.smtp_text()),
                        fields={"subaccount": sub.name, **fields})
 

@@ -8,7 +8,14 @@ import time
 from typing import Any
 
 from relaylab import eventloop
-from relaylab.cliargs import command, config_arg, config_path, load_or_exit, service_args
+from relaylab.cliargs import (
+    command,
+    config_arg,
+    config_path,
+    load_or_exit,
+    service_args,
+    start_metrics,
+)
 from relaylab.redisclient import sync_client
 
 
@@ -32,7 +39,9 @@ def cmd_policyd(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     # Fail fast with the same report as `relaylab check`; DKIM keys are the milter's.
-    load_or_exit(args, check_keys=False)
+    policy = load_or_exit(args, check_keys=False)
+    if not start_metrics("policyd", policy):
+        return 1
     host, port = args.listen or (None, None)
     eventloop.run(serve(config_path(args), host, port))
     return 0

@@ -18,15 +18,27 @@ from typing import Any
 from policyd import decide
 from policyd.decide import Check
 from policyd.request import PolicyRequest, ProtocolState
-from policyd.verdict import DUNNO, Dunno, Filter, Prepend, Verdict
+from policyd.verdict import DUNNO, DeferIfPermit, Dunno, Filter, Prepend, Reject, Verdict
 from relaylab.limits import lua, refund
 from relaylab.logfmt import log_event, queue_id_var
+from relaylab.metrics import metrics
 from relaylab.policy.model import Plan
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.resp import OnReply, RedisReplyError, RedisUnavailable, RespClient
 
 log = logging.getLogger("relaylab.policyd")
 _DEBUG = logging.DEBUG
+# The sending limit behind a deferral (relaylab_limit_deferrals_total's label).
+_LIMIT_OF = {lua.OVER_HOUR: "hourly", lua.OVER_MONTH: "monthly", lua.OVER_SESSIONS: "sessions"}
+
+
+def count(verdict: Verdict) -> Verdict:
+    """`verdict`, counted by its action (relaylab_policyd_decisions_total)."""
+    kind = verdict.__class__
+    metrics().policyd_action["dunno" if kind is Dunno else "defer" if kind is DeferIfPermit
+                             else "reject" if kind is Reject else "filter" if kind is Filter
+                             else "prepend"].inc()
+    return verdict
 
 
 class LimitStore:
@@ -84,17 +96,23 @@ class LimitStore:
 
     def _down(self, error: Exception) -> None:
         self._failed += 1
+        m = metrics()
+        m.redis_errors.inc()
         if self._down_since is None:
             self._down_since = self._clock()
             self.up = False
+            m.redis_down.set(1)
             log_event(log, "redis_unavailable", logging.ERROR, redis=str(self.client.address),
                       error=f"{type(error).__name__}: {error}")
 
     def _up(self) -> None:
         assert self._down_since is not None
+        outage = self._clock() - self._down_since
         log_event(log, "redis_recovered", logging.WARNING, redis=str(self.client.address),
-                  outage_seconds=round(self._clock() - self._down_since, 1),
-                  failed_decisions=self._failed)
+                  outage_seconds=round(outage, 1), failed_decisions=self._failed)
+        m = metrics()
+        m.redis_outage_seconds.inc(outage)
+        m.redis_down.set(0)
         self._down_since = None
         self.up = True
         self._failed = 0
@@ -160,6 +178,7 @@ class LimitService:
         self.holder = holder
         self.store = store
         self._clock = clock
+        self._dunno = metrics().policyd_action["dunno"]
 
     def answer(self, request: PolicyRequest) -> Verdict | Pending:
         policy = self.holder.policy
@@ -167,7 +186,7 @@ class LimitService:
         if not isinstance(step, Check):
             if not isinstance(step, Dunno):
                 self._log(request, step, None)
-            return step
+            return count(step)
         now = self._clock()
         pending = Pending(self, request, step, now)
         self.store.submit(step, now, policy.policyd.session_ttl, pending.resolve)
@@ -183,11 +202,16 @@ class LimitService:
             # Admitted, nothing to add (or only the subaccount's route): the common case,
             # without parsing.
             route = pending.check.route
-            return DUNNO if route is None else route
+            if route is None:
+                self._dunno.inc()
+                return DUNNO
+            return count(route)
         result = self.store.result(reply)
         if result is None:
-            return decide.unavailable(self.holder.policy.policyd, pending.check)
-        verdict = decide.verdict(pending.check, result, pending.now)
+            return count(decide.unavailable(self.holder.policy.policyd, pending.check))
+        verdict = count(decide.verdict(pending.check, result, pending.now))
+        if verdict.__class__ is DeferIfPermit and result.status in _LIMIT_OF:
+            metrics().limit_deferred[_LIMIT_OF[result.status]].inc()
         if verdict is DUNNO:
             if log.isEnabledFor(logging.DEBUG):
                 self._log(pending.request, verdict, pending.check, logging.DEBUG)

@@ -27,6 +27,7 @@ from relaylab.connlimit import ConnectionCap, ensure_fd_limit
 from relaylab.limits.lua import ADMIT
 from relaylab.limits.refund import RECEIPT
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.resp import resp_client
 
@@ -373,6 +374,7 @@ async def serve(config: Path, host: str | None, port: int | None) -> None:
                           port if port is not None else settings.listen_port)
     bound = await server.start()
     holder.start()
+    metrics().up.set(1)
     log_event(log, "started", listen=f"{server.host}:{bound}", config=str(config),
               redis=str(store.client.address), subaccounts=len(policy.subaccounts),
               count_mode=settings.count_mode.value,

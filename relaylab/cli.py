@@ -18,6 +18,7 @@ from relaylab.cliargs import (
     config_path,
     load_or_exit,
     service_args,
+    start_metrics,
 )
 from relaylab.policy.loader import ConfigError, load_policy
 from relaylab.suppression.cli import register as register_suppression
@@ -140,6 +141,8 @@ def cmd_milter(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 1
+    if not start_metrics("milter", policy, multiprocess_mode=True):
+        return 1
     run(config_path(args), sock, args.workers or policy.milter.workers)
     return 0
 
@@ -226,6 +229,20 @@ def cmd_dns_check(args: argparse.Namespace) -> int:
         print(f"relaylab: {e}", file=sys.stderr)
         return 1
     return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from relaylab.metrics import SERVICES
+    from relaylab.status import status
+
+    policy = load_or_exit(args, check_keys=False)
+    services = [s.strip() for s in args.services.split(",") if s.strip()] if args.services else None
+    unknown = sorted(set(services or ()) - set(SERVICES))
+    if unknown:
+        print(f"error: --services: unknown {', '.join(unknown)} (services: {', '.join(SERVICES)})",
+              file=sys.stderr)
+        return 2
+    return status(policy, services, sys.stdout)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -343,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     from api.cli import register as register_api
 
     register_api(sub)
+
+    p = command(sub, "status", "each service's health on one screen, from its metrics endpoint "
+                "(metrics.enabled), and Redis; exit status 1 if anything is down")
+    config_arg(p)
+    p.add_argument("--services", metavar="LIST",
+                   help="comma-separated services to check (default: those the policy configures)")
+    p.set_defaults(func=cmd_status)
 
     p = command(sub, "demo", "run the whole relay on loopback and send a demo message")
     p.add_argument("--workdir", type=Path, default=Path("run/demo"),

@@ -91,3 +91,18 @@ def service_args(p: argparse.ArgumentParser, section: str, *, workers: bool = Fa
     p.add_argument("--log-level", default="info", type=str.lower,
                    choices=["debug", "info", "warning", "error"],
                    help="least severe log lines written to stderr (default info)")
+
+
+def start_metrics(service: str, policy: Policy, *, multiprocess_mode: bool = False) -> bool:
+    """Start `service`'s Prometheus endpoint if the policy enables it (relaylab/metrics.py);
+    False, with the error on stderr, if it cannot listen."""
+    from relaylab import metrics
+
+    m = policy.metrics
+    try:
+        metrics.serve(service, m, multiprocess_mode=multiprocess_mode)
+    except OSError as e:
+        print(f"error: cannot serve metrics on {m.host}:{m.ports[service]} "
+              f"(metrics.ports.{service}): {e.strerror or e}", file=sys.stderr)
+        return False
+    return True

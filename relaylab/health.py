@@ -9,6 +9,7 @@ import time
 import attrs
 
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics
 
 __all__ = ["RedisHealth"]
 
@@ -23,12 +24,18 @@ class RedisHealth:
         return self.down_since is None
 
     def failed(self, error: BaseException) -> None:
+        m = metrics()
+        m.redis_errors.inc()
         if self.down_since is None:
+            m.redis_down.set(1)
             self.down_since = time.monotonic()
             log_event(self.log, "redis_unavailable", logging.ERROR, detail=str(error))
 
     def ok(self) -> None:
         if self.down_since is not None:
-            log_event(self.log, "redis_recovered", logging.WARNING,
-                      outage_s=round(time.monotonic() - self.down_since, 1))
+            outage = time.monotonic() - self.down_since
+            log_event(self.log, "redis_recovered", logging.WARNING, outage_s=round(outage, 1))
+            m = metrics()
+            m.redis_outage_seconds.inc(outage)
+            m.redis_down.set(0)
             self.down_since = None

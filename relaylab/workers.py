@@ -23,11 +23,14 @@ RESTART_BACKOFF = 1.0  # a worker that keeps dying is restarted at most once a s
 
 
 def run_workers(count: int, worker: Callable[[int], None], log: logging.Logger,
-                listeners: Sequence[socket.socket] = ()) -> None:
+                listeners: Sequence[socket.socket] = (),
+                on_exit: Callable[[int], None] | None = None) -> None:
     """Run `worker(n)` for n in range(count), each in its own forked process (count <= 1:
     in this process), until SIGTERM/SIGINT. `worker` runs its own event loop and returns
     when told to stop. `listeners`: sockets the workers inherit; the supervisor closes its
-    copies when told to stop, so that new connections are refused, not left queued."""
+    copies when told to stop, so that new connections are refused, not left queued.
+    `on_exit(pid)`: called in the supervisor for every worker that ended (the metrics'
+    bookkeeping: relaylab.metrics.worker_exited)."""
     if count <= 1:
         worker(0)
         return
@@ -76,6 +79,8 @@ def run_workers(count: int, worker: Callable[[int], None], log: logging.Logger,
         if pid not in children:
             continue
         n = children.pop(pid)
+        if on_exit is not None:
+            on_exit(pid)
         if stopping:
             continue
         log_event(log, "worker_died", logging.ERROR, worker=n, pid=pid,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from relaylab.cliargs import command, config_path, load_or_exit, service_args
+from relaylab.cliargs import command, config_path, load_or_exit, service_args, start_metrics
 
 
 def register(subparsers: Any) -> None:
@@ -27,6 +27,8 @@ def cmd_tracker(args: argparse.Namespace) -> int:
     if not policy.tracker.enabled:
         print(f"error: {config}: tracker: base_url and keys are needed to run the tracker",
               file=sys.stderr)
+        return 1
+    if not start_metrics("tracker", policy, multiprocess_mode=True):
         return 1
     host, port = args.listen or (None, None)
     run(config, host, port, args.workers or policy.tracker.workers)

@@ -21,6 +21,7 @@ import attrs
 from relaylab.health import RedisHealth
 from relaylab.limits.lua import Script
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics
 from relaylab.resp import RedisReplyError, RedisUnavailable, RespClient, encode_args
 from relaylab.suppression.keys import daily_key, events_key, events_minid, hourly_key, unique_key
 
@@ -178,7 +179,9 @@ class EventQueue:
                           action="drop")
             self.dropped += 1
             self.dropped_total += 1
+            metrics().tracker_events.labels(event.type, "dropped").inc()
             return False
+        metrics().tracker_events.labels(event.type, "queued").inc()
         self._queue.append((event, retention_days))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())

@@ -21,6 +21,7 @@ from relaylab import eventloop
 from relaylab.connlimit import ensure_fd_limit
 from relaylab.httpguard import GuardedSite, ServerLog
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics, worker_exited
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
 from relaylab.resp import resp_client
@@ -55,6 +56,7 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
     site = GuardedSite(runner, host, port, lambda: holder.policy.tracker, log)
     await site.start()
     holder.start()
+    metrics().up.set(1)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,4 +79,5 @@ async def serve_worker(config: Path, host: str | None, port: int | None, *, work
 
 def run(config: Path, host: str | None, port: int | None, workers: int) -> None:
     """Run `workers` processes (1: this process) until SIGTERM/SIGINT."""
-    run_workers(workers, lambda n: eventloop.run(serve_worker(config, host, port, worker=n)), log)
+    run_workers(workers, lambda n: eventloop.run(serve_worker(config, host, port, worker=n)), log,
+                on_exit=worker_exited)

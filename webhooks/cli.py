@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from relaylab.cliargs import command, config_arg, config_path, load_or_exit
+from relaylab.cliargs import command, config_arg, config_path, load_or_exit, start_metrics
 from relaylab.policy.model import Policy, Subaccount, Webhook
 
 __all__ = ["parse_time", "register"]
@@ -109,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     policy = load_or_exit(args, check_keys=False)
+    if not start_metrics("webhooks", policy):
+        return 1
     run(_serve(args, policy))
     print("webhooks stopped", file=sys.stderr)
     return 0

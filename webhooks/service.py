@@ -15,6 +15,7 @@ from collections.abc import Callable
 import aiohttp
 
 from relaylab.logfmt import log_event
+from relaylab.metrics import metrics
 from relaylab.policy.model import Webhook
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.resp import RedisReplyError, RedisUnavailable
@@ -30,6 +31,7 @@ log = logging.getLogger("relaylab.webhooks")
 
 MAX_IN_FLIGHT = 4  # requests at once per subaccount
 READ_BATCHES = 2  # batches' worth of stream entries read per step (small replies parse in one go)
+DEPTH_EVERY = 1.0  # seconds between two readings of the queue depth (metrics)
 LEASE_MARGIN = 5.0  # seconds past a request's timeout before a taken batch is due again
 
 
@@ -45,10 +47,12 @@ class WebhookService:
         self._wake = asyncio.Event()
         self._redis_down_since: float | None = None
         self.delivered_events = 0
+        self._depth_at = -1e9  # when the queue depth gauge was last updated
 
     async def run(self, stop: asyncio.Event) -> None:
         log_event(log, "started", subaccounts=",".join(
             s.name for s in self.holder.policy.subaccounts if s.webhook is not None))
+        metrics().up.set(1)
         while not stop.is_set():
             busy = await self.step()
             if not busy:
@@ -71,7 +75,22 @@ class WebhookService:
             except (RedisUnavailable, RedisReplyError) as e:
                 self._redis_error(e)
                 return False
+        if time.monotonic() - self._depth_at >= DEPTH_EVERY:
+            await self._update_depth()
         return busy
+
+    async def _update_depth(self) -> None:
+        """relaylab_webhook_queue_depth: deliveries stored and not yet delivered."""
+        self._depth_at = time.monotonic()
+        depth = 0
+        try:
+            for sub in self.holder.policy.subaccounts:
+                if sub.webhook is not None:
+                    depth += (await self.store.pending(sub.name))[0]
+        except (RedisUnavailable, RedisReplyError) as e:
+            self._redis_error(e)
+            return
+        metrics().webhook_queue_depth.set(depth)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for requests under way (their batches stay taken until their lease ends,
@@ -144,6 +163,7 @@ class WebhookService:
                        answer.failure, duration_ms, nxt.outcome.value, tries)
         keep_s = retention_days * 86400
         level = logging.INFO
+        metrics().webhook_deliveries.labels(nxt.outcome.value).inc()
         if nxt.outcome is Outcome.DELIVERED:
             await self.store.delivered(sub, state.id, attempt=note, keep_s=keep_s)
             self.delivered_events += state.count
@@ -164,13 +184,17 @@ class WebhookService:
         return nxt.outcome
 
     def _redis_error(self, e: Exception) -> None:
+        metrics().redis_errors.inc()
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()
+            metrics().redis_down.set(1)
             log_event(log, "redis_unavailable", logging.ERROR, detail=str(e),
                       effect="nothing is sent until Redis is back; nothing is lost")
 
     def _redis_ok(self) -> None:
         if self._redis_down_since is not None:
-            log_event(log, "redis_available", logging.WARNING,
-                      outage_s=round(time.monotonic() - self._redis_down_since, 1))
+            outage = time.monotonic() - self._redis_down_since
+            log_event(log, "redis_available", logging.WARNING, outage_s=round(outage, 1))
+            metrics().redis_outage_seconds.inc(outage)
+            metrics().redis_down.set(0)
             self._redis_down_since = None

@@ -68,13 +68,15 @@ class RelayStack:
         tracker_secret: Path | None = None,
         logd_name: str | None = None,
         sending_transports: bool = False,
+        metrics: bool = False,
     ) -> None:
         """`shared_redis`/`shared_sink`: parts another owner starts and stops (several
         mail hosts on one Redis, see relaylab.devstack.multihost); `keys_dir` and
         `tracker_secret` may be shared the same way. `logd_name`: also run
         `relaylab logd --name logd_name` following this Postfix's maillog_file.
         `sending_transports`: master.cf gets `relaylab postfix transports`' services for
-        the policy's sending_ips (which policy_dict() of a subclass declares)."""
+        the policy's sending_ips (which policy_dict() of a subclass declares). `metrics`:
+        every service's Prometheus endpoint on a free loopback port (`metrics_ports`)."""
         self.workdir = Path(workdir)
         self.sending_transports = sending_transports
         self.accounts = tuple(accounts)
@@ -91,6 +93,10 @@ class RelayStack:
         self.tracker = TrackerProcess(self.config, self.workdir / "tracker.log")
         self.tracker_secret = (Path(tracker_secret) if tracker_secret is not None
                                else self.workdir / "tracker.k1.secret")
+        # metrics: every service's Prometheus endpoint on a free loopback port
+        self.metrics_ports: dict[str, int] = (
+            {s: free_port() for s in ("milter", "policyd", "tracker", "api", "logd", "webhooks",
+                                      "bounces")} if metrics else {})
         users = {a.login: a.password for a in self.accounts}
         users.update(extra_sasl_users or {})
         self.postfix = PostfixInstance(
@@ -131,12 +137,18 @@ class RelayStack:
             subaccounts[a.name] = sub
         milter = {"listen": f"127.0.0.1:{self.milter.port}", **self.milter_settings,
                   **milter_overrides}
-        return {"redis": {"url": self.redis.url}, "milter": milter,
-                "policyd": {"listen": f"127.0.0.1:{self.policyd.port}"},
-                "tracker": {"base_url": self.tracker.base_url,
-                            "listen": f"127.0.0.1:{self.tracker.port}",
-                            "keys": [{"id": "k1", "secret_file": str(self.tracker_secret)}]},
-                "subaccounts": subaccounts}
+        policy: dict[str, Any] = {
+            "redis": {"url": self.redis.url}, "milter": milter,
+            "policyd": {"listen": f"127.0.0.1:{self.policyd.port}"},
+            "tracker": {"base_url": self.tracker.base_url,
+                        "listen": f"127.0.0.1:{self.tracker.port}",
+                        "keys": [{"id": "k1", "secret_file": str(self.tracker_secret)}]},
+            "subaccounts": subaccounts}
+        if self.metrics_ports:
+            policy["metrics"] = {"enabled": True, "host": "127.0.0.1",
+                                 "dir": str(self.workdir / "metrics"),
+                                 "ports": dict(self.metrics_ports)}
+        return policy
 
     def write_policy(self, policy: dict[str, Any] | None = None, **milter_overrides: Any) -> None:
         text = yaml.safe_dump(policy or self.policy_dict(**milter_overrides), sort_keys=False)

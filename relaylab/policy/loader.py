@@ -21,6 +21,7 @@ import yaml
 
 from relaylab.dkim.keys import KeyLoadError, load_private_key
 from relaylab.policy.model import (
+    DEFAULT_METRICS_PORTS,
     WEBHOOK_EVENT_TYPES,
     ApiClient,
     ApiLogin,
@@ -32,6 +33,7 @@ from relaylab.policy.model import (
     DnsSettings,
     IpPool,
     LogdSettings,
+    MetricsSettings,
     MilterSettings,
     MissingKeyAction,
     Plan,
@@ -256,7 +258,7 @@ def load_policy(
 def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy | None:
     top = w.mapping(root, "", {"redis", "milter", "plans", "subaccounts", "dns", "policyd",
                                  "tracker", "logd", "bounces", "api", "sending_ips",
-                                 "ip_pools"})
+                                 "ip_pools", "metrics"})
     base = file.parent
 
     redis_url = "redis://127.0.0.1:6379/0"
@@ -286,6 +288,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
     tracker_ok = tracker.enabled or len(w.problems) == before
     logd = _logd(w, top["logd"][1], base) if "logd" in top else LogdSettings()
     bounces = _bounces(w, top["bounces"][1], base) if "bounces" in top else BouncesSettings()
+    metrics = _metrics(w, top["metrics"][1], base) if "metrics" in top else MetricsSettings()
     dns = DnsSettings()
     if "dns" in top:
         d = w.mapping(top["dns"][1], "dns", {"spf_include"})
@@ -369,6 +372,7 @@ def _build(w: _Walker, root: yaml.Node, file: Path, check_keys: bool) -> Policy 
         api=api,
         sending_ips=tuple(ips.values()),
         ip_pools=tuple(routes.pools.values()),
+        metrics=metrics,
         by_login=by_login,
     )
 
@@ -731,6 +735,47 @@ def _valid_b64(text: str) -> bool:
     except (binascii.Error, ValueError):
         return False
     return True
+
+
+def _metrics(w: _Walker, node: yaml.Node, base: Path) -> MetricsSettings:
+    m = w.mapping(node, "metrics", {"enabled", "host", "ports", "dir"})
+    kw: dict[str, object] = {}
+    if "enabled" in m:
+        kw["enabled"] = w.boolean(m["enabled"][1], "metrics.enabled")
+    if "host" in m:
+        host = w.string(m["host"][1], "metrics.host")
+        if host is not None and not re.match(r"^[A-Za-z0-9.:-]+$", host):
+            w.fail(m["host"][1], "metrics.host", f"expected an IP address or host name, got {host!r}")
+        elif host is not None:
+            kw["host"] = host
+    if "dir" in m:
+        path = w.string(m["dir"][1], "metrics.dir")
+        if path is not None:
+            kw["dir"] = base / path
+    if "ports" in m:
+        ports = dict(DEFAULT_METRICS_PORTS)
+        seen: dict[int, str] = {}
+        for name, (_, pnode) in w.mapping(m["ports"][1], "metrics.ports",
+                                          set(DEFAULT_METRICS_PORTS)).items():
+            port = w.integer(pnode, f"metrics.ports.{name}", minimum=1)
+            if port is None:
+                continue
+            if port > 65535:
+                w.fail(pnode, f"metrics.ports.{name}", f"must be <= 65535, got {port}")
+                continue
+            if port in seen:
+                w.fail(pnode, f"metrics.ports.{name}", f"port {port} is already metrics.ports.{seen[port]}")
+                continue
+            seen[port] = name
+            ports[name] = port
+        # a default port another service took explicitly
+        for name, port in ports.items():
+            if port in seen and seen[port] != name:
+                w.fail(m["ports"][1], "metrics.ports",
+                       f"port {port} is {name}'s default and metrics.ports.{seen[port]}: "
+                       f"give {name} a port of its own")
+        kw["ports"] = ports
+    return MetricsSettings(**{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
 
 
 def _logd(w: _Walker, node: yaml.Node, base: Path) -> LogdSettings:

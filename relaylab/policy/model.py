@@ -135,6 +135,23 @@ class LogdSettings:
     start_at: str = "end"
 
 
+# Each service's metrics port unless `metrics.ports` names another (README "Metrics").
+DEFAULT_METRICS_PORTS = {"milter": 9181, "policyd": 9182, "tracker": 9183, "api": 9184,
+                         "logd": 9185, "webhooks": 9186, "bounces": 9187}
+
+
+@attrs.frozen
+class MetricsSettings:
+    """Prometheus endpoints (relaylab/metrics.py): off unless enabled; on loopback unless
+    `host` says otherwise (they have no authentication)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = attrs.field(factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    # Multiprocess files of the services with workers (one subdirectory each).
+    dir: Path = Path("/run/relaylab/metrics")
+
+
 @attrs.frozen
 class DkimKeyRef:
     """A configured signing key; the key material itself is read by the key store."""
@@ -412,6 +429,7 @@ class Policy:
     api: ApiSettings = ApiSettings()
     sending_ips: tuple[SendingIp, ...] = ()  # every address declared (policy sending_ips)
     ip_pools: tuple[IpPool, ...] = ()  # the named pools (policy ip_pools)
+    metrics: MetricsSettings = MetricsSettings()
     # Lower-cased SASL login -> subaccount, derived at load time for O(1) lookups.
     by_login: dict[str, Subaccount] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -44,7 +44,7 @@ MILTER_MAX_MESSAGE = 2 << 20  # milter.max_message_bytes
 MILTER_MAX_HEADERS = 1000
 # RSS bounds (MiB) each service must stay below while fuzzed: its size at rest is
 # ~60-90 MiB; the bound leaves room for the caps' worth of buffers, not for a leak.
-RSS_BOUND_MIB = {"milter": 200, "policyd": 160, "tracker": 200, "api": 260}
+RSS_BOUND_MIB = {"milter": 160, "policyd": 120, "tracker": 150, "api": 180}
 
 # Log events that say a connection (or a message) was stopped by a cap or a timeout.
 CAP_EVENTS = {
@@ -160,12 +160,18 @@ def mmacros(stage: bytes, **kv: str) -> bytes:
 OPTNEG = mpacket(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
 
 
+VALID_BODY = b"Hello there.\r\n"
+
+
+def valid_headers(qid: str) -> list[tuple[bytes, bytes]]:
+    return [(b"From", f" <orders@{DOMAIN}>".encode()), (b"To", b" <bob@example.net>"),
+            (b"Subject", f" fuzz {qid}".encode()), (b"Message-ID", f" <{qid}@{DOMAIN}>".encode())]
+
+
 def milter_message(qid: str, *, login: str = LOGIN, headers: list[tuple[bytes, bytes]] | None = None,
-                   body: bytes = b"Hello there.\r\n") -> list[bytes]:
+                   body: bytes = VALID_BODY) -> list[bytes]:
     """The packets Postfix sends for one message (after OPTNEG), as a list."""
-    hdrs = headers if headers is not None else [
-        (b"From", f" <orders@{DOMAIN}>".encode()), (b"To", b" <bob@example.net>"),
-        (b"Subject", f" fuzz {qid}".encode()), (b"Message-ID", f" <{qid}@{DOMAIN}>".encode())]
+    hdrs = headers if headers is not None else valid_headers(qid)
     out = [mmacros(b"M", i=qid, **{"{auth_authen}": login, "{client_addr}": "127.0.0.1",
                                    "{client_port}": str(random.randint(1024, 65535)),
                                    "{daemon_addr}": "127.0.0.1", "{daemon_port}": "587"}),
@@ -563,15 +569,52 @@ def milter_session(port: int, qid: str) -> list[bytes]:
         return out
 
 
-def check_milter(port: int) -> str | None:
+def apply_edits(headers: list[tuple[bytes, bytes]], body: bytes, replies: list[bytes]) -> bytes:
+    """The message as Postfix passes it on after the milter's edits (values carry their
+    leading space, as negotiated)."""
+    hdrs = list(headers)
+    for r in replies:
+        kind, data = r[:1], r[1:]
+        if kind in (b"i", b"m"):
+            (index,), data = struct.unpack("!I", data[:4]), data[4:]
+        if kind in (b"h", b"i", b"m"):
+            name, value = data.split(b"\0")[:2]
+        if kind == b"h":
+            hdrs.append((name, value))
+        elif kind == b"i":
+            hdrs.insert(index, (name, value))
+        elif kind == b"m":
+            at = [i for i, (n, _) in enumerate(hdrs) if n.lower() == name.lower()]
+            if index <= len(at):
+                if value:
+                    hdrs[at[index - 1]] = (name, value)
+                else:
+                    del hdrs[at[index - 1]]
+            elif value:
+                hdrs.append((name, value))
+        elif kind == b"b":
+            body = data
+    return b"".join(n + b":" + v + b"\r\n" for n, v in hdrs) + b"\r\n" + body
+
+
+def check_milter(stack: FuzzStack) -> str | None:
+    """A proper session is answered with a DKIM signature that verifies (dkimpy, the
+    stack's keys) once its edits are applied, then continue."""
     qid = f"V{secrets.token_hex(4).upper()}"
     try:
-        out = milter_session(port, qid)
+        out = milter_session(stack.port("milter"), qid)
     except OSError as e:
         return f"{type(e).__name__}: {e}"
     sigs = [p for p in out if p[:1] in b"ih" and b"DKIM-Signature" in p]
     if not out or out[-1] != b"c" or len(sigs) < 1 or f"d={DOMAIN}".encode() not in sigs[0]:
         return f"no DKIM-signed continue: {out!r:.300}"
+    message = apply_edits(valid_headers(qid), VALID_BODY, out[:-1])
+    try:
+        verdicts = stack.relay.verify_dkim(message)
+    except Exception as e:  # dkimpy raises on a body hash mismatch
+        return f"DKIM verification failed: {e}"
+    if not verdicts or not all(verdicts):
+        return f"DKIM verification {verdicts} of {message[:600]!r}"
     return None
 
 
@@ -648,7 +691,7 @@ def targets(stack: FuzzStack) -> dict[str, Target]:
     tracker_paths = [pixel_path(stack), "/healthz", "/o/x.gif", "/c/abc", "/u/abc"]
     api_paths = ["/healthz", "/api/v1/smtp", "/api/v1/events", "/ui/login", "/openapi.json"]
     return {
-        "milter": Target("milter", milter_case, lambda: check_milter(stack.port("milter")),
+        "milter": Target("milter", milter_case, lambda: check_milter(stack),
                          read_timeout=1.5),
         "policyd": Target("policyd", policy_case, lambda: check_policyd(stack.port("policyd"))),
         "tracker": Target("tracker", lambda rng: http_case(rng, tracker_paths),

@@ -90,6 +90,7 @@ class _Next:
     base: int  # the log position of its first byte
     checkpoint: Checkpoint  # where the log is read to once it is written
     notes: _Notes | None  # asked for
+    read_at: float  # time.monotonic() when its lines were read
 
 
 @attrs.frozen
@@ -198,7 +199,6 @@ class Logd:
             if cur is None:
                 self._finish()
                 return False
-        read_at = time.monotonic()
         self._collect_notes(cur.notes)
         self._next = self._prepare()  # read ahead: its notes come while Redis works on
         batch = self.builder.build(cur.found, cur.base, self.notes.get)
@@ -216,7 +216,7 @@ class Logd:
                                 time.time())
             scripts = [c for _, c in calls]
             self._redis(lambda: self.conn.evalsha_send(LOGD_APPLY, scripts))
-        self._inflight = _Inflight(calls, cur.checkpoint, batch.removed, read_at,
+        self._inflight = _Inflight(calls, cur.checkpoint, batch.removed, cur.read_at,
                                    batch.lines)
         self.stats.batches += 1
         return True
@@ -226,11 +226,12 @@ class Logd:
         got = self.follower.read()
         if got is None:
             return None
+        read_at = time.monotonic()
         data, generation, offset = got
         found = self.builder.find(data)
         self.follower.advance(len(data))
         return _Next(found, position(generation, offset), self.follower.checkpoint,
-                     self._ask_notes(found.queue_ids))
+                     self._ask_notes(found.queue_ids), read_at)
 
     def _finish(self) -> None:
         """The replies of the batch in flight, then its checkpoint."""

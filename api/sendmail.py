@@ -44,7 +44,14 @@ async def _params(request: web.Request) -> dict[str, Any]:
             raise ApiError(400, "body: expected a JSON object")
         return body
     if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        pairs = [(k, v) for k, v in (await request.post()).items() if isinstance(v, str)]
+        try:
+            posted = await request.post()
+        except web.HTTPException:
+            raise
+        except Exception as e:  # aiohttp's multipart reader: no first boundary, one over
+            # 70 characters, a body that ends inside a part (found by tests/fuzzing.py)
+            raise ApiError(400, f"body: not a readable {request.content_type} body ({e})") from None
+        pairs = [(k, v) for k, v in posted.items() if isinstance(v, str)]
         try:
             return nest(pairs)
         except FormError as e:

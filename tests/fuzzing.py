@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from api.auth import hash_secret
 from relaylab.devstack.api import ApiProcess
 from relaylab.devstack.ports import free_port
 from relaylab.devstack.process import ChildProcess
@@ -74,6 +75,8 @@ class FuzzStack:
         self.relay = RelayStack(workdir, with_noauth_port=False)
         self.api = ApiProcess(self.relay.config, workdir / "api.log", free_port())
         self.signer: TokenSigner | None = None
+        self.submit_port = free_port()
+        self.api_hash = hash_secret(API_SECRET, n=1 << 10)
 
     @property
     def procs(self) -> dict[str, ChildProcess]:
@@ -88,7 +91,10 @@ class FuzzStack:
                              "request_timeout": 2, "idle_timeout": 60})
         p["tracker"].update({"header_timeout": 2, "keepalive_timeout": 5})
         p["api"] = {"listen": f"127.0.0.1:{self.api.port}", "header_timeout": 2,
-                    "keepalive_timeout": 5}
+                    "keepalive_timeout": 5,
+                    "submit": f"127.0.0.1:{self.submit_port}",  # nothing listens there
+                    "clients": {"fuzz": {"key": API_KEY, "secret_hash": self.api_hash,
+                                         "operator": True}}}
         p["plans"] = {"big": {"hourly_limit": 1_000_000, "max_sessions": 10_000,
                               "retention_days": 1},
                       "one": {"hourly_limit": 1, "retention_days": 1}}
@@ -219,10 +225,12 @@ MILTER_KINDS = ("truncated", "absurd_length", "unknown_command", "out_of_order",
 POLICY_KINDS = ("oversized_attribute", "many_attributes", "huge_request", "nul", "non_utf8",
                 "no_equals", "empty_name", "bad_state", "bad_count", "truncated", "garbage",
                 "empty_lines", "pipelined", "bitflip", "crlf", "no_reader", "valid")
+API_KINDS = ("query", "form", "json", "multipart", "path_param")
 HTTP_KINDS = ("garbage_path", "huge_url", "header_flood", "huge_header", "bad_method",
               "bad_version", "garbage", "truncated", "bad_length", "chunked_garbage", "pipelined",
               "bitflip", "bad_token", "no_reader", "valid")
-KINDS = {"milter": MILTER_KINDS, "policyd": POLICY_KINDS, "tracker": HTTP_KINDS, "api": HTTP_KINDS}
+KINDS = {"milter": MILTER_KINDS, "policyd": POLICY_KINDS, "tracker": HTTP_KINDS,
+         "api": HTTP_KINDS + tuple(f"authed_{k}" for k in API_KINDS)}
 
 
 @dataclass
@@ -404,6 +412,64 @@ def http_case(rng: random.Random, paths: list[str]) -> Case:
     else:
         data = req(path.encode())
     return Case(kind, chunked(rng, data))
+
+
+API_KEY, API_SECRET = "fuzz-app-key-0001", "fuzz-app-secret"
+API_GETS = ["/api/emails", "/api/smtp_events/ok", "/api/smtp_events/bounce", "/api/opens",
+            "/api/clicks", "/api/agregate", "/api/agregate_tags", "/api/smtp",
+            "/api/blacklists", "/api/whitelists", "/api/blacklist_reasons"]
+API_POSTS = ["/api/blacklists", "/api/whitelists", "/api/new_sendmail", "/api/sendmail_templates",
+             "/api/add_template"]
+API_PARAMS = ["offset", "limit", "sort", "smtp_account", "date_from", "date_to", "tags", "tags[]",
+              "filter[to]", "filter[created_at]", "filter[message_id]", "email", "reason",
+              "comment", "to", "to[]", "from", "from_name", "subject", "html", "text", "template_id",
+              "headers[X-A]", "vars[a]", "files[0][name]", "files[0][content]", "reply_to", "cc[]"]
+
+
+def fuzz_value(rng: random.Random) -> str:
+    return rng.choice([
+        "", "0", "-1", "1e9", "99999999999999999999", "null", "[]", "{}", "a@b", "x" * 5000,
+        "\u00e9\u4e2d\U0001f600", "\x00", "%00", "' OR 1=1 --", "<script>", "2026-13-45 25:61:00",
+        f"orders@{DOMAIN}", DEMO_ACCOUNTS[0].name, "bob@example.net", "..", "a,b,,c",
+        rng.randbytes(rng.randrange(1, 40)).decode("latin-1")])
+
+
+def api_authed_case(rng: random.Random) -> Case:
+    """A request past authentication, its parameters random: the handlers' own checks."""
+    kind = rng.choice(API_KINDS)
+    auth = b"Authorization: Basic " + base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()) + b"\r\n"
+    pairs = [(rng.choice(API_PARAMS), fuzz_value(rng)) for _ in range(rng.randrange(0, 8))]
+    query = urllib.parse.urlencode(pairs).encode()
+    body = b""
+    if kind == "query":
+        head = b"GET " + rng.choice(API_GETS).encode() + b"?" + query
+        ctype = b""
+    elif kind == "form":
+        head, ctype, body = b"POST " + rng.choice(API_POSTS).encode(), \
+            b"application/x-www-form-urlencoded", query
+    elif kind == "json":
+        doc = rng.choice([dict(pairs), [p[1] for p in pairs], "x", 1, None,
+                          {"to": [{"email": fuzz_value(rng)}] * rng.randrange(0, 3)}])
+        raw = __import__("json").dumps(doc).encode()
+        head, ctype, body = b"POST " + rng.choice(API_POSTS).encode(), b"application/json", \
+            rng.choice([raw, raw[:rng.randrange(0, len(raw) + 1)], b"{" * 1000])
+    elif kind == "multipart":
+        boundary = rng.choice([b"b0undary", b"", b"x" * 100])
+        parts = b"".join(b"--b0undary\r\nContent-Disposition: form-data; name=\"" + k.encode()
+                         + b"\"\r\n\r\n" + v.encode("utf-8", "surrogatepass") + b"\r\n"
+                         for k, v in pairs)
+        body = parts + rng.choice([b"--b0undary--\r\n", b"", b"--b0und"])
+        head, ctype = b"POST " + rng.choice(API_POSTS).encode(), \
+            b"multipart/form-data; boundary=" + boundary
+    else:
+        which = rng.choice(["blacklists", "whitelists"])
+        email = urllib.parse.quote(fuzz_value(rng), safe="").encode()
+        head = rng.choice([b"GET", b"DELETE"]) + f" /api/{which}/email/".encode() + email + b"?" + query
+        ctype = b""
+    data = (head + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + auth
+            + (b"Content-Type: " + ctype + b"\r\n" if ctype else b"")
+            + (b"Content-Length: %d\r\n" % len(body) if body or ctype else b"") + b"\r\n" + body)
+    return Case(f"authed_{kind}", chunked(rng, data))
 
 
 # -- running cases -----------------------------------------------------------------------------
@@ -648,9 +714,10 @@ def check_policyd(port: int) -> str | None:
     return None
 
 
-def http_get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
+def http_get(port: int, path: str, timeout: float = 10, headers: str = "") -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n"
+                  .encode())
         buf = b""
         while data := s.recv(65536):
             buf += data
@@ -677,13 +744,19 @@ def check_tracker(stack: FuzzStack) -> str | None:
 
 
 def check_api(stack: FuzzStack) -> str | None:
+    """/healthz is up; GET /api/smtp lists the subaccounts for the operator client, and
+    is 401 without credentials."""
+    auth = base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
+    port = stack.port("api")
     try:
-        status, body = http_get(stack.port("api"), "/healthz")
-        status2, _ = http_get(stack.port("api"), "/api/v1/account")
+        status, body = http_get(port, "/healthz")
+        status2, body2 = http_get(port, "/api/smtp", headers=f"Authorization: Basic {auth}\r\n")
+        status3, _ = http_get(port, "/api/smtp")
     except OSError as e:
         return f"{type(e).__name__}: {e}"
-    if status != 200 or b'"up"' not in body or status2 not in (401, 404):
-        return f"healthz {status} {body[:60]!r}, unauthenticated {status2}"
+    if status != 200 or b'"up"' not in body or status2 != 200 \
+            or DEMO_ACCOUNTS[0].name.encode() not in body2 or status3 != 401:
+        return f"healthz {status} {body[:60]!r}, /api/smtp {status2} {body2[:100]!r}, without auth {status3}"
     return None
 
 
@@ -696,7 +769,8 @@ def targets(stack: FuzzStack) -> dict[str, Target]:
         "policyd": Target("policyd", policy_case, lambda: check_policyd(stack.port("policyd"))),
         "tracker": Target("tracker", lambda rng: http_case(rng, tracker_paths),
                           lambda: check_tracker(stack)),
-        "api": Target("api", lambda rng: http_case(rng, api_paths), lambda: check_api(stack)),
+        "api": Target("api", lambda rng: http_case(rng, api_paths) if rng.random() < 0.5
+                      else api_authed_case(rng), lambda: check_api(stack)),
     }
 
 

@@ -221,7 +221,7 @@ def policy_request(**attrs: str) -> bytes:
 
 MILTER_KINDS = ("truncated", "absurd_length", "unknown_command", "out_of_order", "huge_header",
                 "many_headers", "bitflip", "garbage", "huge_body", "bad_macros", "rcpt_backlog",
-                "no_reader", "bad_optneg", "valid")
+                "no_reader", "bad_optneg", "mime_body", "valid")
 POLICY_KINDS = ("oversized_attribute", "many_attributes", "huge_request", "nul", "non_utf8",
                 "no_equals", "empty_name", "bad_state", "bad_count", "truncated", "garbage",
                 "empty_lines", "pipelined", "bitflip", "crlf", "no_reader", "valid")
@@ -307,6 +307,13 @@ def milter_case(rng: random.Random) -> Case:
         # Thousands of replies asked for, none read.
         data = OPTNEG + (mpacket(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)) * 20000)
         return Case(kind, [data], read_replies=False, half_close=False)
+    elif kind == "mime_body":
+        # A marketing subaccount's message (links rewritten, a pixel, long lines re-encoded):
+        # random MIME and HTML for the milter's body code.
+        hdrs, body = random_mime(rng)
+        data = OPTNEG + b"".join(milter_message(qid, login=DEMO_ACCOUNTS[1].login,
+                                                headers=[(b"From", f" <news@{DEMO_ACCOUNTS[1].domain}>"
+                                                          .encode()), *hdrs], body=body))
     elif kind == "bad_optneg":
         data = mpacket(b"O", rng.randbytes(rng.choice([0, 4, 11, 12, 13, 40]))) + b"".join(msg)
     else:
@@ -314,6 +321,61 @@ def milter_case(rng: random.Random) -> Case:
     # Mostly no EOF from our side (Postfix keeps the connection; an EOF while the RCPT
     # check is in flight ends the connection before the rest is read).
     return Case(kind, chunked(rng, data), half_close=rng.random() < 0.2)
+
+
+def random_html(rng: random.Random) -> bytes:
+    parts = []
+    for _ in range(rng.randrange(1, 30)):
+        url = rng.choice(["https://shop.example.com/a?b=c&d=%20", "http://x", "mailto:a@b", "", "#",
+                          "javascript:alert(1)", "https://" + "l" * 3000 + ".example",
+                          "https://ex\u00e4mple.com/\u00fc?q=\U0001f600", "https://a.example/'\"><",
+                          "  https://spaces.example/  ", "HTTPS://UPPER.EXAMPLE/X"])
+        parts.append(rng.choice([
+            f'<a href="{url}">link</a>', f"<a href='{url}'>x", f"<A HREF={url}>y</A>",
+            "<!-- unclosed comment", "<![CDATA[ x ]]>", "<script>var a='<a href=x>';</script>",
+            "<img src=\"https://img.example/p.gif\">", "</body></html>", "<body>", "&amp;&#0;&#x110000;",
+            "x" * rng.choice([10, 1000, 5000]), "\u00e9\u4e2d", "<a href=\"" + url]))
+    text = "".join(parts)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def random_mime(rng: random.Random) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A message's MIME header fields (after From) and body, of random structure."""
+    html = random_html(rng)
+    cte = rng.choice([b"quoted-printable", b"base64", b"8bit", b"7bit", b"x-bogus", b""])
+    if cte == b"base64":
+        enc = base64.encodebytes(html)
+    elif cte == b"quoted-printable":
+        import quopri
+        enc = quopri.encodestring(html)
+    else:
+        enc = html
+    enc = enc.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    part_head = b"Content-Type: text/html; charset=" + rng.choice([b"utf-8", b"iso-8859-1", b"bogus"]) \
+        + (b"\r\nContent-Transfer-Encoding: " + cte if cte else b"")
+    shape = rng.choice(["single", "alternative", "nested", "rfc822", "broken"])
+    if shape == "single":
+        ct, _, cte_line = part_head.partition(b"\r\n")
+        hdrs = [(b"Content-Type", b" " + ct.split(b": ", 1)[1])]
+        if cte_line:
+            hdrs.append((b"Content-Transfer-Encoding", b" " + cte))
+        body = enc
+    else:
+        b1 = rng.choice([b"b1", b"=_b1", b"x" * 70, b""])
+        inner = b"--" + b1 + b"\r\n" + part_head + b"\r\n\r\n" + enc + b"\r\n"
+        if shape == "nested":
+            inner = (b"--" + b1 + b"\r\nContent-Type: multipart/related; boundary=b2\r\n\r\n--b2\r\n"
+                     + part_head + b"\r\n\r\n" + enc + b"\r\n--b2--\r\n")
+        elif shape == "rfc822":
+            inner = (b"--" + b1 + b"\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n"
+                     + part_head + b"\r\n\r\n" + enc + b"\r\n")
+        body = b"preamble\r\n" + inner + (b"--" + b1 + b"--\r\n" if shape != "broken" else b"")
+        hdrs = [(b"MIME-Version", b" 1.0"),
+                (b"Content-Type", b" multipart/" + rng.choice([b"alternative", b"mixed"])
+                 + b"; boundary=\"" + b1 + b"\"")]
+    if rng.random() < 0.3:
+        body = flip(rng, body, rng.randint(1, 10)) if body else body
+    return [(b"Subject", b" news"), *hdrs], body
 
 
 def policy_case(rng: random.Random) -> Case:
@@ -762,7 +824,7 @@ def check_api(stack: FuzzStack) -> str | None:
 
 def targets(stack: FuzzStack) -> dict[str, Target]:
     tracker_paths = [pixel_path(stack), "/healthz", "/o/x.gif", "/c/abc", "/u/abc"]
-    api_paths = ["/healthz", "/api/v1/smtp", "/api/v1/events", "/ui/login", "/openapi.json"]
+    api_paths = ["/healthz", "/api/smtp", "/api/emails", "/ui/login", "/openapi.json"]
     return {
         "milter": Target("milter", milter_case, lambda: check_milter(stack),
                          read_timeout=1.5),

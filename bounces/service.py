@@ -115,7 +115,7 @@ class BounceProcessor:
                       recipient=recipient, action=report.action, status=report.status)
             metrics().bounces.labels("ignored").inc()
             return
-        cls, pattern = classify("bounced", report.status, report.text)
+        cls, pattern = classify("bounced", report.status, report.text, recipient)
         now = int(time.time())
         fields: tuple[str, ...] = (
             "type", cls.value, "queue_id", "", "message_id", note.message_id,

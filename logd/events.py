@@ -29,7 +29,7 @@ from operator import itemgetter
 import attrs
 
 from relaylab.events.apply import Calls, Encoded, SubaccountPlan
-from relaylab.events.classify import Class, classify
+from relaylab.events.classify import Class, classify, mask_recipient
 from relaylab.events.note import Note
 from relaylab.events.postfix_log import (
     DELIVERY_HEAD,
@@ -232,7 +232,7 @@ class Builder:
         self.when = when or TimeParser()
         self._final: dict[bytes, list[bytes]] = {}
         self._times: dict[bytes, tuple[int, bytes, bytes]] = {}  # head: time, as text, encoded
-        self._classes: dict[tuple[bytes, bytes, bytes], tuple[Class, bytes, bytes]] = {}
+        self._classes: dict[tuple[bytes, bytes, str], tuple[Class, bytes, bytes]] = {}
 
     def forget(self, queue_id: bytes) -> None:
         self._final.pop(queue_id, None)
@@ -345,10 +345,15 @@ class Builder:
                to: bytes, relay: bytes, delay: bytes, dsn: bytes, status: bytes, text: bytes
                ) -> None:
         """A delivery line other than status=sent: classified."""
-        key = (status, dsn, text)
+        if status == b"bounced" or status == b"undeliverable":
+            # bounce replies repeat, but for the address they quote: classified once per
+            # text with the recipient masked (as classify() does)
+            key = (status, dsn, mask_recipient(text.decode(), to.decode()))
+        else:  # the class does not depend on the reply
+            key = (status, b"", "")
         known = self._classes.get(key)
-        if known is None:  # bounce replies repeat: classified once
-            cls, name = classify(status.decode(), dsn.decode(), text.decode())
+        if known is None:
+            cls, name = classify(status.decode(), key[1].decode(), key[2])
             if len(self._classes) > 10_000:
                 self._classes.clear()
             known = self._classes[key] = (cls, cls.value.encode(), name.encode())

@@ -6,6 +6,12 @@ recipient is classified from its DSN code (RFC 3463) and the reply text with the
 of bounce_patterns.yaml, first match wins; no match is a softbounce. Only a hardbounce
 ever blacklists the address (relaylab logd, plan key bounces_before_block); spambounces
 are about the sender's reputation and never do.
+
+The recipient's own address is not evidence: in the reply text it is replaced by a fixed
+placeholder (mask_recipient) before the patterns look, so that an address such as
+spamtrap@blocked.example or unknown-user@... cannot decide the class, and replies that
+differ only in the address they quote are one text (relaylab logd classifies each text
+once).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from importlib import resources
 import attrs
 import yaml
 
-__all__ = ["Class", "Pattern", "classify", "load_patterns"]
+__all__ = ["RCPT_MASK", "Class", "Pattern", "classify", "load_patterns", "mask_recipient"]
 
 
 class Class(enum.Enum):
@@ -67,14 +73,55 @@ def load_patterns() -> tuple[Pattern, ...]:
     return tuple(out)
 
 
-def classify(status: str, dsn: str, text: str) -> tuple[Class, str]:
-    """(class, name of the pattern that decided it, "" for none)."""
+# What the recipient's address stands for in a reply being classified: no word any
+# pattern looks for, address-shaped (a local part, "@", a dotted domain).
+RCPT_MASK = "rcpt@rcpt.example"
+_LOCAL_MASK = RCPT_MASK.split("@")[0]
+
+
+def mask_recipient(text: str, recipient: str) -> str:
+    """text with the recipient's address (any case) replaced by RCPT_MASK, and its local
+    part where it stands as an address of its own: before an "@" (another domain, after
+    a rewrite) or alone in angle brackets ("<jane>"). A local part elsewhere is a word
+    of the reply ("<full@example.net>: Mailbox full") and stays."""
+    if not recipient or not text:
+        return text
+    rcpt = recipient.lower()
+    local, at, _ = rcpt.rpartition("@")
+    text = _replace_ci(text, rcpt, RCPT_MASK)
+    if at and local:
+        text = _replace_ci(text, local + "@", _LOCAL_MASK + "@")
+        text = _replace_ci(text, f"<{local}>", f"<{_LOCAL_MASK}>")
+    return text
+
+
+def _replace_ci(text: str, needle: str, repl: str) -> str:
+    """text with every occurrence of needle (lower case) in any case replaced by repl."""
+    low = text.lower()
+    i = low.find(needle)
+    if i < 0:
+        return text
+    if len(low) != len(text):  # a character whose lower case is longer: rare
+        return re.sub(re.escape(needle), lambda _: repl, text, flags=re.IGNORECASE)
+    out, j = [], 0
+    while i >= 0:
+        out += [text[j:i], repl]
+        j = i + len(needle)
+        i = low.find(needle, j)
+    out.append(text[j:])
+    return "".join(out)
+
+
+def classify(status: str, dsn: str, text: str, recipient: str = "") -> tuple[Class, str]:
+    """(class, name of the pattern that decided it, "" for none). recipient: the address
+    the reply is about, masked in text first (mask_recipient)."""
     if status == "sent" or status == "deliverable":
         return Class.OK, ""
     if status == "deferred":
         return Class.DEFERRED, ""
     if status == "expired":
         return Class.EXPIRED, ""
+    text = mask_recipient(text, recipient)
     printable_ascii = text.isascii() and text.isprintable()
     for p in load_patterns():
         if p.matches(dsn, text, printable_ascii=printable_ascii):

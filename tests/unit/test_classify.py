@@ -3,11 +3,12 @@ is classified by that very pattern), and the statuses that need no pattern."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from relaylab.events.classify import Class, Pattern, classify, load_patterns
+from relaylab.events.classify import RCPT_MASK, Class, Pattern, classify, load_patterns, mask_recipient
 
 PATTERNS = load_patterns()
 
@@ -64,3 +65,66 @@ def test_a_non_ascii_reply_is_matched_with_unicode_case_folding() -> None:
     # U+212A KELVIN SIGN folds to "k": only the Unicode pattern sees "unknown" here
     assert classify("bounced", "5.0.0", "550 user un\u212anown") == (Class.HARDBOUNCE,
                                                                        "unknown-user-text")
+
+
+def _bounced_corpus() -> list[tuple[str, str, str]]:
+    """(recipient, dsn, text) of the bounces of the corpus and of the bench's log, and
+    the patterns' examples with the address they quote as the recipient."""
+    from relaylab.events.postfix_log import Delivery, TimeParser, scan
+    corpus = (Path(__file__).parent / "corpus" / "postfix" / "maillog.txt").read_bytes()
+    out = [(r.recipient, r.dsn, r.text) for _, r in scan(corpus, TimeParser()).records
+           if isinstance(r, Delivery) and r.status == "bounced"]
+    for p in PATTERNS:
+        dsn, text = p.example
+        quoted = re.findall(r"<([^<>@\s]+@[^<>\s]+)>", text)
+        out.append((quoted[0] if quoted else "someone@example.net", dsn, text))
+    to = "user17x0@d17.example.net"  # bench/logd's bounces
+    out += [(to, "5.1.1", f"host said: 550 5.1.1 <{to}>: Recipient address rejected: User "
+                          "unknown (in reply to RCPT TO command)"),
+            (to, "5.2.2", "host said: 552 5.2.2 Mailbox full (in reply to RCPT TO command)"),
+            (to, "5.7.1", "host said: 554 5.7.1 Service unavailable; Client host "
+                          "[198.51.100.7] blocked using zen.spamhaus.org (in reply to RCPT TO "
+                          "command)")]
+    return out
+
+
+def test_masking_the_recipient_changes_no_class_of_the_corpus_nor_of_the_examples() -> None:
+    cases = _bounced_corpus()
+    assert len(cases) >= len(PATTERNS) + 3 + 3  # the corpus has three bounces
+    masked = 0
+    for rcpt, dsn, text in cases:
+        if mask_recipient(text, rcpt) != text:
+            masked += 1
+        assert classify("bounced", dsn, text, rcpt) == classify("bounced", dsn, text), text
+    assert masked >= 4  # the addresses were there to be masked
+
+
+def test_replies_differing_only_in_the_quoted_recipient_are_one_text() -> None:
+    texts = {mask_recipient(f"550 5.1.1 <{r}>: Recipient address rejected: User unknown", r)
+             for r in ("a1@x.example", "B2@Y.example", "c3@z.example")}
+    assert texts == {f"550 5.1.1 <{RCPT_MASK}>: Recipient address rejected: User unknown"}
+
+
+@pytest.mark.parametrize(("rcpt", "text", "expected"), [
+    ("spam@blocked.example", "550 5.1.1 <spam@blocked.example>: Recipient address rejected: "
+                             "User unknown", (Class.HARDBOUNCE, "bad-mailbox-dsn")),
+    ("jane@blocklist.example", "550 5.0.0 <JANE@BLOCKLIST.EXAMPLE>: mailbox unavailable",
+     (Class.HARDBOUNCE, "unknown-user-text")),
+    ("blocklist@example.net", "550 5.0.0 <blocklist>: mailbox unavailable",
+     (Class.HARDBOUNCE, "unknown-user-text")),
+    ("spam@example.net", "550 5.0.0 spam@internal.example: mailbox unavailable",
+     (Class.HARDBOUNCE, "unknown-user-text")),
+])
+def test_a_spam_or_block_word_only_inside_the_recipients_address_does_not_decide(
+        rcpt: str, text: str, expected: tuple[Class, str]) -> None:
+    assert classify("bounced", text.split()[1], text)[0] is Class.SPAMBOUNCE  # unmasked
+    assert classify("bounced", text.split()[1], text, rcpt) == expected
+
+
+def test_a_local_part_that_is_a_word_of_the_reply_stays_a_word() -> None:
+    text = "552 5.2.2 <full@example.net>: Mailbox full"
+    assert mask_recipient(text, "full@example.net") == f"552 5.2.2 <{RCPT_MASK}>: Mailbox full"
+    assert classify("bounced", "5.2.2", text, "full@example.net") == (Class.SOFTBOUNCE,
+                                                                       "mailbox-full")
+    spam = "550 5.7.1 message rejected as spam"
+    assert classify("bounced", "5.7.1", spam, "spam@example.net")[0] is Class.SPAMBOUNCE

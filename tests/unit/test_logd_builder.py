@@ -147,3 +147,32 @@ def _plan():  # type: ignore[no-untyped-def]
     from relaylab.events.apply import SubaccountPlan
 
     return SubaccountPlan(7, 1, 0, 0)
+
+
+def test_bounces_quoting_their_own_recipient_are_classified_once_and_not_by_the_address(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import logd.events
+
+    calls: list[tuple[str, str, str]] = []
+    real = logd.events.classify
+
+    def counting(status: str, dsn: str, text: str, recipient: str = ""):  # type: ignore[no-untyped-def]
+        calls.append((status, dsn, text))
+        return real(status, dsn, text, recipient)
+
+    monkeypatch.setattr(logd.events, "classify", counting)
+    rcpts = [b"a1@d1.example", b"Spam@Blocked.example", b"b2@d2.example"]
+    buf = b"".join(
+        b"Dec 05 07:59:0%d vm postfix/smtp[9]: ABCDE1234%d: to=<%b>, relay=mx[192.0.2.1]:25, "
+        b"delay=0.3, delays=0.1/0/0.1/0.1, dsn=5.1.1, status=bounced (host mx[192.0.2.1] said: "
+        b"550 5.1.1 <%b>: Recipient address rejected: User unknown (in reply to RCPT TO "
+        b"command))\n" % (i, i, r, r) for i, r in enumerate(rcpts))
+    b = Builder("host1", when())
+    batch = b.build(b.find(buf), 0, note)
+    (_, (_, argv)), = batch.calls({"shop": _plan()}, NOW)
+    _, _, bounces, events = unpack(args(argv[-1].data))  # type: ignore[union-attr]
+    assert [stream_fields(e)[b"type"] for e in events] == [b"hardbounce"] * 3
+    assert [stream_fields(e)[b"reply"].count(r) for e, r in zip(events, rcpts, strict=True)] \
+        == [1, 1, 1]  # the events keep the reply as logged
+    assert [x[2] for x in bounces] == [b"a1@d1.example", b"spam@blocked.example", b"b2@d2.example"]
+    assert len(calls) == 1 and "<rcpt@rcpt.example>" in calls[0][2]

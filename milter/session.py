@@ -11,6 +11,7 @@ into the next (compare purepythonmilter issue #21, see milter/protocol.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 import time
@@ -26,6 +27,7 @@ from milter.decide import Outcome, Verdict, decide
 from milter.injected import injected_writes, parse_tags
 from milter.services import Services
 from milter.state import MessageState
+from relaylab.limits.lua import Script
 from relaylab.limits.refund import CONFIRM, confirm_args, refund
 from relaylab.limits.sessions import MILTER_MACROS, RELEASE, release_args, session_id
 from relaylab.logfmt import log_event, queue_id_var
@@ -33,6 +35,9 @@ from relaylab.metrics import metrics
 from relaylab.resp import RedisReplyError, RedisUnavailable
 
 log = logging.getLogger("relaylab.milter")
+
+SETTLE_RETRY = 0.5  # seconds between two tries of a failed release or confirmation
+SETTLE_TRIES = 120  # a minute of tries; then the slot expires (policyd.session_ttl)
 
 _Stage = definitions.MacroStage
 
@@ -216,9 +221,8 @@ class MilterSession:
         sub = policy.subaccount_for_login(msg.login) if msg.login else None
         if sub is None or not msg.queue_id:
             return
-        client = self._services.shared.fast(policy)
         k, a = confirm_args(sub.name, msg.queue_id)
-        client.evalsha(client.script_prefix(CONFIRM, k, []), a, self._redis_reply)
+        self._until_done(CONFIRM, k, a)
 
     async def _record_injected(self, msg: MessageState, outcome: Outcome) -> str | None:
         """One `injected` event per accepted recipient, and the queue id's note for logd
@@ -298,10 +302,26 @@ class MilterSession:
             return
         subaccount, session = self._slot
         self._slot = None
-        client = self._services.shared.fast(self._services.policy())
         k, a = release_args(subaccount, session)
-        # If this is lost, the slot expires (policyd.session_ttl).
-        client.evalsha(client.script_prefix(RELEASE, k, []), a, self._redis_reply)
+        self._until_done(RELEASE, k, a)
+
+    def _until_done(self, script: Script, keys: list[str], args: list[str],
+                    tries: int = SETTLE_TRIES) -> None:
+        """Run an idempotent script (a slot's release, a count's confirmation) without
+        making Postfix wait; if Redis fails it (a node restarted, a failover), again every
+        SETTLE_RETRY seconds, SETTLE_TRIES times in all. Found by the soak (issue 13.3): a
+        release lost in a failover held its slot for policyd.session_ttl (10 min), and a
+        lost confirmation left a count pending that the lease sweep would refund if the
+        worker died later, although its message had gone out."""
+        client = self._services.shared.fast(self._services.policy())
+
+        def on_reply(reply: Any) -> None:
+            self._redis_reply(reply)
+            if isinstance(reply, BaseException) and tries > 1:
+                asyncio.get_running_loop().call_later(
+                    SETTLE_RETRY, self._until_done, script, keys, args, tries - 1)
+
+        client.evalsha(client.script_prefix(script, keys, []), args, on_reply)
 
     def _log(self, msg: MessageState, outcome: Outcome, started: float) -> None:
         fields: dict[str, Any] = {

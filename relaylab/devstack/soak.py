@@ -19,10 +19,13 @@ Afterwards the queues are flushed, and counted at the sink: per id, deliveries; 
 delivered message's DKIM signatures (dkimpy, the hosts' keys). lost (accepted, neither
 delivered nor queued), duplicated (delivered more than once), unsigned, mis-signed
 (a signature that does not verify) and phantom (delivered but never accepted by a 250)
-must all be 0; the hourly window and month usage must equal the accepted count per
-subaccount, no session slot or pending count may be left, and the activity log must hold
-exactly one `injected` and one `ok` event per accepted queue id. `SoakReport.table()`
-prints it all; `SoakReport.problems()` lists what is wrong.
+must all be 0 (queue ids counted as often as Postfix used them: short ids come back);
+`injected` events of a transaction Postfix refused because the milter worker was killed
+after storing them and before answering are shown apart (at most one per session in
+flight: the sender retries the message under a new queue id); the hourly window and
+month usage must equal the accepted count per subaccount, no session slot or pending
+count may be left, and the activity log must hold exactly one `injected` and one `ok`
+event per accepted queue id. `SoakReport.table()` prints it all; `SoakReport.problems()` lists what is wrong.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class SoakReport:
     pending_left: int = 0
     injected_missing: int = 0
     injected_extra: int = 0
+    injected_unanswered: int = 0  # events of transactions a killed worker never answered
+    queue_ids_reused: int = 0
     ok_missing: int = 0
     ok_extra: int = 0
     open_recorded: bool = False
@@ -164,6 +169,9 @@ class SoakReport:
             ("injected events missing / extra", f"{self.injected_missing} / {self.injected_extra}",
              "0 / 0"),
             ("ok events missing / extra", f"{self.ok_missing} / {self.ok_extra}", "0 / 0"),
+            ("injected of txns refused after storing (killed worker)",
+             str(self.injected_unanswered), f"<= {self.params.sessions}"),
+            ("queue ids Postfix used for two messages", str(self.queue_ids_reused), ""),
             ("open through the restarted tracker", "yes" if self.open_recorded else "no", "yes"),
             ("seconds (send + flush)", f"{self.seconds:.1f}", ""),
             ("accepted messages/s", f"{rate:.1f}", ""),
@@ -565,7 +573,12 @@ def _account(relay: MultiHostRelay, params: SoakParams, report: SoakReport) -> N
             break
         time.sleep(0.5)
 
-    accepted_qids = {a.queue_id for acc in accepted.values() for a in acc if a.queue_id}
+    # Postfix's short queue ids come back once their file is gone: count per queue id
+    acc_n: Counter[str] = Counter(a.queue_id for acc in accepted.values() for a in acc
+                                  if a.queue_id)
+    dlv_n: Counter[str] = Counter(a.queue_id for i, acc in accepted.items() for a in acc
+                                  if a.queue_id and i in delivered)
+    report.queue_ids_reused = sum(1 for n in acc_n.values() if n > 1)
     injected: Counter[str] = Counter()
     ok: Counter[str] = Counter()
     deadline = time.monotonic() + 30
@@ -578,16 +591,24 @@ def _account(relay: MultiHostRelay, params: SoakParams, report: SoakReport) -> N
                     injected[f.get("queue_id", "")] += 1
                 elif f.get("type") == "ok":
                     ok[f.get("queue_id", "")] += 1
-        delivered_qids = {q for q in accepted_qids if qid_to_id[q] in delivered}
-        ok_missing = [q for q in delivered_qids if ok[q] < 1]
+        ok_missing = [q for q, n in dlv_n.items() if ok[q] < n]
         if not ok_missing or time.monotonic() > deadline:
             break
         time.sleep(1.0)
-    inj_missing = [q for q in accepted_qids if injected[q] < 1]
-    inj_extra = [q for q, n in injected.items() if q not in accepted_qids or n > 1]
-    ok_extra = [q for q, n in ok.items() if q not in delivered_qids or n > 1]
+    inj_missing = [q for q, n in acc_n.items() if injected[q] < n]
+    extra = [q for q, n in injected.items() if n > acc_n[q]]
+    # a milter worker killed between storing a message's events and answering Postfix:
+    # Postfix refuses the transaction (milter-reject at END-OF-MESSAGE), the sender
+    # retries it under a new queue id, and the events of the refused one stay
+    refused_eom = set(re.findall(r"(\w+): milter-reject: END-OF-MESSAGE ", "".join(
+        h.postfix.log_text() for h in relay.hosts)))
+    unanswered = [q for q in extra if q in refused_eom]
+    inj_extra = [q for q in extra if q not in refused_eom]
+    ok_extra = [q for q, n in ok.items() if n > dlv_n[q]]
     report.injected_missing, report.injected_extra = len(inj_missing), len(inj_extra)
+    report.injected_unanswered = sum(injected[q] - acc_n[q] for q in unanswered)
     report.ok_missing, report.ok_extra = len(ok_missing), len(ok_extra)
     report.examples.update({"injected missing": inj_missing, "injected extra": inj_extra,
-                            "ok missing": ok_missing, "ok extra": ok_extra})
+                            "ok missing": ok_missing, "ok extra": ok_extra,
+                            "injected of refused transactions": unanswered})
     report.examples = {k: v for k, v in report.examples.items() if v}

@@ -1,10 +1,12 @@
-"""The milter's lease loop (milter/leases.py) against a real redis-server restarted under
-it: after an outage that stopped every worker's heartbeats, the first worker back does
-not take the others' leases for dead before they could renew them."""
+"""The milter's lease loop (milter/leases.py) and its session slots against a real
+redis-server restarted under it: after an outage that stopped every worker's heartbeats,
+the first worker back does not take the others' leases for dead before they could renew
+them; a slot's release lost in the outage is sent again until it lands."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from pathlib import Path
 
@@ -15,11 +17,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from milter import leases as milter_leases
+from milter.server import MilterServer
 from milter.services import Services
 from relaylab.devstack.redis import RedisServer
 from relaylab.limits import keys, leases
+from relaylab.limits.sessions import session_id
 from relaylab.policy.reloader import PolicyHolder
 from relaylab.redisclient import async_client
+
+
+def packet(char: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("!I", len(char) + len(data)) + char + data
+
+
+def macros(stage: bytes, **kv: str) -> bytes:
+    return packet(b"D", stage + b"".join(k.encode() + b"\0" + v.encode() + b"\0"
+                                         for k, v in kv.items()))
 
 
 def services_on(tmp_path: Path, url: str) -> Services:
@@ -84,5 +97,51 @@ def test_after_a_redis_outage_no_lease_is_swept_before_its_worker_could_renew_it
             return time.monotonic() - back
 
         assert asyncio.run(scenario()) >= 0.5
+    finally:
+        server.stop()
+
+
+def test_a_slot_release_lost_in_a_redis_outage_is_retried_until_it_lands(tmp_path: Path) -> None:
+    """Found by the soak (issue 13.3): the milter sent a closed session's release once; lost
+    in a failover, the slot stayed taken for policyd.session_ttl (10 min). Now it is sent
+    again every SETTLE_RETRY seconds until Redis takes it."""
+    server = RedisServer(tmp_path / "redis",
+                         extra_args=("--appendonly", "yes", "--appendfsync", "always"))
+    server.start()
+    try:
+        services = services_on(tmp_path, server.url)
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        sid = session_id("127.0.0.1", "40001", "127.0.0.1", "587")
+        r.zadd(keys.sessions_key("shop"), {sid: 1})  # policyd took the slot at RCPT
+
+        async def scenario() -> None:
+            milter = MilterServer(services, "127.0.0.1", 0)
+            port = await milter.start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+                         + macros(b"M", i="Q1", **{
+                             "{auth_authen}": "shop", "{client_addr}": "127.0.0.1",
+                             "{client_port}": "40001", "{daemon_addr}": "127.0.0.1",
+                             "{daemon_port}": "587"})
+                         + packet(b"M", b"<a@shop.example.com>\0"))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(13 + 4), 5)  # the negotiation's answer
+            await asyncio.sleep(0.3)  # the claim is in Redis
+            assert r.hget(keys.owners_key("shop"), sid) == services.lease.id
+            server.stop()  # the outage: the release at the session's end fails
+            writer.write(packet(b"Q"))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 5)
+            await asyncio.sleep(0.3)
+            server.start()
+            deadline = time.monotonic() + 5
+            while r.zscore(keys.sessions_key("shop"), sid) is not None:
+                assert time.monotonic() < deadline, "the slot was never released"
+                await asyncio.sleep(0.1)
+            writer.close()
+            await milter.stop(grace=1)
+
+        asyncio.run(scenario())
+        assert r.hget(keys.owners_key("shop"), sid) is None
     finally:
         server.stop()

@@ -16,29 +16,35 @@ from relaylab.logfmt import log_event
 log = logging.getLogger("relaylab.milter")
 
 
-# After a heartbeat of this worker failed, it sweeps no lease for this long: an outage
-# of Redis (a node restarted, a failover) stops every worker's heartbeats at once, and
-# the first worker back must not take the others' leases for dead before they had the
-# time to renew theirs; it would free their slots and refund counts of messages they
-# are about to accept (found by the soak, issue 13.3). A worker that is really gone is
-# swept this much later.
+# A worker sweeps no lease while it has seen Redis fail (its heartbeat, or any command:
+# RedisHealth.failed_at) within this long: an outage of Redis or of one of its nodes (a
+# restart, a failover) stalls the other workers' heartbeats too, and the first worker
+# back must not take their leases for dead before they had the time to renew them; it
+# would free their slots and refund counts of messages they are accepting (found by the
+# soak, issue 13.3). A worker that is really gone is swept this much later.
 SWEEP_GRACE = leases.LEASE_TTL_MS / 1000
+# The renewal itself may take this long; then it is tried again at once (a client stuck
+# on a node that went away must not let the lease lapse).
+RENEW_TIMEOUT = leases.HEARTBEAT_SECONDS
 
 
 async def beat(services: Services) -> None:
-    """One heartbeat and, unless a heartbeat failed within SWEEP_GRACE, one sweep."""
+    """One heartbeat and, unless Redis failed this worker within SWEEP_GRACE, one sweep."""
     shared = services.shared
     client = shared.client(services.policy())
     lease = services.lease
     try:
-        if await leases.heartbeat(client, lease):
+        async with asyncio.timeout(RENEW_TIMEOUT):
+            lost = await leases.heartbeat(client, lease)
+        if lost:
             log_event(log, "lease_lost", logging.WARNING, lease=lease.id,
                       detail="swept while this worker was not heard from; its open "
                              "sessions fall back on policyd.session_ttl")
-        swept = [] if time.monotonic() < lease.sweep_after else await leases.sweep(client)
-    except (RedisError, OSError) as e:
+        quiet_since = max(lease.sweep_after - SWEEP_GRACE, shared.health.failed_at)
+        swept = [] if time.monotonic() - quiet_since < SWEEP_GRACE else await leases.sweep(client)
+    except (RedisError, OSError, TimeoutError) as e:
         lease.sweep_after = time.monotonic() + SWEEP_GRACE
-        shared.health.failed(e)
+        shared.health.failed(e if str(e) else TimeoutError("lease renewal timed out"))
         return
     shared.health.ok()
     for s in swept:

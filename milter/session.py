@@ -195,9 +195,10 @@ class MilterSession:
                                   reply=(451, (4, 3, 0), "temporary milter failure"),
                                   fields={"reason": "internal_error", "detail": repr(e)})
             if outcome.verdict is Verdict.CONTINUE:
-                failure = await self._record_injected(msg, outcome)
+                failure, confirmed = await self._record_injected(msg, outcome)
                 if failure is None:
-                    self._confirm(msg)
+                    if not confirmed:
+                        self._confirm(msg)
                 else:
                     outcome = Outcome(
                         Verdict.TEMPFAIL,
@@ -224,7 +225,8 @@ class MilterSession:
         k, a = confirm_args(sub.name, msg.queue_id)
         self._until_done(CONFIRM, k, a)
 
-    async def _record_injected(self, msg: MessageState, outcome: Outcome) -> str | None:
+    async def _record_injected(self, msg: MessageState, outcome: Outcome
+                               ) -> tuple[str | None, bool]:
         """One `injected` event per accepted recipient, and the queue id's note for logd
         (milter/injected.py). With `milter.on_redis_error: tempfail` (the default) they
         are stored before Postfix hears that the message goes on: the note first, then
@@ -232,12 +234,15 @@ class MilterSession:
         policyd's count is given back), so that no accepted message lacks its note (logd
         could not tell its delivery's subaccount) or its events. Returns the failure, or
         None. With `pass` they are sent in the same event-loop turn as the reply and a
-        lost write is only logged (event_lost)."""
+        lost write is only logged (event_lost). With tempfail, policyd's count is confirmed
+        along with the events, also before the answer: a worker killed after answering
+        must not leave the count of a message that went out pending (its lease's sweep
+        would refund it). Returns (the failure or None, whether the count was confirmed)."""
         message_id = outcome.fields.get("message_id")
         policy = self._services.policy()
         sub = policy.subaccount_for_login(msg.login) if msg.login else None
         if sub is None or not message_id or not msg.rcpt_addrs:
-            return None
+            return None, False
         notes, events = injected_writes(
             subaccount=sub.name, retention_days=sub.plan.retention_days,
             queue_id=msg.queue_id or "", message_id=message_id, mail_from=msg.mail_from,
@@ -250,12 +255,15 @@ class MilterSession:
             try:
                 if notes:
                     await client.execute_all(notes)
+                confirmed = self._confirmed(sub.name, msg.queue_id)
                 await client.execute_all(events)
+                if confirmed is not None:
+                    await confirmed
             except (RedisUnavailable, RedisReplyError, OSError) as e:
                 shared.health.failed(e)
-                return str(e) or type(e).__name__
+                return str(e) or type(e).__name__, False
             shared.health.ok()
-            return None
+            return None, confirmed is not None
         queue_id, lost = msg.queue_id, [False]
 
         def on_reply(reply: Any) -> None:
@@ -267,7 +275,26 @@ class MilterSession:
 
         for command in events + notes:
             client.submit(command, on_reply)
-        return None
+        return None, False
+
+    def _confirmed(self, subaccount: str, queue_id: str | None) -> asyncio.Future[Any] | None:
+        """CONFIRM sent now; a future of its reply (None without a queue id)."""
+        if not queue_id:
+            return None
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def on_reply(reply: Any) -> None:
+            if fut.done():
+                return
+            if isinstance(reply, BaseException):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+        client = self._services.shared.fast(self._services.policy())
+        k, a = confirm_args(subaccount, queue_id)
+        client.evalsha(client.script_prefix(CONFIRM, k, []), a, on_reply)
+        return fut
 
     def _refund(self, msg: MessageState) -> None:
         """policyd counted this message at END-OF-DATA, before our refusal: give it back."""

@@ -18,12 +18,14 @@ __all__ = ["RedisHealth"]
 class RedisHealth:
     log: logging.Logger
     down_since: float | None = None
+    failed_at: float = -1e9  # time.monotonic() of the latest failure
 
     @property
     def up(self) -> bool:
         return self.down_since is None
 
     def failed(self, error: BaseException) -> None:
+        self.failed_at = time.monotonic()
         m = metrics()
         m.redis_errors.inc()
         if self.down_since is None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from relaylab.limits import keys
 from relaylab.limits.lua import Script
@@ -124,12 +125,22 @@ class Lease:
         return False
 
 
+SUBS_REFRESH_BEATS = 600  # the subaccount list's TTL (a day) is refreshed every 10 min
+
+
 async def heartbeat(client: aioredis.Redis, lease: Lease) -> bool:
-    """Renew `lease`; True if it had been swept meanwhile (see `Lease.renewed`)."""
+    """Renew `lease`; True if it had been swept meanwhile (see `Lease.renewed`). The
+    subaccount list's TTL is refreshed now and then, and a failure there does not fail
+    the renewal: that key lives in another slot (node) than the leases, and a node away
+    must not stop the lease's renewal (found by the soak, issue 13.3)."""
     reply = await client.eval(HEARTBEAT.body, 1, keys.LEASES_KEY, lease.id)
-    if lease.registered:  # a worker may live longer than the list's TTL
-        await client.expire(keys.lease_subaccounts_key(lease.id), OWNERS_TTL)
-    return lease.renewed(bool(int(reply)))
+    missing = lease.renewed(bool(int(reply)))
+    if lease.registered and lease.beats % SUBS_REFRESH_BEATS == 1:
+        try:  # a worker may live longer than the list's TTL
+            await client.expire(keys.lease_subaccounts_key(lease.id), OWNERS_TTL)
+        except (RedisError, OSError):
+            lease.beats = 0  # again at the next beat
+    return missing
 
 
 @attrs.frozen

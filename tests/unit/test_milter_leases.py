@@ -145,3 +145,36 @@ def test_a_slot_release_lost_in_a_redis_outage_is_retried_until_it_lands(tmp_pat
         assert r.hget(keys.owners_key("shop"), sid) is None
     finally:
         server.stop()
+
+
+def test_a_worker_that_saw_redis_fail_lately_sweeps_no_lease_though_its_own_beat_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the 10,000-message soak: a node of the cluster restarted; this worker's
+    heartbeat (the leases' node was up) kept working while other workers' renewals hung
+    on the node that was away, and it swept their live leases. Any Redis failure seen
+    within the grace (RedisHealth.failed_at) now holds the sweep back too."""
+    monkeypatch.setattr(milter_leases, "SWEEP_GRACE", 1.0)
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        services = services_on(tmp_path, server.url)
+        other = leases.Lease()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+
+        async def scenario() -> None:
+            await milter_leases.beat(services)
+            seconds, micros = r.time()  # the other worker's renewal is overdue
+            r.zadd(keys.LEASES_KEY, {other.id: seconds * 1000 + micros // 1000
+                                     - leases.LEASE_TTL_MS - 1000})
+            services.shared.health.failed(OSError("127.0.0.1:1: connection refused"))
+            services.shared.health.ok()  # a message's write failed on another node
+            await milter_leases.beat(services)
+            assert services.shared.health.up
+            assert other.id in r.zrange(keys.LEASES_KEY, 0, -1)  # held back
+            await asyncio.sleep(1.1)
+            await milter_leases.beat(services)
+            assert other.id not in r.zrange(keys.LEASES_KEY, 0, -1)  # swept after the grace
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()

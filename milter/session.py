@@ -114,9 +114,30 @@ class MilterSession:
         """Record this worker as the holder of the session: if it dies, the other workers
         free the slot and refund the session's unconfirmed counts (leases.py)."""
         svc = self._services
-        client = svc.shared.fast(svc.policy())
-        for command in svc.lease.claim_commands(subaccount, session):
-            client.submit(command, self._redis_reply)
+        self._claim_send(svc.lease.claim_commands(subaccount, session), (subaccount, session),
+                         SETTLE_TRIES)
+
+    def _claim_send(self, commands: list[bytes], slot: tuple[str, str], tries: int) -> None:
+        """Send the claim; if Redis fails it, again every SETTLE_RETRY seconds while the
+        session is open (found by the soak, issue 13.3: a claim lost in a failover left
+        the session without an owner, so when its worker was killed soon after, no sweep
+        freed its slot and it stayed taken for policyd.session_ttl)."""
+        client = self._services.shared.fast(self._services.policy())
+        failed = [False]
+
+        def on_reply(reply: Any) -> None:
+            self._redis_reply(reply)
+            if isinstance(reply, BaseException) and not failed[0]:
+                failed[0] = True
+                if tries > 1:
+                    asyncio.get_running_loop().call_later(SETTLE_RETRY, retry)
+
+        def retry() -> None:
+            if self._slot == slot:  # not once the session is over (its release is sent)
+                self._claim_send(commands, slot, tries - 1)
+
+        for command in commands:
+            client.submit(command, on_reply)
 
     def _redis_reply(self, reply: Any) -> None:
         """A reply to a fire-and-forget command (slot claims and releases, confirmations):

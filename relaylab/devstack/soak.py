@@ -47,7 +47,13 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from relaylab.limits.keys import month_usage_key, pending_key, sessions_key, window_key
+from relaylab.limits.keys import (
+    month_usage_key,
+    owners_key,
+    pending_key,
+    sessions_key,
+    window_key,
+)
 from relaylab.redisclient import sync_client
 from relaylab.resp import key_slot
 from relaylab.suppression.keys import events_key, queue_key
@@ -434,6 +440,15 @@ def _open_pixel(relay: MultiHostRelay, report: SoakReport) -> None:
         pass
 
 
+def _members(r: Any, key: str) -> list[str]:
+    return [str(m) for m in r.zrange(key, 0, -1)]
+
+
+def _field(r: Any, key: str, field: str) -> str | None:
+    value = r.hget(key, field)
+    return None if value is None else str(value)
+
+
 def _stream(r: Any, key: str) -> list[dict[str, str]]:
     """Every entry's fields of stream `key` (a decode_responses client)."""
     return [f for _, f in r.xrange(key)]
@@ -572,6 +587,9 @@ def _account(relay: MultiHostRelay, params: SoakParams, report: SoakReport) -> N
         if not (report.sessions_left or report.pending_left) or time.monotonic() > wait_for_empty:
             break
         time.sleep(0.5)
+    report.examples["sessions left"] = [
+        f"{a.name} {sid} owner={_field(r, owners_key(a.name), sid)}"
+        for a in relay.accounts for sid in _members(r, sessions_key(a.name))]
 
     # Postfix's short queue ids come back once their file is gone: count per queue id
     acc_n: Counter[str] = Counter(a.queue_id for acc in accepted.values() for a in acc

@@ -178,3 +178,46 @@ def test_a_worker_that_saw_redis_fail_lately_sweeps_no_lease_though_its_own_beat
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_a_session_claim_lost_in_a_redis_outage_is_retried_while_the_session_is_open(
+        tmp_path: Path) -> None:
+    """Found by the soak (issue 13.3): a claim lost in a failover left the session without
+    an owner; its worker killed soon after, no sweep freed the slot (session_ttl)."""
+    server = RedisServer(tmp_path / "redis",
+                         extra_args=("--appendonly", "yes", "--appendfsync", "always"))
+    server.start()
+    try:
+        services = services_on(tmp_path, server.url)
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        sid = session_id("127.0.0.1", "40002", "127.0.0.1", "587")
+
+        async def scenario() -> None:
+            milter = MilterServer(services, "127.0.0.1", 0)
+            port = await milter.start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            server.stop()  # the outage: the claim at MAIL FROM fails
+            writer.write(packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
+                         + macros(b"M", i="Q2", **{
+                             "{auth_authen}": "shop", "{client_addr}": "127.0.0.1",
+                             "{client_port}": "40002", "{daemon_addr}": "127.0.0.1",
+                             "{daemon_port}": "587"})
+                         + packet(b"M", b"<a@shop.example.com>\0"))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(13 + 4), 5)
+            await asyncio.sleep(0.3)
+            server.start()
+            deadline = time.monotonic() + 5
+            while r.hget(keys.owners_key("shop"), sid) != services.lease.id:
+                assert time.monotonic() < deadline, "the session was never claimed"
+                await asyncio.sleep(0.1)
+            assert r.sismember(keys.lease_subaccounts_key(services.lease.id), "shop")
+            writer.write(packet(b"Q"))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await milter.stop(grace=1)
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()

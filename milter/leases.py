@@ -41,7 +41,9 @@ async def beat(services: Services) -> None:
                       detail="swept while this worker was not heard from; its open "
                              "sessions fall back on policyd.session_ttl")
         quiet_since = max(lease.sweep_after - SWEEP_GRACE, shared.health.failed_at)
-        swept = [] if time.monotonic() - quiet_since < SWEEP_GRACE else await leases.sweep(client)
+        session_ttl_ms = services.policy().policyd.session_ttl * 1000
+        swept = [] if time.monotonic() - quiet_since < SWEEP_GRACE else \
+            await leases.sweep(client, session_ttl_ms=session_ttl_ms)
     except (RedisError, OSError, TimeoutError) as e:
         lease.sweep_after = time.monotonic() + SWEEP_GRACE
         shared.health.failed(e if str(e) else TimeoutError("lease renewal timed out"))
@@ -53,7 +55,8 @@ async def beat(services: Services) -> None:
                 log_event(log, "refunded", queue_id=queue_id, subaccount=s.subaccount,
                           rcpts=rcpts, reason="worker_lost", lease=s.lease)
         log_event(log, "lease_swept", logging.WARNING, lease=s.lease, subaccount=s.subaccount,
-                  slots_freed=s.slots, counts_refunded=sum(1 for n in s.refunds.values() if n))
+                  slots_freed=s.slots, ownerless_slots_freed=s.ownerless,
+                  counts_refunded=sum(1 for n in s.refunds.values() if n))
 
 
 async def keep_lease(services: Services, stop: asyncio.Event) -> None:

@@ -36,6 +36,7 @@ from relaylab.resp import encode_command
 __all__ = ["HEARTBEAT_SECONDS", "LEASE_TTL_MS", "Lease", "Swept", "heartbeat", "sweep"]
 
 LEASE_TTL_MS = 5000  # missing five heartbeats in a row: the worker is gone
+OWNERLESS_QUIET_MS = 1000  # a sweep frees slots no worker holds, quiet this long (SWEEP)
 HEARTBEAT_SECONDS = 1.0
 OWNERS_TTL = 86400  # owner records outlive any session; the milter deletes them at close
 SWEEP_BATCH = 100  # dead leases handled per sweep
@@ -64,20 +65,38 @@ end
 return 0
 """)
 
-SWEEP = Script("lease_sweep", """
--- KEYS: 1 sessions zset, 2 session owners, 3 pending counts; ARGV: 1 a dead lease
--- Frees the slots of the sessions the lease held. Reply: {slots freed, queue id...}, the
--- counts still pending under the lease (the caller refunds them: each receipt names the
--- usage keys to correct, and a script must be told its keys up front).
+SWEEP = Script("lease_sweep", f"""
+-- KEYS: 1 sessions zset, 2 session owners, 3 pending counts
+-- ARGV: 1 a dead lease, 2 policyd.session_ttl ms (0: leave ownerless slots alone),
+--       3 ms without a policy request after which a slot no worker holds is freed
+-- Frees the slots of the sessions the lease held, and the slots no worker holds whose
+-- last policy request is older than ARGV[3] (a claim takes a millisecond): a worker
+-- killed between a session's MAIL FROM and sending its claim leaves policyd's slot for
+-- that session without an owner, and the session, its milter gone, never ends for any
+-- worker (found by the soak, issue 13.3). Slot scores are expiries (last request + session_ttl).
+-- Reply: {{slots freed, ownerless slots freed, queue id...}}, the counts still pending
+-- under the lease (the caller refunds them: each receipt names the usage keys to
+-- correct, and a script must be told its keys up front).
 local freed = 0
 local own = redis.call('HGETALL', KEYS[2])
+local owned = {{}}
 for i = 1, #own, 2 do
   if own[i + 1] == ARGV[1] then
     freed = freed + redis.call('ZREM', KEYS[1], own[i])
     redis.call('HDEL', KEYS[2], own[i])
+  else
+    owned[own[i]] = true
   end
 end
-local out = {freed}
+local orphans = 0
+local session_ttl = tonumber(ARGV[2])
+if session_ttl > 0 then
+{_NOW_MS}  local quiet = now - tonumber(ARGV[3]) + session_ttl
+  for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. quiet)) do
+    if not owned[sid] then orphans = orphans + redis.call('ZREM', KEYS[1], sid) end
+  end
+end
+local out = {{freed, orphans}}
 local pend = redis.call('HGETALL', KEYS[3])
 for i = 1, #pend, 2 do
   if pend[i + 1] == ARGV[1] then out[#out + 1] = pend[i] end
@@ -151,21 +170,24 @@ class Swept:
     subaccount: str
     slots: int
     refunds: dict[str, int]  # queue id -> recipients given back (0: nothing was left)
+    ownerless: int = 0  # slots no worker held, quiet for OWNERLESS_QUIET_MS, freed too
 
 
-async def sweep(client: aioredis.Redis, ttl_ms: int = LEASE_TTL_MS) -> list[Swept]:
-    """Free what the dead leases held. Several sweepers at once are harmless: a slot is
-    freed and a count refunded at most once (refund.py)."""
+async def sweep(client: aioredis.Redis, ttl_ms: int = LEASE_TTL_MS,
+                session_ttl_ms: int = 0) -> list[Swept]:
+    """Free what the dead leases held (and, with `session_ttl_ms`, the quiet slots no
+    worker holds in their subaccounts: see SWEEP). Several sweepers at once are
+    harmless: a slot is freed and a count refunded at most once (refund.py)."""
     dead = await client.eval(EXPIRED.body, 1, keys.LEASES_KEY, str(ttl_ms))
     out: list[Swept] = []
     for lease in map(_text, dead):
         subs_key = keys.lease_subaccounts_key(lease)
         for sub in sorted(map(_text, await client.smembers(subs_key))):
-            freed, *queue_ids = await client.eval(
+            freed, orphans, *queue_ids = await client.eval(
                 SWEEP.body, 3, keys.sessions_key(sub), keys.owners_key(sub),
-                keys.pending_key(sub), lease)
+                keys.pending_key(sub), lease, str(session_ttl_ms), str(OWNERLESS_QUIET_MS))
             refunds = {_text(q): await refund(client, sub, _text(q)) for q in queue_ids}
-            out.append(Swept(lease, sub, int(freed), refunds))
+            out.append(Swept(lease, sub, int(freed), refunds, int(orphans)))
         if await client.eval(FORGET.body, 1, keys.LEASES_KEY, lease, str(ttl_ms)):
             await client.delete(subs_key)
     return out

@@ -10,14 +10,20 @@ exactly one `injected` and one `ok` event per message (relaylab/devstack/soak.py
 
 from __future__ import annotations
 
+import shutil
+
 from relaylab.devstack.soak import FAULTS, SoakParams, run_soak
+from relaylab.devstack.workdir import make_workdir
 
 
 def test_soak_with_faults_delivers_every_message_once_signed_counted_and_logged() -> None:
     lines: list[str] = []
+    workdir = make_workdir("relaylab-soak-e2e-")
     report = run_soak(SoakParams(messages=400, sessions=50, per_session=5, rate=25.0,
-                                 log=lines.append))
-    table = report.table()
+                                 log=lines.append, workdir=workdir, keep=True))
+    table = report.table() + f"\n(services' logs kept in {workdir})"
+    if not report.problems():
+        shutil.rmtree(workdir, ignore_errors=True)
     print(table)
     assert [f.name for f in report.faults] == list(FAULTS), table
     assert report.accepted == report.ids == 400, table

@@ -176,3 +176,26 @@ def test_a_worker_frozen_past_its_lease_learns_that_it_was_swept(
     assert beat(redis_server, w) == [True]
     assert w.registered == set()  # its next claim records the subaccount again
     assert len(w.claim_commands(SUB, "s2")) == 4
+
+
+def test_a_sweep_also_frees_quiet_slots_no_worker_holds(
+        r: redis.Redis, redis_server: RedisServer) -> None:
+    """Found by the soak (issue 13.3): a worker killed between a session's MAIL FROM and
+    sending its claim left policyd's slot for that session with no owner, held for
+    session_ttl. The sweep of the dead lease frees such slots once their last policy
+    request is a lease ttl old; a fresh ownerless one (its claim still on the way) and
+    a live worker's stay."""
+    dead, live = leases.Lease(), leases.Lease()
+    beat(redis_server, dead, live)
+    session_ttl_ms = 600_000
+    seconds, micros = r.time()
+    now_ms = seconds * 1000 + micros // 1000
+    last_request_10s_ago = now_ms - 10_000 + session_ttl_ms
+    sessions = keys.sessions_key(SUB)
+    r.zadd(sessions, {"orphan": last_request_10s_ago, "fresh": now_ms + session_ttl_ms,
+                      "held-dead": last_request_10s_ago, "held-live": last_request_10s_ago})
+    send(r, *dead.claim_commands(SUB, "held-dead"), *live.claim_commands(SUB, "held-live"))
+    kill(r, dead)
+    swept = run(redis_server, lambda c: leases.sweep(c, session_ttl_ms=session_ttl_ms))
+    assert swept == [leases.Swept(dead.id, SUB, 1, {}, ownerless=1)]
+    assert sorted(r.zrange(sessions, 0, -1)) == ["fresh", "held-live"]

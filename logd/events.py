@@ -110,7 +110,7 @@ class Tags:
 # subaccount, queue id and message id encoded (_OK), Tags, message id, the note as stored
 # (for expiries: note()).
 NoteInfo = tuple[str, bytes, Tags, bytes, bytes]
-_tags: dict[bytes, Tags] = {}
+_shared: dict[tuple[bytes, bytes], tuple[str, Tags]] = {}  # (subaccount, tags) as stored
 
 
 def note_info(queue_id: bytes, raw: bytes) -> NoteInfo | None:
@@ -118,19 +118,22 @@ def note_info(queue_id: bytes, raw: bytes) -> NoteInfo | None:
     parts = raw.split(b"\t", 3)
     if len(parts) < 4 or not parts[0] or not parts[1]:
         return None
-    if raw.isascii():
-        sub, mid, tags = parts[0].decode(), parts[1], parts[2]
-    else:
-        note = Note.decode(raw)
-        assert note is not None
-        sub, mid, tags = note.subaccount, note.message_id.encode(), note.tags.encode()
-    shared = _tags.get(tags)
+    sub_b, mid, tags, _ = parts
+    shared = _shared.get((sub_b, tags))
     if shared is None:
-        if len(_tags) > 10_000:
-            _tags.clear()
-        shared = _tags[tags] = Tags(tags)
-    return (sub, b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(queue_id), queue_id, len(mid), mid),
-            shared, mid, raw)
+        if not raw.isascii():
+            note = Note.decode(raw)
+            assert note is not None
+            mid = note.message_id.encode()
+            shared = (note.subaccount, Tags(note.tags.encode()))
+        else:
+            if len(_shared) > 10_000:
+                _shared.clear()
+            shared = _shared[(sub_b, tags)] = (sub_b.decode(), Tags(tags))
+    elif not mid.isascii():
+        mid = mid.decode("utf-8", "replace").encode()
+    return (shared[0], b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(queue_id), queue_id, len(mid), mid),
+            shared[1], mid, raw)
 
 
 def note(info: NoteInfo) -> Note:

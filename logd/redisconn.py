@@ -131,9 +131,11 @@ class SyncResp:
         not know it (after a restart)."""
         return self.evalsha_receive(script, calls, self.evalsha_send(script, calls))
 
-    def evalsha_send(self, script: Script,
-                     calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]) -> int:
-        self.send(_evalsha(script, calls))
+    def evalsha_send(self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+                     *, before: Sequence[bytes] | None = None) -> int:
+        """Send the calls (after the encoded commands `before`, in the same write: their
+        replies come first)."""
+        self.send([*before, *_evalsha(script, calls)] if before else _evalsha(script, calls))
         return len(calls)
 
     def evalsha_receive(self, script: Script,

@@ -17,6 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from itertools import groupby
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
@@ -50,6 +51,17 @@ return table.concat(out, '\\n')
 """)
 
 __all__ = ["Logd", "Stats"]
+
+
+def _keys(queue_ids: list[bytes]) -> bytes:
+    """The notes' keys of the queue ids, as RESP bulk strings: each run of queue ids of
+    one length in one bytes.join (a batch has thousands, Postfix's are of one or two
+    lengths)."""
+    out = []
+    for size, run in groupby(queue_ids, len):
+        sep = b"\r\n$%d\r\n%b" % (size + _PREFIX_LEN, _PREFIX)
+        out.append(sep[2:] + sep.join(run) + b"\r\n")
+    return b"".join(out)
 
 log = logging.getLogger("relaylab.logd")
 T = TypeVar("T")
@@ -134,6 +146,8 @@ class Logd:
         self._trigger_stamp = file_stamp(trigger_path(holder.path)) if holder else None
         self._next_policy_check = 0.0
         self._inflight: _Inflight | None = None
+        self._unsent: list[bytes] | None = None  # checkpoint commands not sent yet
+        self._saving: list[bytes] | None = None  # checkpoint commands sent, not answered yet
         self._next: _Next | None = None  # read ahead
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -176,6 +190,7 @@ class Logd:
                 last_stats = time.monotonic()
                 self.log_progress()
         self._finish()
+        self._settle_save()
         self.log_progress()
 
     def log_progress(self) -> None:
@@ -191,13 +206,16 @@ class Logd:
         previous batch's scripts are sent; its scripts are sent once it is turned into
         events, and their replies read (then its checkpoint saved) only after the next
         batch has been read, parsed, its notes asked for, and turned into events. The
-        checkpoint still follows the replies."""
+        checkpoint still follows the replies; its own replies are read with the next
+        batch's (a checkpoint not answered before a crash is an older one: the lines
+        after it are read again, their events skipped by their positions)."""
         cur = self._next
         self._next = None
         if cur is None:
             cur = self._prepare()
             if cur is None:
                 self._finish()
+                self._settle_save()
                 return False
         self._collect_notes(cur.notes)
         self._next = self._prepare()  # read ahead: its notes come while Redis works on
@@ -214,8 +232,13 @@ class Logd:
             policy = self._policy()
             calls = batch.calls({sub: SubaccountPlan.of(policy, sub) for sub in batch.subs},
                                 time.time())
-            scripts = [c for _, c in calls]
-            self._redis(lambda: self.conn.evalsha_send(LOGD_APPLY, scripts))
+        scripts = [c for _, c in calls]
+        save, self._unsent = self._unsent, None
+        if calls:  # the previous batch's checkpoint in the same write: one connection
+            self._redis(lambda: self.conn.evalsha_send(LOGD_APPLY, scripts, before=save))
+        elif save:
+            self._redis(lambda: self.conn.send(save))
+        self._saving = save
         self._inflight = _Inflight(calls, cur.checkpoint, batch.removed, cur.read_at,
                                    batch.lines)
         self.stats.batches += 1
@@ -234,7 +257,8 @@ class Logd:
                      self._ask_notes(found.queue_ids), read_at)
 
     def _finish(self) -> None:
-        """The replies of the batch in flight, then its checkpoint."""
+        """The replies of the batch in flight (after those of the previous checkpoint),
+        then its checkpoint sent."""
         fl = self._inflight
         if fl is None:
             return
@@ -242,13 +266,17 @@ class Logd:
         first = [True]
 
         def attempt() -> Applied:
-            if not scripts:
-                return Applied()
             if first[0]:
                 first[0] = False
+                self._saved(again=False)
+                if not scripts:
+                    return Applied()
                 return applied(fl.calls, self.conn.evalsha_receive(LOGD_APPLY, scripts,
                                                                    len(scripts)))
-            return applied(fl.calls, self.conn.evalsha_all(LOGD_APPLY, scripts))  # again
+            self._saved(again=True)  # on a new connection: both sent again
+            if not scripts:
+                return Applied()
+            return applied(fl.calls, self.conn.evalsha_all(LOGD_APPLY, scripts))
 
         result = self._redis(attempt)
         self.stats.events += result.written
@@ -274,12 +302,11 @@ class Logd:
         missing = [q for q in queue_ids if q not in notes]
         if not missing:
             return None
+        missing.sort(key=len)  # for _keys
         # The parser only returns queue ids queue_key() accepts: the keys are built here.
         n = b"%d" % len(missing)
-        command = b"".join([
-            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$%d\r\n%b\r\n" % (
-                len(missing) + 3, NOTES.sha.encode(), len(n), n),
-            *[b"$%d\r\n%b%b\r\n" % (len(q) + _PREFIX_LEN, _PREFIX, q) for q in missing]])
+        command = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+            len(missing) + 3, NOTES.sha.encode(), len(n), n, _keys(missing))
         try:
             self.notes_conn.send([command])
             sent = True
@@ -327,9 +354,35 @@ class Logd:
         gone = [q for q in removed if pop(q, "unknown") is not None]  # unless it has none
         self.builder.forget_all(removed)
         if gone:
-            cmds.append(b"".join([b"*%d\r\n$6\r\nUNLINK\r\n" % (len(gone) + 1), *[
-                b"$%d\r\n%b%b\r\n" % (len(q) + _PREFIX_LEN, _PREFIX, q) for q in gone]]))
-        self._redis(lambda: self.conn.execute_all(cmds))
+            cmds.append(b"*%d\r\n$6\r\nUNLINK\r\n%b" % (len(gone) + 1, _keys(gone)))
+        # Sent with the next batch's scripts, in the same write, its replies read before
+        # theirs (_finish); or at once if logd is idle or stops (_settle_save).
+        self._unsent = cmds
+
+    def _saved(self, *, again: bool) -> None:
+        """The replies to the checkpoint commands sent (again: send them again first, the
+        connection having failed since)."""
+        cmds = self._saving
+        if cmds is None:
+            return
+        if again:
+            self.conn.execute_all(cmds)
+        else:
+            self.conn.receive(len(cmds))
+        self._saving = None
+
+    def _settle_save(self) -> None:
+        """The checkpoint saved and answered (logd is idle or stops)."""
+        if self._unsent is not None:
+            self._saving, self._unsent = self._unsent, None
+            again = [True]  # not sent yet
+        else:
+            again = [False]
+
+        def attempt() -> None:
+            self._saved(again=again[0])
+            again[0] = True
+        self._redis(attempt)
 
     def _redis(self, work: Callable[[], T]) -> T:
         """Run `work` (Redis commands), retrying while Redis is unavailable."""

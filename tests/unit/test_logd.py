@@ -14,6 +14,7 @@ import pytest
 import redis
 from resputil import all_keys
 
+import logd.service as logd_service
 from logd.service import Logd
 from relaylab.devstack.redis import RedisServer
 from relaylab.events.note import encode_note
@@ -162,6 +163,43 @@ def test_crash_after_the_events_before_the_checkpoint_repeats_nothing_nor_counts
     for kind in ("daily", "hourly"):
         keys = all_keys(r, f"rl:{{sub:shop}}:{kind}:*")
         assert len(keys) == 1 and r.hgetall(keys[0]) == {"ok": "50"}
+
+
+def test_a_checkpoint_write_lost_with_the_connection_is_sent_again_nothing_twice(
+        env: tuple[str, Path], r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The checkpoint goes out in the same write as the next batch's scripts, its replies
+    # read with theirs. A write that dies with the connection (nothing reached Redis)
+    # is sent again: the checkpoint and the scripts.
+    url, path = env
+    monkeypatch.setattr(logd_service, "RETRY", 0.0)
+    rcpts = [f"r{i}@example.net" for i in range(60)]
+    note(r, "AAAAA8", rcpts)
+    append(path, *(delivery("AAAAA8", x) for x in rcpts[:45]))  # three 4 KiB batches
+    d = logd(url, path)
+    real_send = d.conn.send
+    seen: set[bytes] = set()
+    lost = []
+
+    def lossy_send(commands: list[bytes]) -> None:
+        saves = [c for c in commands if b"checkpoint:test" in c[:80]]
+        if saves and saves[0] not in seen:  # each checkpoint's first write is lost
+            seen.add(saves[0])
+            lost.append(len(commands))
+            d.conn.close()
+            return
+        real_send(commands)
+
+    monkeypatch.setattr(d.conn, "send", lossy_send)
+    d.run(until_idle=True)
+    d.close()
+    assert len(lost) == 3 and max(lost) > 1  # with scripts, and the last one alone
+    assert d.stats.skipped == 0 and d.stats.events == 45
+    assert [e["recipient"] for e in events(r)] == rcpts[:45]
+    cp = r.hgetall("rl:{logd}:checkpoint:test")
+    assert int(cp["offset"]) == path.stat().st_size
+    append(path, *(delivery("AAAAA8", x) for x in rcpts[45:]))
+    d2 = run(url, path)
+    assert d2.stats.skipped == 0 and [e["recipient"] for e in events(r)] == rcpts
 
 
 def test_hard_bounce_blacklists_once_whitelist_still_wins(env: tuple[str, Path],

@@ -22,6 +22,7 @@ checks the two agree on a corpus).
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
 from operator import itemgetter
@@ -36,7 +37,7 @@ from relaylab.events.postfix_log import (
     DELIVERY_IN_BUFFER,
     EXPIRED_IN_BUFFER,
     NEEDLES,
-    REMOVED_IN_BUFFER,
+    QMGR_IN_BUFFER,
     TimeParser,
     scan,
 )
@@ -197,6 +198,9 @@ class Found:
     bad: int = 0
     bad_samples: list[bytes] = attrs.field(factory=list)
     expired: int = 0  # expiry lines
+    # of each expiry: how many items come before it, queue id, line start, line end
+    expiries: list[tuple[int, bytes, int, int]] = attrs.field(factory=list)
+    removed: list[bytes] = attrs.field(factory=list)  # queue ids Postfix removed
 
 
 @attrs.define
@@ -248,7 +252,7 @@ class Builder:
     @staticmethod
     def find(buf: bytes) -> Found:
         """The delivery and expiry lines of buf (whole lines, each ending with a newline),
-        with their queue ids (whose notes build() needs), and the bad ones."""
+        with their queue ids (whose notes build() needs), the bad ones, the removals."""
         out = Found(buf)
         items, rfind, head = out.items, buf.rfind, DELIVERY_HEAD.match
         append = items.append
@@ -265,14 +269,16 @@ class Builder:
                     out.bad_samples.append(buf[start:m.end() - 1][:200])
                 continue
             append((h[2], rfind(b"\n", 0, slash) + 1, m))
-        if NEEDLES[1] in buf:  # rare: in log order with the deliveries
-            expired = [(m[1], rfind(b"\n", 0, m.start()) + 1, m)
-                       for m in EXPIRED_IN_BUFFER.finditer(buf)]
-            if expired:
-                out.expired = len(expired)
-                items += expired
-                items.sort(key=lambda i: i[2].end())
+        removed = QMGR_IN_BUFFER.findall(buf)  # and b"" for each expiry
+        if b"" in removed:  # rare: expiries, in log order with the deliveries
+            removed = [q for q in removed if q]
+            ends = [m.end() for _, _, m in items]
+            out.expiries = [(bisect_right(ends, m.end()), m[1], rfind(b"\n", 0, m.start()) + 1,
+                             m.end()) for m in EXPIRED_IN_BUFFER.finditer(buf)]
+            out.expired = len(out.expiries)
+        out.removed = removed
         out.queue_ids = set(map(itemgetter(0), items))
+        out.queue_ids.update(e[1] for e in out.expiries)
         return out
 
     def _time(self, head: bytes) -> tuple[int, bytes, bytes]:
@@ -286,16 +292,42 @@ class Builder:
         """f: find()'s; base: the log position of the buffer's first byte
         (logd/follow.position); notes: a queue id's note, or None."""
         buf = f.buf
-        out = Batch(self.name, lines=buf.count(b"\n"), bad=f.bad, bad_samples=f.bad_samples)
+        out = Batch(self.name, lines=buf.count(b"\n"), bad=f.bad, bad_samples=f.bad_samples,
+                    removed=f.removed)
         ascii_only = buf.isascii()
+        if not f.expiries:
+            self._deliveries(out, buf, f.items, base, notes, ascii_only)
+        else:
+            i = 0
+            for k, qid, start, end in f.expiries:
+                self._deliveries(out, buf, f.items[i:k], base, notes, ascii_only)
+                i = k
+                self._expired(out, buf, start, end, qid, base, notes(qid))
+            self._deliveries(out, buf, f.items[i:], base, notes, ascii_only)
+        out.records = len(f.removed) + len(f.items) + f.expired
+        out.events = sum(len(st.parts) for st in out.subs.values())  # one part per event
+        final = self._final
+        if len(final) > MAX_TRACKED:  # removals not seen (a lost log): the oldest go
+            for q in list(final)[:len(final) - MAX_TRACKED]:
+                del final[q]
+        # A line naming a recipient (": to=<") is a delivery or bad (find()), as in scan().
+        # Lines with an expiry or a removal the buffer expressions do not account for
+        # (a garbled queue id, another program's "removed"): counted the way scan() does.
+        if (buf.count(NEEDLES[2]) != len(f.removed)
+                or (f.expired and buf.count(NEEDLES[1]) != f.expired)):
+            s = scan(buf, self.when)
+            out.bad, out.bad_samples = s.bad, s.bad_samples
+        return out
+
+    def _deliveries(self, out: Batch, buf: bytes, items: list[tuple[bytes, int, re.Match[bytes]]],
+                    base: int, notes: Callable[[bytes], NoteInfo | None], ascii_only: bool
+                    ) -> None:
+        """The delivery lines' events (the hot loop: most lines are status=sent)."""
         subs, final, times = out.subs, self._final, self._times
-        removed = out.removed = REMOVED_IN_BUFFER.findall(buf)
-        records = len(removed) + len(f.items)
-        for qid, start, m in f.items:
+        startswith = buf.startswith
+        head, t = b"\n", (0, b"", b"")  # the previous line's time (no line starts so)
+        for qid, start, m in items:
             info = notes(qid)
-            if m.re is EXPIRED_IN_BUFFER:
-                self._expired(out, buf, start, m.end(), qid, base, info)
-                continue
             if info is None:
                 out.uncorrelated += 1
                 continue
@@ -303,11 +335,11 @@ class Builder:
             st = subs.get(sub)
             if st is None:
                 st = subs[sub] = _Sub()
-            # the line's time: its first 15 bytes (classic syslog), or 32 (RFC 3339)
-            head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
-            t = times.get(head)
-            if t is None:
-                t = self._time(head)
+            # the line's time: its first 15 bytes (classic syslog), or 32 (RFC 3339); most
+            # lines have the previous one's
+            if not startswith(head, start):
+                head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
+                t = times.get(head) or self._time(head)
             to, relay, delay, dsn, status, text, _ = m.groups()
             if text is None:
                 text = b""
@@ -330,19 +362,6 @@ class Builder:
                 continue
             self._other(st, info, base + m.end(), t[0], t[1], qid, to, relay, delay, dsn,
                         status, text)
-        out.records = records
-        out.events = sum(len(st.parts) for st in subs.values())  # one part per event
-        if len(final) > MAX_TRACKED:  # removals not seen (a lost log): the oldest go
-            for q in list(final)[:len(final) - MAX_TRACKED]:
-                del final[q]
-        # A line naming a recipient (": to=<") is a delivery or bad (find()), as in scan().
-        # Lines with an expiry or a removal the buffer expressions do not account for
-        # (a garbled queue id, another program's "removed"): counted the way scan() does.
-        if (buf.count(NEEDLES[2]) != len(removed)
-                or (f.expired and buf.count(NEEDLES[1]) != f.expired)):
-            s = scan(buf, self.when)
-            out.bad, out.bad_samples = s.bad, s.bad_samples
-        return out
 
     def _other(self, st: _Sub, info: NoteInfo, pos: int, at: int, at_b: bytes, qid: bytes,
                to: bytes, relay: bytes, delay: bytes, dsn: bytes, status: bytes, text: bytes

@@ -195,7 +195,8 @@ def parse_only(path: Path) -> tuple[float, int]:
         while block := f.read(4 << 20):
             block = rest + block
             cut = block.rfind(b"\n") + 1
-            records += len(find(block[:cut]).items)
+            found = find(block[:cut])
+            records += len(found.items) + found.expired
             rest = block[cut:]
     return time.perf_counter() - t0, records
 

@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 import attrs
 
-__all__ = ["DELIVERY_HEAD", "DELIVERY_IN_BUFFER", "EXPIRED_IN_BUFFER", "NEEDLES", "REMOVED_IN_BUFFER",
+__all__ = ["DELIVERY_HEAD", "DELIVERY_IN_BUFFER", "EXPIRED_IN_BUFFER", "NEEDLES", "QMGR_IN_BUFFER",
+           "REMOVED_IN_BUFFER",
            "Delivery", "Expired", "Removed", "Scan", "TimeParser", "parse_line", "scan"]
 
 # postfix/smtp[123], postfix-out/smtp[123], postfix/submission/smtpd[123] (the service name
@@ -59,6 +60,11 @@ _MESSAGE_ID = re.compile(rb"/cleanup\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): "
 
 EXPIRED_IN_BUFFER = re.compile(_EXPIRED.pattern + rb"[^\n]*\n")
 REMOVED_IN_BUFFER = re.compile(rb"/qmgr\[\d+\]: ([0-9A-Za-z]{5,32}): removed\n")
+# The removals' queue ids (findall), and an empty one for each expiry EXPIRED_IN_BUFFER
+# finds: both in one pass over a buffer.
+QMGR_IN_BUFFER = re.compile(rb"/qmgr\[\d+\]: (?:([0-9A-Za-z]{5,32}): removed\n|"
+                            + _EXPIRED.pattern.split(rb"\]: ", 1)[1].replace(rb"(?P<qid>", rb"(?:")
+                            + rb")")
 # What scan() looks at: a line with any of these is a record or a bad line.
 NEEDLES = (b": to=<", b", status=expired", b": removed\n")
 

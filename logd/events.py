@@ -21,6 +21,7 @@ checks the two agree on a corpus).
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_right
 from collections import Counter
@@ -77,16 +78,28 @@ _OK = (b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$4\r\nsent\r\n$%d\r\n%b\r\
        b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b")
 
 
-# Any other delivery event, as _event() encodes it: count, type, position, queue id and
-# message id (NoteInfo), recipient, ts, dsn, status, relay, delay, reply, tags, pattern.
-_OTHER = (b"$2\r\n%d\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
-          b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b")
+# Any other delivery event, as _event() encodes it: count, type (encoded), position,
+# queue id and message id (NoteInfo), recipient, ts, dsn, status (encoded), relay, delay,
+# reply, tags, pattern (both encoded, or empty).
+_OTHER = (b"$2\r\n%d\r\n%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n"
+          b"$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b")
+# A bounce's LOGD_APPLY arguments: position, type (encoded), address, time, entry.
+_BOUNCE = b"$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+
+
+_ENTRY_HEAD = Entry("", Kind.ADDRESS, Reason.HARDBOUNCE, Source.BOUNCE, 0).to_json()[:-2]  # up to "t":
 
 
 def _entry(address: str, at: int, cls: Class, dsn: str, reply: str) -> bytes:
+    """Entry(address, ADDRESS, HARDBOUNCE, BOUNCE, at, comment).to_json(), encoded, built
+    directly (tests/unit/test_logd_builder.py checks they agree)."""
     what = "hard bounce" if cls is Class.HARDBOUNCE else "soft bounces"
-    return Entry(address, Kind.ADDRESS, Reason.HARDBOUNCE, Source.BOUNCE, created_at=at,
-                 comment=f"{what}: dsn={dsn} {reply}"[:300]).to_json().encode()
+    comment = f"{what}: dsn={dsn} {reply}"[:300]
+    if comment.isascii() and comment.isprintable() and '"' not in comment and "\\" not in comment:
+        quoted = f'"{comment}"'  # what json.dumps makes of it
+    else:
+        quoted = json.dumps(comment, ensure_ascii=False)
+    return f'{_ENTRY_HEAD}{at:d},"c":{quoted}}}'.encode()
 
 
 def _utf8(b: bytes) -> bytes:
@@ -239,7 +252,10 @@ class Builder:
         self.when = when or TimeParser()
         self._final: dict[bytes, list[bytes]] = {}
         self._times: dict[bytes, tuple[int, bytes, bytes]] = {}  # head: time, as text, encoded
-        self._classes: dict[tuple[bytes, bytes, str], tuple[Class, bytes, bytes]] = {}
+        # (status, dsn, masked reply) -> class, type, arguments, type and status encoded,
+        # pattern pair encoded
+        self._classes: dict[tuple[bytes, bytes, str],
+                            tuple[Class, bytes, int, bytes, bytes, bytes]] = {}
 
     def forget(self, queue_id: bytes) -> None:
         self._final.pop(queue_id, None)
@@ -378,8 +394,11 @@ class Builder:
             cls, name = classify(status.decode(), key[1].decode(), key[2])
             if len(self._classes) > 10_000:
                 self._classes.clear()
-            known = self._classes[key] = (cls, cls.value.encode(), name.encode())
-        cls, type_, pattern = known
+            type_, pattern = cls.value.encode(), name.encode()
+            known = self._classes[key] = (
+                cls, type_, 11 + (2 if pattern else 0), _b(type_), _b(status),
+                b"$7\r\npattern\r\n%b" % _b(pattern) if pattern else b"")
+        cls, type_, n, type_b, status_b, pattern_b = known
         if status == b"bounced":
             f = self._final.get(qid)
             if f is None:
@@ -393,16 +412,18 @@ class Builder:
             except InvalidAddress:  # nothing to blacklist
                 pass
             else:
-                st.bounces.append(b"".join([_b(pos_b), _b(type_), _b(addr.encode()), _b(at_b),
-                                            _b(_entry(addr, at, cls, dsn.decode(), text.decode()))]))
+                a = addr.encode()
+                e = _entry(addr, at, cls, dsn.decode(), text.decode())
+                st.bounces.append(_BOUNCE % (len(pos_b), pos_b, type_b, len(a), a, len(at_b),
+                                             at_b, len(e), e))
                 st.nb += 1
         tags = info[2]
-        n = 11 + (2 if tags.tags else 0) + (2 if pattern else 0)
+        if tags.tags:
+            n += 2
         st.parts.append(_OTHER % (
-            n, len(type_), type_, len(pos_b), pos_b, info[1], len(to), to, len(at_b), at_b,
-            len(dsn), dsn, len(status), status, len(relay), relay, len(delay), delay,
-            len(text), text, tags.tail, b"$7\r\npattern\r\n$%d\r\n%b\r\n" % (
-                len(pattern), pattern) if pattern else b""))
+            n, type_b, len(pos_b), pos_b, info[1], len(to), to, len(at_b), at_b,
+            len(dsn), dsn, status_b, len(relay), relay, len(delay), delay,
+            len(text), text, tags.tail, pattern_b))
         st.count += n + 1
         st.typed.append((type_, at))
 

@@ -88,28 +88,28 @@ def mask_recipient(text: str, recipient: str) -> str:
         return text
     rcpt = recipient.lower()
     local, at, _ = rcpt.rpartition("@")
-    text = _replace_ci(text, rcpt, RCPT_MASK)
+    masks = [(rcpt, RCPT_MASK)]
     if at and local:
-        text = _replace_ci(text, local + "@", _LOCAL_MASK + "@")
-        text = _replace_ci(text, f"<{local}>", f"<{_LOCAL_MASK}>")
-    return text
-
-
-def _replace_ci(text: str, needle: str, repl: str) -> str:
-    """text with every occurrence of needle (lower case) in any case replaced by repl."""
+        masks += [(local + "@", _LOCAL_MASK + "@"), (f"<{local}>", f"<{_LOCAL_MASK}>")]
     low = text.lower()
-    i = low.find(needle)
-    if i < 0:
-        return text
     if len(low) != len(text):  # a character whose lower case is longer: rare
-        return re.sub(re.escape(needle), lambda _: repl, text, flags=re.IGNORECASE)
-    out, j = [], 0
-    while i >= 0:
-        out += [text[j:i], repl]
-        j = i + len(needle)
-        i = low.find(needle, j)
-    out.append(text[j:])
-    return "".join(out)
+        for needle, repl in masks:
+            text = re.sub(re.escape(needle), repl.replace("\\", "\\\\"), text,
+                          flags=re.IGNORECASE)
+        return text
+    for needle, repl in masks:  # (the masks are lower case)
+        i = low.find(needle)
+        if i < 0:
+            continue
+        out, j = [], 0
+        while i >= 0:
+            out += [text[j:i], repl]
+            j = i + len(needle)
+            i = low.find(needle, j)
+        out.append(text[j:])
+        text = "".join(out)
+        low = low.replace(needle, repl)
+    return text
 
 
 def classify(status: str, dsn: str, text: str, recipient: str = "") -> tuple[Class, str]:

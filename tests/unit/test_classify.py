@@ -128,3 +128,10 @@ def test_a_local_part_that_is_a_word_of_the_reply_stays_a_word() -> None:
                                                                        "mailbox-full")
     spam = "550 5.7.1 message rejected as spam"
     assert classify("bounced", "5.7.1", spam, "spam@example.net")[0] is Class.SPAMBOUNCE
+
+
+def test_the_recipient_is_masked_in_any_case_also_beside_non_ascii_text() -> None:
+    for prefix in ("550", "550 \u0130stanbul"):  # U+0130's lower case is two characters
+        text = f"{prefix} <Jane@X.org> jane@y.example JANE@x.ORG <jane> jane"
+        assert mask_recipient(text, "jane@x.org") == (
+            f"{prefix} <{RCPT_MASK}> rcpt@y.example {RCPT_MASK} <rcpt> jane")

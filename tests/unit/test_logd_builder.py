@@ -176,3 +176,17 @@ def test_bounces_quoting_their_own_recipient_are_classified_once_and_not_by_the_
         == [1, 1, 1]  # the events keep the reply as logged
     assert [x[2] for x in bounces] == [b"a1@d1.example", b"spam@blocked.example", b"b2@d2.example"]
     assert len(calls) == 1 and "<rcpt@rcpt.example>" in calls[0][2]
+
+
+def test_the_directly_built_blacklist_entry_is_the_entrys_own_json() -> None:
+    from logd.events import _entry
+    from relaylab.events.classify import Class
+    from relaylab.suppression.model import Entry, Kind, Reason, Source
+
+    replies = ["550 5.1.1 <a@b.example>: User unknown", 'quoted "x" and \\ back', "tab\there",
+               "ümlaut and \u2028 separator", "x" * 400, ""]
+    for cls, what in ((Class.HARDBOUNCE, "hard bounce"), (Class.SOFTBOUNCE, "soft bounces")):
+        for reply in replies:
+            expected = Entry("a@b.example", Kind.ADDRESS, Reason.HARDBOUNCE, Source.BOUNCE,
+                             1700000000, f"{what}: dsn=5.1.1 {reply}"[:300]).to_json()
+            assert _entry("a@b.example", 1700000000, cls, "5.1.1", reply) == expected.encode()

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import re
 from bisect import bisect_right
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from itertools import repeat
 from operator import itemgetter
 
 import attrs
@@ -206,6 +207,7 @@ class _Sub:
 @attrs.define
 class Found:
     buf: bytes
+    end: int  # buf[:end] are the lines
     items: list[tuple[bytes, int, re.Match[bytes]]] = attrs.field(factory=list)  # qid, line start
     queue_ids: set[bytes] = attrs.field(factory=set)
     bad: int = 0
@@ -261,18 +263,19 @@ class Builder:
         self._final.pop(queue_id, None)
 
     def forget_all(self, queue_ids: list[bytes]) -> None:
-        pop = self._final.pop
-        for q in queue_ids:
-            pop(q, None)
+        deque(map(self._final.pop, queue_ids, repeat(None)), maxlen=0)  # (in C)
 
     @staticmethod
-    def find(buf: bytes) -> Found:
-        """The delivery and expiry lines of buf (whole lines, each ending with a newline),
-        with their queue ids (whose notes build() needs), the bad ones, the removals."""
-        out = Found(buf)
+    def find(buf: bytes, end: int | None = None) -> Found:
+        """The delivery and expiry lines of buf[:end] (whole lines, each ending with a
+        newline), with their queue ids (whose notes build() needs), the bad ones, the
+        removals."""
+        if end is None:
+            end = len(buf)
+        out = Found(buf, end)
         items, rfind, head = out.items, buf.rfind, DELIVERY_HEAD.match
         append = items.append
-        for m in DELIVERY_IN_BUFFER.finditer(buf):
+        for m in DELIVERY_IN_BUFFER.finditer(buf, 0, end):
             s = m.start()
             # the program name ends at the line's last "/" before ": to=<" (one in an
             # earlier line: no match, the line is bad)
@@ -285,12 +288,12 @@ class Builder:
                     out.bad_samples.append(buf[start:m.end() - 1][:200])
                 continue
             append((h[2], rfind(b"\n", 0, slash) + 1, m))
-        removed = QMGR_IN_BUFFER.findall(buf)  # and b"" for each expiry
+        removed = QMGR_IN_BUFFER.findall(buf, 0, end)  # and b"" for each expiry
         if b"" in removed:  # rare: expiries, in log order with the deliveries
             removed = [q for q in removed if q]
             ends = [m.end() for _, _, m in items]
             out.expiries = [(bisect_right(ends, m.end()), m[1], rfind(b"\n", 0, m.start()) + 1,
-                             m.end()) for m in EXPIRED_IN_BUFFER.finditer(buf)]
+                             m.end()) for m in EXPIRED_IN_BUFFER.finditer(buf, 0, end)]
             out.expired = len(out.expiries)
         out.removed = removed
         out.queue_ids = set(map(itemgetter(0), items))
@@ -307,18 +310,18 @@ class Builder:
     def build(self, f: Found, base: int, notes: Callable[[bytes], NoteInfo | None]) -> Batch:
         """f: find()'s; base: the log position of the buffer's first byte
         (logd/follow.position); notes: a queue id's note, or None."""
-        buf = f.buf
-        out = Batch(self.name, lines=buf.count(b"\n"), bad=f.bad, bad_samples=f.bad_samples,
-                    removed=f.removed)
-        ascii_only = buf.isascii()
+        buf, end = f.buf, f.end
+        out = Batch(self.name, lines=buf.count(b"\n", 0, end), bad=f.bad,
+                    bad_samples=f.bad_samples, removed=f.removed)
+        ascii_only = buf.isascii()  # (bytes after end too: if not, only slower)
         if not f.expiries:
             self._deliveries(out, buf, f.items, base, notes, ascii_only)
         else:
             i = 0
-            for k, qid, start, end in f.expiries:
+            for k, qid, start, line_end in f.expiries:
                 self._deliveries(out, buf, f.items[i:k], base, notes, ascii_only)
                 i = k
-                self._expired(out, buf, start, end, qid, base, notes(qid))
+                self._expired(out, buf, start, line_end, qid, base, notes(qid))
             self._deliveries(out, buf, f.items[i:], base, notes, ascii_only)
         out.records = len(f.removed) + len(f.items) + f.expired
         out.events = sum(len(st.parts) for st in out.subs.values())  # one part per event
@@ -329,9 +332,9 @@ class Builder:
         # A line naming a recipient (": to=<") is a delivery or bad (find()), as in scan().
         # Lines with an expiry or a removal the buffer expressions do not account for
         # (a garbled queue id, another program's "removed"): counted the way scan() does.
-        if (buf.count(NEEDLES[2]) != len(f.removed)
-                or (f.expired and buf.count(NEEDLES[1]) != f.expired)):
-            s = scan(buf, self.when)
+        if (buf.count(NEEDLES[2], 0, end) != len(f.removed)
+                or (f.expired and buf.count(NEEDLES[1], 0, end) != f.expired)):
+            s = scan(buf, self.when, end)
             out.bad, out.bad_samples = s.bad, s.bad_samples
         return out
 

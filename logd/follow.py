@@ -185,10 +185,11 @@ class LogFollower:
     def position(self) -> int:
         return position(self.generation, self.offset)
 
-    def read(self) -> tuple[bytes, int, int] | None:
-        """The next whole lines: (bytes, generation, offset of their first byte), or None
-        if there is nothing new (after looking for rotation and truncation). The caller
-        calls advance() once it has handled them."""
+    def read(self) -> tuple[bytes, int, int, int] | None:
+        """The next whole lines: (bytes, end, generation, offset of their first byte), the
+        lines being bytes[:end] (not sliced off: a copy of megabytes), or None if there is
+        nothing new (after looking for rotation and truncation). The caller calls
+        advance(end) once it has handled them."""
         while True:
             fd = self._fd
             if fd is None:
@@ -206,7 +207,7 @@ class LogFollower:
                 if nl >= 0:
                     if self._rotation_seen is not None:
                         self._rotation_seen = time.monotonic()  # still written to
-                    return data[:nl + 1], self.generation, self.offset
+                    return data, nl + 1, self.generation, self.offset
                 if len(data) >= min(self.chunk, MAX_LINE):  # a monster line: skip it
                     more = self._skip_long_line()
                     if more:

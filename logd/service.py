@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
-from itertools import groupby
+from itertools import compress, groupby, repeat
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
@@ -250,9 +250,9 @@ class Logd:
         if got is None:
             return None
         read_at = time.monotonic()
-        data, generation, offset = got
-        found = self.builder.find(data)
-        self.follower.advance(len(data))
+        data, end, generation, offset = got
+        found = self.builder.find(data, end)
+        self.follower.advance(end)
         return _Next(found, position(generation, offset), self.follower.checkpoint,
                      self._ask_notes(found.queue_ids), read_at)
 
@@ -350,8 +350,8 @@ class Logd:
                                 *(x for kv in cp.to_fields().items() for x in kv)])]
         # A removed message's note is of no more use once the checkpoint is past its
         # removal: a restart never re-reads its lines.
-        pop = self.notes.pop
-        gone = [q for q in removed if pop(q, "unknown") is not None]  # unless it has none
+        # (known to have none: popped as None, falsy; the others are truthy)
+        gone = list(compress(removed, map(self.notes.pop, removed, repeat("unknown"))))
         self.builder.forget_all(removed)
         if gone:
             cmds.append(b"*%d\r\n$6\r\nUNLINK\r\n%b" % (len(gone) + 1, _keys(gone)))

@@ -190,3 +190,15 @@ def test_the_directly_built_blacklist_entry_is_the_entrys_own_json() -> None:
             expected = Entry("a@b.example", Kind.ADDRESS, Reason.HARDBOUNCE, Source.BOUNCE,
                              1700000000, f"{what}: dsn=5.1.1 {reply}"[:300]).to_json()
             assert _entry("a@b.example", 1700000000, cls, "5.1.1", reply) == expected.encode()
+
+
+def test_bytes_after_end_a_line_still_being_written_are_not_read() -> None:
+    tail = (b"Dec 05 07:59:59 vm postfix/qmgr[7]: ABCDE99999: from=<a@shop.example>, "
+            b"status=expired, returned to sen")  # no newline yet
+    b = Builder("host1", when())
+    whole = b.build(b.find(CORPUS), 0, note)
+    found = Builder("host1", when()).find(CORPUS + tail, len(CORPUS))
+    batch = Builder("host1", when()).build(found, 0, note)
+    assert b"ABCDE99999" not in found.queue_ids and found.expired == 1  # the corpus's own
+    assert (batch.lines, batch.records, batch.bad, batch.events, batch.removed) == (
+        whole.lines, whole.records, whole.bad, whole.events, whole.removed)

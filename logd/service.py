@@ -338,9 +338,9 @@ class Logd:
             return raws
 
         raws = self._redis(attempt)
-        notes, decode = self.notes, note_info
-        for q, raw in zip(asked.queue_ids, raws, strict=True):
-            notes[q] = decode(q, raw) if raw else None
+        notes = self.notes
+        # (note_info() of an empty string, no note, is None; the loop in C)
+        notes.update(zip(asked.queue_ids, map(note_info, asked.queue_ids, raws), strict=True))
         if len(notes) > NOTE_CACHE:
             for q in list(notes)[:len(notes) - NOTE_CACHE]:
                 del notes[q]

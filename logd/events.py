@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Callable
 from itertools import repeat
@@ -36,10 +35,8 @@ from relaylab.events.classify import Class, classify, mask_recipient
 from relaylab.events.note import Note
 from relaylab.events.postfix_log import (
     DELIVERY_HEAD,
-    DELIVERY_IN_BUFFER,
-    EXPIRED_IN_BUFFER,
     NEEDLES,
-    QMGR_IN_BUFFER,
+    RECORDS_IN_BUFFER,
     TimeParser,
     scan,
 )
@@ -216,6 +213,7 @@ class Found:
     # of each expiry: how many items come before it, queue id, line start, line end
     expiries: list[tuple[int, bytes, int, int]] = attrs.field(factory=list)
     removed: list[bytes] = attrs.field(factory=list)  # queue ids Postfix removed
+    odd: bool = False  # a removal or expiry line that is not qmgr's (scan() decides)
 
 
 @attrs.define
@@ -274,28 +272,35 @@ class Builder:
             end = len(buf)
         out = Found(buf, end)
         items, rfind, head = out.items, buf.rfind, DELIVERY_HEAD.match
-        append = items.append
-        for m in DELIVERY_IN_BUFFER.finditer(buf, 0, end):
+        append, removed = items.append, out.removed
+        for m in RECORDS_IN_BUFFER.finditer(buf, 0, end):
             s = m.start()
             # the program name ends at the line's last "/" before ": to=<" (one in an
             # earlier line: no match, the line is bad)
             slash = rfind(b"/", 0, s)
             h = head(buf, slash + 1, s)
-            if h is None or m.lastindex == 7:  # not an agent's delivery line, or garbled
+            li = m.lastindex
+            if li is None:  # ": removed"
+                if h is not None and h[1] == b"qmgr":
+                    removed.append(h[2])
+                else:  # another program's, or garbled: as scan() counts it
+                    out.odd = True
+                continue
+            if li == 8:  # an expiry (rare), in log order with the deliveries
+                if h is not None and h[1] == b"qmgr":
+                    out.expiries.append((len(items), h[2], rfind(b"\n", 0, slash) + 1,
+                                         m.end()))
+                else:
+                    out.odd = True
+                continue
+            if h is None or li == 7:  # not an agent's delivery line, or garbled
                 out.bad += 1
                 if len(out.bad_samples) < 5:
                     start = rfind(b"\n", 0, s) + 1
                     out.bad_samples.append(buf[start:m.end() - 1][:200])
                 continue
             append((h[2], rfind(b"\n", 0, slash) + 1, m))
-        removed = QMGR_IN_BUFFER.findall(buf, 0, end)  # and b"" for each expiry
-        if b"" in removed:  # rare: expiries, in log order with the deliveries
-            removed = [q for q in removed if q]
-            ends = [m.end() for _, _, m in items]
-            out.expiries = [(bisect_right(ends, m.end()), m[1], rfind(b"\n", 0, m.start()) + 1,
-                             m.end()) for m in EXPIRED_IN_BUFFER.finditer(buf, 0, end)]
-            out.expired = len(out.expiries)
-        out.removed = removed
+        out.expired = len(out.expiries)
         out.queue_ids = set(map(itemgetter(0), items))
         out.queue_ids.update(e[1] for e in out.expiries)
         return out
@@ -332,8 +337,7 @@ class Builder:
         # A line naming a recipient (": to=<") is a delivery or bad (find()), as in scan().
         # Lines with an expiry or a removal the buffer expressions do not account for
         # (a garbled queue id, another program's "removed"): counted the way scan() does.
-        if (buf.count(NEEDLES[2], 0, end) != len(f.removed)
-                or (f.expired and buf.count(NEEDLES[1], 0, end) != f.expired)):
+        if f.odd or (f.expired and buf.count(NEEDLES[1], 0, end) != f.expired):
             s = scan(buf, self.when, end)
             out.bad, out.bad_samples = s.bad, s.bad_samples
         return out
@@ -359,7 +363,7 @@ class Builder:
             if not startswith(head, start):
                 head = buf[start:start + 32] if 48 <= buf[start] <= 57 else buf[start:start + 15]
                 t = times.get(head) or self._time(head)
-            to, relay, delay, dsn, status, text, _ = m.groups()
+            to, relay, delay, dsn, status, text, _, _ = m.groups()
             if text is None:
                 text = b""
             if not ascii_only:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import attrs
 
-__all__ = ["DELIVERY_HEAD", "DELIVERY_IN_BUFFER", "EXPIRED_IN_BUFFER", "NEEDLES", "QMGR_IN_BUFFER",
+__all__ = ["DELIVERY_HEAD", "DELIVERY_IN_BUFFER", "EXPIRED_IN_BUFFER", "NEEDLES", "RECORDS_IN_BUFFER",
            "REMOVED_IN_BUFFER",
            "Delivery", "Expired", "Removed", "Scan", "TimeParser", "parse_line", "scan"]
 
@@ -60,11 +60,12 @@ _MESSAGE_ID = re.compile(rb"/cleanup\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): "
 
 EXPIRED_IN_BUFFER = re.compile(_EXPIRED.pattern + rb"[^\n]*\n")
 REMOVED_IN_BUFFER = re.compile(rb"/qmgr\[\d+\]: ([0-9A-Za-z]{5,32}): removed\n")
-# The removals' queue ids (findall), and an empty one for each expiry EXPIRED_IN_BUFFER
-# finds: both in one pass over a buffer.
-QMGR_IN_BUFFER = re.compile(rb"/qmgr\[\d+\]: (?:([0-9A-Za-z]{5,32}): removed\n|"
-                            + _EXPIRED.pattern.split(rb"\]: ", 1)[1].replace(rb"(?P<qid>", rb"(?:")
-                            + rb")")
+# DELIVERY_IN_BUFFER, removals (": removed", no group: lastindex None) and expiries
+# (group `expired`, 8) in one pass over a buffer; DELIVERY_HEAD checks each one's head.
+RECORDS_IN_BUFFER = re.compile(
+    rb": (?:" + DELIVERY_IN_BUFFER.pattern[2:] + rb"|removed\n|"
+    + _EXPIRED.pattern.split(rb": from=", 1)[1].replace(rb"status=expired", rb"status=(?P<expired>e)xpired")
+    .join([rb"from=", rb"[^\n]*\n)"]))
 # What scan() looks at: a line with any of these is a record or a bad line.
 NEEDLES = (b": to=<", b", status=expired", b": removed\n")
 

@@ -29,7 +29,7 @@ import attrs
 
 from relaylab.logfmt import log_event
 
-__all__ = ["OFFSET_BITS", "Checkpoint", "LogFollower", "position"]
+__all__ = ["CHUNK", "OFFSET_BITS", "Checkpoint", "LogFollower", "position"]
 
 log = logging.getLogger("relaylab.logd")
 
@@ -37,6 +37,10 @@ OFFSET_BITS = 36  # 64 GiB per file; positions stay below 2**53 (exact in Lua) f
 HEAD_BYTES = 64  # the first bytes of a file, to notice it was truncated and rewritten
 TAIL_BYTES = 512  # and the last ones read (a line or more): a file rewritten past our
 # offset differs there (its timestamps, queue ids, recipients)
+# Bytes read at a time (at most): 2 MiB is faster than 4 or 8 (bench/logd: ~0.07 s less per
+# 1,000,000 lines than 4 MiB; a buffer that stays in the CPU's caches while it is searched,
+# counted and sliced); 1 MiB is no faster.
+CHUNK = 2 << 20
 MAX_LINE = 1 << 20  # a longer "line" is skipped (counted as bad): no log line is that long
 
 
@@ -67,7 +71,7 @@ class Checkpoint:
 
 
 class LogFollower:
-    def __init__(self, path: Path, *, chunk: int = 4 << 20, rotate_grace: float = 1.0) -> None:
+    def __init__(self, path: Path, *, chunk: int = CHUNK, rotate_grace: float = 1.0) -> None:
         self.path = Path(path)
         self.chunk = chunk
         # Once the path names a new file, the old one is read on until it has been quiet

@@ -25,7 +25,7 @@ from typing import TypeVar
 import attrs
 
 from logd.events import Builder, Found, NoteInfo, note_info
-from logd.follow import Checkpoint, LogFollower, position
+from logd.follow import CHUNK, Checkpoint, LogFollower, position
 from logd.redisconn import sync_resp
 from relaylab.events.apply import LOGD_APPLY, Applied, Calls, SubaccountPlan, applied
 from relaylab.limits.lua import Script
@@ -128,7 +128,7 @@ class Stats:
 
 class Logd:
     def __init__(self, holder: PolicyHolder | None, redis_url: str, log_file: Path, name: str,
-                 *, start_at: str = "end", chunk: int = 4 << 20, rotate_grace: float = 1.0
+                 *, start_at: str = "end", chunk: int = CHUNK, rotate_grace: float = 1.0
                  ) -> None:
         self.holder = holder
         self.conn = sync_resp(redis_url)

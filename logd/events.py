@@ -8,11 +8,13 @@ for every noted recipient without a final status yet. Records of queue ids witho
 are counted and dropped.
 
 Speed (bench/logd): a log has millions of lines and a delivery line's work is most of
-logd's. The delivery lines are found and split by one regular expression run over the
-whole buffer (postfix_log.DELIVERY_IN_BUFFER, finditer), and each becomes LOGD_APPLY's
-arguments (relaylab/events/apply.py), encoded as RESP bulk strings straight from the
+logd's. The delivery lines (and the removals and expiries) are found and split by one
+regular expression run over the whole buffer (postfix_log.RECORDS_IN_BUFFER, finditer;
+its only other passes: the line count and an ASCII check), and each delivery becomes
+LOGD_APPLY's arguments (relaylab/events/apply.py), encoded as RESP bulk strings straight from the
 matched bytes: its values only (the stream's field names are in the script), no
 decoding, no record or event objects, no JSON; a status=sent line is one `%` format.
+Bounce replies are classified once per text with the recipient masked (classify.py).
 The counters are summed per (hour, type) here, not counted per event in Redis. Only
 bounces (a few per cent) are decoded, to be classified and to name the address to
 blacklist. The same records as postfix_log.scan() finds (tests/unit/test_logd_builder.py

@@ -30,8 +30,7 @@ from typing import NamedTuple
 
 import attrs
 
-__all__ = ["DELIVERY_HEAD", "DELIVERY_IN_BUFFER", "EXPIRED_IN_BUFFER", "NEEDLES", "RECORDS_IN_BUFFER",
-           "REMOVED_IN_BUFFER",
+__all__ = ["DELIVERY_HEAD", "DELIVERY_IN_BUFFER", "NEEDLES", "RECORDS_IN_BUFFER",
            "Delivery", "Expired", "Removed", "Scan", "TimeParser", "parse_line", "scan"]
 
 # postfix/smtp[123], postfix-out/smtp[123], postfix/submission/smtpd[123] (the service name
@@ -58,8 +57,6 @@ _REMOVED = re.compile(rb"/qmgr\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): removed\r?$")
 _MESSAGE_ID = re.compile(rb"/cleanup\[\d+\]: (?P<qid>[0-9A-Za-z]{5,32}): "
                          rb"message-id=<?(?P<mid>[^>\s]*)>?")
 
-EXPIRED_IN_BUFFER = re.compile(_EXPIRED.pattern + rb"[^\n]*\n")
-REMOVED_IN_BUFFER = re.compile(rb"/qmgr\[\d+\]: ([0-9A-Za-z]{5,32}): removed\n")
 # DELIVERY_IN_BUFFER, removals (": removed", no group: lastindex None) and expiries
 # (group `expired`, 8) in one pass over a buffer; DELIVERY_HEAD checks each one's head.
 RECORDS_IN_BUFFER = re.compile(

@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -83,14 +84,25 @@ def _tracking_demo(stack: RelayStack) -> bool:
     if not clicks:
         return False
     print(f"\nclick on the first link: {_follow(html.unescape(clicks[0]))}")
+    # relaylab logd turns Postfix's delivery line into the ok event; it follows the log
+    # within a fraction of a second.
+    key = f"rl:{{sub:{news.name}}}:events"
     r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     try:
-        events = cast(list[tuple[str, dict[str, str]]], r.xrange(f"rl:{{sub:{news.name}}}:events"))
+        deadline = time.monotonic() + 15
+        while True:
+            events = cast(list[tuple[str, dict[str, str]]], r.xrange(key))
+            types = {fields.get("type") for _, fields in events}
+            if {"injected", "ok", "click"} <= types or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         r.close()
+    print(f"\nthe activity log ({key}: injected by the milter, ok by relaylab logd from"
+          " Postfix's log, click by the tracker):")
     for _, fields in events:
         print("event:", " ".join(f"{k}={v}" for k, v in fields.items()))
-    return ok and bool(events)
+    return ok and {"injected", "ok", "click"} <= types
 
 
 # Written into every workdir the demo creates: only such a directory is ever emptied.
@@ -123,8 +135,8 @@ def run_demo(workdir: Path, *, keep_running: bool = True) -> int:
     except (WorkdirRefused, OSError) as e:
         print(f"relaylab: {e}", file=sys.stderr)
         return 1
-    stack = RelayStack(workdir)
-    print(f"starting Redis, sink, milter, policyd, tracker and Postfix under {workdir} ...",
+    stack = RelayStack(workdir, logd_name="demo")
+    print(f"starting Redis, sink, milter, policyd, tracker, logd and Postfix under {workdir} ...",
           flush=True)
     stack.start()
     try:
@@ -164,6 +176,7 @@ The relay stays up until Ctrl-C. Try it:
   policy:          {stack.config}   (edit it: the milter reloads within a second)
   tracker:         {stack.tracker.base_url}   (links in delivered marketing mail point here)
   logs:            {stack.milter.log_path}  {stack.tracker.log_path}  {pf.log_path}
+  activity log:    .venv/bin/relaylab events --config {stack.config}
 """, flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,8 @@ The restrictions, and why they are in these lists:
   every recipient that may relay, and a ``permit`` elsewhere cannot skip it.
 * ``smtpd_end_of_data_restrictions``: policyd counts the message (``recipient_count``).
 * the ``submission`` service (port 587) takes only authenticated clients.
+* ``enable_long_queue_ids = yes``: logd correlates log lines and the milter's notes by
+  queue id for days; a short id is the queue file's inode number and comes back.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ def commands(policy: Policy) -> list[PostconfCommand]:
         main("milter_command_timeout", "10s"),
         main("milter_content_timeout", "60s"),
         main("milter_mail_macros", MILTER_MAIL_MACROS),
+        main("enable_long_queue_ids", "yes",
+             "relaylab logd matches each delivery line to its message by queue id: short ids\n"
+             "are reused (they are inode numbers), long ones never. Existing queue files keep\n"
+             "their names."),
         PostconfCommand(("postconf", "-M", "submission/inet = submission inet n - y - - smtpd"),
                         "master.cf: the submission port (587), authenticated clients only (an\n"
                         "existing submission entry is kept; the -P lines add to it).",

@@ -243,6 +243,8 @@ class PostfixInstance:
             "milter_connect_timeout": "10s",
             "milter_command_timeout": "10s",
             "milter_content_timeout": "30s",
+            # As `relaylab postfix config` sets it: ids never reused, for logd's correlation.
+            "enable_long_queue_ids": "yes",
         }
         for stage, macros in self.milter_macros.items():
             cf[f"milter_{stage}_macros"] = macros

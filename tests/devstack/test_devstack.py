@@ -296,6 +296,7 @@ def test_generated_config_policy_milters_noauth(workdir: Path) -> None:
     assert cf["smtpd_milters"] == "inet:127.0.0.1:2527, inet:127.0.0.1:2528"
     assert cf["milter_default_action"] == "accept"
     assert cf["milter_mail_macros"] == "i {auth_type} {auth_authen} {auth_author} {mail_addr}"
+    assert cf["enable_long_queue_ids"] == "yes"  # as relaylab postfix config sets it
     assert cf["milter_rcpt_macros"] == "i {rcpt_addr}"
     assert cf["relayhost"] == "[127.0.0.1]:2526"
     assert cf["message_size_limit"] == "1000" and cf["myhostname"] == "x.example.com"

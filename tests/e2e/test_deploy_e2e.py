@@ -513,6 +513,8 @@ def test_deployed_relay_signs_counts_and_refuses_unauthenticated_relaying(
         (delivered,) = sink.wait_for(1, 30)
         assert verdicts(d, delivered, dkim_keys) == ["rsa-sha256:pass", "ed25519-sha256:pass"]
         assert f"queue_id={t.queue_id}" in r.log("milter")  # the milter saw it
+        # enable_long_queue_ids: never reused, so logd cannot pin a line on an older message
+        assert re.fullmatch(r"[0-9B-Zb-z]{10,}z[0-9B-Zb-z]+", t.queue_id or ""), t.queue_id
         usage = d.cli("limits", "show", "--config", str(d.policy), "deploy-shop").stdout
         assert re.search(r"(?m)^deploy-shop\s+shared\s+1/60000\s", usage), usage  # policyd counted
 

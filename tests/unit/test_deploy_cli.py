@@ -74,6 +74,7 @@ def test_postfix_config_lets_authenticated_clients_relay_and_policyd_see_them(
     assert settings["smtpd_end_of_data_restrictions"] == service
     assert settings["smtpd_milters"] == "inet:127.0.0.1:18891"
     assert settings["milter_default_action"] == "tempfail"
+    assert settings["enable_long_queue_ids"] == "yes"  # logd's correlation: ids never reused
     assert "smtpd_data_restrictions" not in settings  # only with policyd.usage_header
     # Every command line is what --apply runs (the -M one only if the entry is missing).
     run = [shlex.join(c.argv) for c in postfixconf.commands(load_policy(path, check_keys=False))]

@@ -83,26 +83,35 @@ def _tracking_demo(stack: RelayStack) -> bool:
     clicks = re.findall(r'href="([^"]+/c/[^"]+)"', body.decode("utf-8", "replace"))
     if not clicks:
         return False
-    print(f"\nclick on the first link: {_follow(html.unescape(clicks[0]))}")
-    # relaylab logd turns Postfix's delivery line into the ok event; it follows the log
-    # within a fraction of a second.
     key = f"rl:{{sub:{news.name}}}:events"
     r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            events = cast(list[tuple[str, dict[str, str]]], r.xrange(key))
-            types = {fields.get("type") for _, fields in events}
-            if {"injected", "ok", "click"} <= types or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        # relaylab logd turns Postfix's delivery line into the ok event within a fraction
+        # of a second; click only once it is in, so the log reads injected, ok, click.
+        logged, events = _wait_for_events(r, key, {"injected", "ok"})
+        print(f"\nclick on the first link: {_follow(html.unescape(clicks[0]))}")
+        if logged:
+            logged, events = _wait_for_events(r, key, {"click"})
     finally:
         r.close()
     print(f"\nthe activity log ({key}: injected by the milter, ok by relaylab logd from"
           " Postfix's log, click by the tracker):")
     for _, fields in events:
         print("event:", " ".join(f"{k}={v}" for k, v in fields.items()))
-    return ok and {"injected", "ok", "click"} <= types
+    return ok and logged
+
+
+def _wait_for_events(r: redis.Redis, key: str, wanted: set[str], timeout: float = 15.0
+                     ) -> tuple[bool, list[tuple[str, dict[str, str]]]]:
+    """(every wanted type is in, the stream's entries), waiting up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = cast(list[tuple[str, dict[str, str]]], r.xrange(key))
+        if wanted <= {fields.get("type") for _, fields in events}:
+            return True, events
+        if time.monotonic() > deadline:
+            return False, events
+        time.sleep(0.1)
 
 
 # Written into every workdir the demo creates: only such a directory is ever emptied.
